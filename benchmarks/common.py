@@ -1,0 +1,43 @@
+"""Shared by the benchmark scripts: each one rewrites its own section of BENCHMARKS.md."""
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "BENCHMARKS.md"
+HEADER = "# Benchmarks\n\nEvery figure below comes from the command printed beside it. Sections are rewritten by the scripts in `benchmarks/`.\n"
+
+
+def machine():
+    """One line naming the machine, CPU threads and library versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU only, {torch.get_num_threads()} threads"
+    return f"{cpu}; {os.cpu_count()} cores; {dev}; Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def command():
+    return "python " + " ".join(sys.argv)
+
+
+def update_section(name, body):
+    """Replace (or append) the section between <!-- BEGIN name --> and <!-- END name --> atomically."""
+    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else HEADER
+    stamp = time.strftime("%Y-%m-%d")
+    block = f"<!-- BEGIN {name} -->\n{body.rstrip()}\n\n_Measured {stamp} on: {machine()}._\n<!-- END {name} -->"
+    pat = re.compile(rf"<!-- BEGIN {re.escape(name)} -->.*?<!-- END {re.escape(name)} -->", re.S)
+    text = pat.sub(lambda _: block, text) if pat.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    tmp = BENCHMARKS.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, BENCHMARKS)

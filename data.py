@@ -1,0 +1,91 @@
+"""Reading calibration and evaluation text: WikiText-2 raw, any text file, or an embedded fallback.
+
+Data directory: `data_dir` argument, then $CLP_DATA, then ./data. The WikiText-2 protocol (the
+one lm-eval-harness and the GPTQ/SparseGPT scripts use): rows are the lines of the .raw file with
+their trailing newline, whitespace-only lines become "", and the rows are joined with "\\n\\n".
+"""
+import os
+from pathlib import Path
+
+import torch
+
+WIKITEXT_FILES = {"test": "wiki.test.raw", "valid": "wiki.valid.raw", "validation": "wiki.valid.raw"}
+
+
+def find_data_dir(data_dir=None):
+    """The first existing data directory among the argument, $CLP_DATA and ./data, or None."""
+    for cand in (data_dir, os.environ.get("CLP_DATA"), Path(__file__).parent / "data"):
+        if cand and Path(cand).is_dir():
+            return Path(cand)
+    if data_dir:
+        raise FileNotFoundError(f"data directory {data_dir} does not exist")
+    return None
+
+
+def wikitext_path(split, data_dir=None):
+    root = find_data_dir(data_dir)
+    if root is None:
+        return None
+    p = root / "wikitext-2-raw" / WIKITEXT_FILES[split]
+    return p if p.is_file() else None
+
+
+def wikitext_text(path):
+    rows = ["" if line.strip() == "" else line for line in Path(path).read_text(encoding="utf-8").splitlines(keepends=True)]
+    return "\n\n".join(rows)
+
+
+def fallback_text(part):
+    """English text of Python's reference manual, split into disjoint 'calib' and 'eval' halves."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    half = len(text) // 2
+    return text[:half] if part == "calib" else text[half:]
+
+
+def load_text(source, split="test", data_dir=None, quiet=False):
+    """Text for `source`: "wikitext2" (split test|valid; falls back to the embedded text), "pydoc", or a file path.
+
+    Returns (text, description) so reports can say which text was really used.
+    """
+    if source == "wikitext2":
+        p = wikitext_path(split, data_dir)
+        if p is not None:
+            return wikitext_text(p), f"wikitext2-{'test' if split == 'test' else 'valid'} ({p})"
+        part = "eval" if split == "test" else "calib"
+        if not quiet:
+            print(f"note: WikiText-2 not found (set CLP_DATA or --data-dir); using the {part} half of "
+                  f"Python's reference manual text instead")
+        return fallback_text(part), f"pydoc-{part} (WikiText-2 not found)"
+    if source in ("pydoc", "pydoc-calib", "pydoc-eval"):
+        part = "eval" if source == "pydoc-eval" or (source == "pydoc" and split == "test") else "calib"
+        return fallback_text(part), f"pydoc-{part}"
+    p = Path(source)
+    if not p.is_file():
+        raise FileNotFoundError(f"text source {source!r} is neither 'wikitext2', 'pydoc' nor an existing file")
+    text = p.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"text file {p} is empty")
+    if p.suffix == ".raw":
+        text = wikitext_text(p)
+    return text, str(p)
+
+
+def eval_windows(ids, seqlen):
+    """Non-overlapping windows of `seqlen` tokens, tail dropped: (n, seqlen)."""
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    n = ids.numel() // seqlen
+    if n == 0:
+        raise ValueError(f"text has {ids.numel():,} tokens, fewer than one window of {seqlen:,}")
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+def calibration_batch(ids, nsamples, seqlen, seed=0):
+    """`nsamples` random windows of `seqlen` tokens (seeded, reproducible): (nsamples, seqlen)."""
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    if ids.numel() <= seqlen:
+        raise ValueError(f"calibration text has {ids.numel():,} tokens, need more than seqlen={seqlen:,}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=g)
+    return torch.stack([ids[s: s + seqlen] for s in starts.tolist()])

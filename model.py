@@ -1,0 +1,207 @@
+"""A compact LLaMA / Mistral / Qwen2 / Qwen3 decoder, written from scratch.
+
+Shape alphabet used in the trailing comments:
+    B batch, T time (new tokens), S time incl. cached tokens, C channels (hidden_size),
+    nh query heads, nkv key/value heads, hd head size, F mlp width, V vocab, L layers.
+
+The decoder loop carries the per-layer gate used by continuous layer pruning:
+    x = x + keep[i] * (layer(x) - x)
+so keep[i] = 0 skips layer i exactly, keep = 1 is the dense model, and gradients flow into keep.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class Config:
+    model_type: str  # llama | mistral | qwen2 | qwen3
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int = 0  # 0: hidden_size // num_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # only {"rope_type": "llama3", ...} changes the frequencies
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v biases (Qwen2)
+    qk_norm: bool = False  # RMSNorm on q and k per head (Qwen3)
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        self.n_rep = self.num_heads // self.num_kv_heads  # query heads per key/value head
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 like the reference implementations, then cast back
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_frequencies(cfg: Config):
+    """Inverse frequencies theta^(-2j/hd), with LLaMA-3.1 style rescaling when configured."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    rs = cfg.rope_scaling
+    if rs and rs.get("rope_type", rs.get("type")) == "llama3":
+        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+        old_len = rs["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        # long wavelengths are slowed by `factor`, short ones kept, the band between interpolated
+        smooth = ((old_len / wavelen) - lo) / (hi - lo)
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        mid = (wavelen <= old_len / lo) & (wavelen >= old_len / hi)
+        inv_freq = torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    return inv_freq.float()
+
+
+def rotate_half(x):
+    # HF layout: the head is split into two halves, not interleaved pairs
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class KVCache:
+    """Keys and values of past tokens for incremental decoding, one (k, v) pair per layer."""
+
+    def __init__(self, num_layers):
+        self.kv = [None] * num_layers
+
+    @property
+    def length(self):
+        return 0 if self.kv[0] is None else self.kv[0][0].shape[2]
+
+    def update(self, i, k, v):
+        if self.kv[i] is not None:
+            k = torch.cat([self.kv[i][0], k], dim=2)  # (B, nkv, S, hd)
+            v = torch.cat([self.kv[i][1], v], dim=2)
+        self.kv[i] = (k, v)
+        return k, v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        C, nh, nkv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(C, nh * hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(C, nkv * hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(C, nkv * hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(nh * hd, C, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache=None, layer_idx=0):
+        B, T, _ = x.shape
+        nh, nkv, hd = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
+        q = self.q_proj(x).view(B, T, nh, hd)
+        k = self.k_proj(x).view(B, T, nkv, hd)
+        v = self.v_proj(x).view(B, T, nkv, hd)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh|nkv, T, hd)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(layer_idx, k, v)  # (B, nkv, S, hd)
+        S = k.shape[2]
+        k = k.repeat_interleave(self.cfg.n_rep, dim=1)  # (B, nh, S, hd)
+        v = v.repeat_interleave(self.cfg.n_rep, dim=1)
+        # causal mask aligned to the end: new token t sees every cached token and new tokens <= t
+        if S == T:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hd)
+        else:
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, nh * hd)  # (B, T, nh*hd)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, F) -> (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache=None, layer_idx=0):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer_idx)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
+
+    def rope(self, start, T):
+        """cos, sin for positions start..start+T-1, shaped to broadcast over (B, nh, T, hd)."""
+        pos = torch.arange(start, start + T, device=self.inv_freq.device, dtype=torch.float32)
+        freqs = torch.outer(pos, self.inv_freq)  # (T, hd/2)
+        emb = torch.cat([freqs, freqs], dim=-1)  # (T, hd)
+        dtype = self.embed_tokens.weight.dtype
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(self, tokens, keep=None, cache=None):
+        """tokens (B, T) -> logits (B, T, V). `keep` (L,) weights each layer; `cache` continues decoding."""
+        B, T = tokens.shape
+        start = 0 if cache is None else cache.length
+        cos, sin = self.rope(start, T)
+        x = self.embed_tokens(tokens)  # (B, T, C)
+        for i, layer in enumerate(self.layers):
+            if keep is None:
+                x = layer(x, cos, sin, cache, i)
+            else:
+                x = x + keep[i].to(x.dtype) * (layer(x, cos, sin, cache, i) - x)
+        return self.lm_head(self.norm(x))  # (B, T, V)
+
+    @torch.no_grad()
+    def generate(self, tokens, max_new_tokens, eos_id=None):
+        """Greedy decoding with the KV cache; tokens (1, T) -> (1, T + new)."""
+        cache = KVCache(self.cfg.num_layers)
+        logits = self(tokens, cache=cache)
+        out = tokens
+        for _ in range(max_new_tokens):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+            out = torch.cat([out, nxt], dim=1)
+            if eos_id is not None and nxt.item() == eos_id:
+                break
+            logits = self(nxt, cache=cache)
+        return out
