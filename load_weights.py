@@ -1,0 +1,328 @@
+"""Checkpoints in Hugging Face layout: names -> directories, config.json -> Config, safetensors -> model.
+
+    model, tok = load("smollm2-135m")            # the embedded default, converted once into a cache
+    model, tok = load("/path/to/Llama-2-7b-hf")  # any HF-layout directory of a supported family
+
+Weights load tensor by tensor from the memory-mapped safetensors into a model built on the meta
+device, so a checkpoint never sits in memory twice. Every name goes through `name_table` and every
+shape is checked against the config; a missing or unexpected tensor is an error naming it.
+"""
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model import Config, Transformer, rope_frequencies
+from tokenizer import load_tokenizer
+
+DEFAULT = "smollm2-135m"
+# short names -> Hugging Face repo ids (looked up locally, never downloaded by this code)
+NAMES = {
+    "llama2-7b": "meta-llama/Llama-2-7b-hf",
+    "llama2-13b": "meta-llama/Llama-2-13b-hf",
+    "llama2-70b": "meta-llama/Llama-2-70b-hf",
+    "llama3-8b": "meta-llama/Meta-Llama-3-8B",
+    "llama3-70b": "meta-llama/Meta-Llama-3-70B",
+    "llama3.1-8b": "meta-llama/Llama-3.1-8B",
+    "llama3.1-70b": "meta-llama/Llama-3.1-70B",
+    "mistral-7b": "mistralai/Mistral-7B-v0.1",
+    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
+    "qwen2.5-7b": "Qwen/Qwen2.5-7B",
+    "qwen2.5-14b": "Qwen/Qwen2.5-14B",
+    "qwen2.5-72b": "Qwen/Qwen2.5-72B",
+    "qwen3-8b": "Qwen/Qwen3-8B",
+    DEFAULT: "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "vocab.json", "merges.txt", "LICENSE", "README.md"]
+
+
+# ---------------------------------------------------------------- names -> directories
+
+def hf_cache_dirs():
+    hub = os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+    return Path(hub)
+
+
+def resolve(ckpt):
+    """A directory holding config.json for `ckpt` (a path, a short name or a repo id); a clear error otherwise."""
+    p = Path(ckpt).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"{p} has no config.json: not a Hugging Face checkpoint directory")
+        return p
+    if str(ckpt) == DEFAULT:
+        from embedded import ensure_default
+        return ensure_default()
+    repo = NAMES.get(str(ckpt), str(ckpt))
+    if "/" not in repo or os.sep in repo.replace("/", "", 1):
+        known = ", ".join(sorted(NAMES))
+        raise FileNotFoundError(f"{ckpt!r} is neither a checkpoint directory nor a known name ({known}) nor a repo id ORG/NAME")
+    looked = []
+    models = os.environ.get("CLP_MODELS")
+    if models:
+        org, name = repo.split("/", 1)
+        for cand in (Path(models) / str(ckpt), Path(models) / name, Path(models) / repo, Path(models) / f"{org}--{name}"):
+            looked.append(str(cand))
+            if (cand / "config.json").is_file():
+                return cand
+    else:
+        looked.append("$CLP_MODELS (not set)")
+    snaps = hf_cache_dirs() / f"models--{repo.replace('/', '--')}" / "snapshots"
+    looked.append(str(snaps / "*"))
+    found = sorted((s for s in snaps.glob("*") if (s / "config.json").is_file()), key=lambda s: s.stat().st_mtime)
+    if found:
+        return found[-1]
+    where = "\n  ".join(looked)
+    raise FileNotFoundError(f"checkpoint {ckpt!r} ({repo}) not found. Looked in:\n  {where}\n"
+                            f"Download it (this project never does) with:\n  huggingface-cli download {repo}\n"
+                            f"or put an HF-layout copy under $CLP_MODELS/{Path(repo).name}")
+
+
+# ---------------------------------------------------------------- config.json -> Config
+
+def read_config_dict(path):
+    f = Path(path) / "config.json"
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} not found")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f} is not valid JSON: {e}") from None
+
+
+def config_from_dict(d, source="config.json"):
+    mt = d.get("model_type")
+    if mt not in SUPPORTED:
+        raise ValueError(f"{source}: model_type {mt!r} is not supported (supported: {', '.join(sorted(SUPPORTED))})")
+    if d.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{source}: hidden_act {d['hidden_act']!r} is not supported (only silu)")
+    if d.get("use_sliding_window") or (mt == "mistral" and d.get("sliding_window") not in (None, 0)
+                                       and d["sliding_window"] < d.get("max_position_embeddings", 0)):
+        raise ValueError(f"{source}: sliding-window attention is not supported")
+    # newer configs put theta and scaling together in rope_parameters
+    rp = d.get("rope_parameters") or {}
+    scaling = d.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
+    if scaling and scaling.get("rope_type", scaling.get("type")) not in ("llama3", "default"):
+        raise ValueError(f"{source}: rope scaling {scaling!r} is not supported (only llama3)")
+    if d.get("mlp_bias"):
+        raise ValueError(f"{source}: mlp_bias is not supported")
+    try:
+        return Config(
+            model_type=mt,
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_layers=d["num_hidden_layers"],
+            num_heads=d["num_attention_heads"],
+            num_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+            head_dim=d.get("head_dim") or 0,
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=d.get("rope_theta", rp.get("rope_theta", 10000.0)),
+            rope_scaling=scaling,
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            # Qwen2 always has q/k/v biases and its configs do not say so
+            attention_bias=mt == "qwen2" or bool(d.get("attention_bias", False)),
+            qk_norm=(mt == "qwen3"),
+        )
+    except KeyError as e:
+        raise ValueError(f"{source}: required key {e.args[0]!r} is missing") from None
+
+
+# ---------------------------------------------------------------- safetensors -> model
+
+def name_table(cfg: Config):
+    """HF tensor name -> (our parameter name, expected shape). A tied lm_head is the one expected absence."""
+    C, F, V, hd = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
+    q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    t = {"model.embed_tokens.weight": ("embed_tokens.weight", (V, C)), "model.norm.weight": ("norm.weight", (C,))}
+    if not cfg.tie_word_embeddings:
+        t["lm_head.weight"] = ("lm_head.weight", (V, C))
+    for i in range(cfg.num_layers):
+        per_layer = {
+            "input_layernorm.weight": (C,), "post_attention_layernorm.weight": (C,),
+            "self_attn.q_proj.weight": (q, C), "self_attn.k_proj.weight": (kv, C),
+            "self_attn.v_proj.weight": (kv, C), "self_attn.o_proj.weight": (C, q),
+            "mlp.gate_proj.weight": (F, C), "mlp.up_proj.weight": (F, C), "mlp.down_proj.weight": (C, F),
+        }
+        if cfg.attention_bias:
+            per_layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
+        if cfg.qk_norm:
+            per_layer.update({"self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,)})
+        for name, shape in per_layer.items():
+            t[f"model.layers.{i}.{name}"] = (f"layers.{i}.{name}", shape)
+    return t
+
+
+def weight_files(path):
+    """{tensor name: file} for a single-file or sharded (model.safetensors.index.json) checkpoint."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        for f in sorted(set(weight_map.values())):
+            if not (path / f).is_file():
+                raise FileNotFoundError(f"shard {path / f} listed in {index.name} is missing")
+        return {k: path / f for k, f in weight_map.items()}
+    single = path / "model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json "
+                                f"(.bin / .pth checkpoints are not supported: convert them to safetensors)")
+    with safe_open(single, "pt") as f:
+        return {k: single for k in f.keys()}
+
+
+def set_tensor(model, name, tensor):
+    mod_name, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_name)
+    setattr(mod, attr, torch.nn.Parameter(tensor, requires_grad=False))
+
+
+def load_state(model, path, dtype, device):
+    """Fill a meta-device model from safetensors, strictly, one tensor at a time."""
+    cfg = model.cfg
+    table = name_table(cfg)
+    files = weight_files(path)
+    # a tied model may still store lm_head.weight (some exporters do); it must equal the embedding then
+    unexpected = [k for k in files if k not in table and not (cfg.tie_word_embeddings and k == "lm_head.weight")
+                  and not k.endswith("rotary_emb.inv_freq")]
+    if unexpected:
+        raise KeyError(f"{path}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all) for a {cfg.model_type} "
+                       f"config with {cfg.num_layers} layers")
+    missing = [k for k in table if k not in files]
+    if missing:
+        raise KeyError(f"{path}: tensor {missing[0]!r} is missing ({len(missing)} in all)")
+    handles = {}
+    try:
+        for hf_name, (ours, shape) in table.items():
+            f = files[hf_name]
+            if f not in handles:
+                handles[f] = safe_open(f, "pt", device="cpu")
+            t = handles[f].get_tensor(hf_name)
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{f.name}: tensor {hf_name!r} has shape {tuple(t.shape)}, config.json implies {shape}")
+            set_tensor(model, ours, t.to(device=device, dtype=dtype))
+            del t
+    finally:
+        handles.clear()
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+
+
+def load(ckpt=DEFAULT, dtype=torch.float32, device="cpu"):
+    """(model, tokenizer) for a checkpoint name or directory; tokenizer is None when the directory has none."""
+    path = resolve(ckpt)
+    raw = read_config_dict(path)
+    cfg = config_from_dict(raw, str(path / "config.json"))
+    if raw.get("quantization_config"):
+        from quantize import load_quantized_model
+        model = load_quantized_model(path, raw, cfg, dtype=dtype, device=device)
+    else:
+        with torch.device("meta"):
+            model = Transformer(cfg)
+        load_state(model, path, dtype, device)
+    # buffers are not in the checkpoint: recompute them on the real device
+    model.inv_freq = rope_frequencies(cfg).to(device)
+    model.eval().requires_grad_(False)
+    return model, load_tokenizer(path, raw)
+
+
+# ---------------------------------------------------------------- model -> HF-layout checkpoint
+
+def hf_state_dict(model):
+    """Our parameters under their Hugging Face names (lm_head omitted when tied)."""
+    ours = dict(model.named_parameters(remove_duplicate=False))
+    return {hf: ours[name] for hf, (name, _) in name_table(model.cfg).items()}
+
+
+def save_checkpoint(out_dir, config, tensors, source_dir=None, extra_files=None, max_shard_bytes=5 * 2**30):
+    """Write config.json + safetensors (sharded with an index above max_shard_bytes) atomically.
+
+    Tokenizer and generation-config files are copied from `source_dir`; `extra_files` maps a file name
+    to its text. The directory appears complete or not at all: it is built beside `out_dir` and renamed.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_safetensors(tmp, {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, max_shard_bytes)
+        for name in TOKENIZER_FILES if source_dir else []:
+            if (Path(source_dir) / name).is_file():
+                shutil.copyfile(Path(source_dir) / name, tmp / name)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def write_safetensors(directory, tensors, max_shard_bytes):
+    shards, current, size = [], {}, 0
+    for k, v in tensors.items():
+        nbytes = v.numel() * v.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[k] = v
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], directory / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map, total = {}, 0
+    for j, shard in enumerate(shards):
+        fname = f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, directory / fname, metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+        total += sum(v.numel() * v.element_size() for v in shard.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def replace_dir(tmp, out_dir):
+    """Rename tmp to out_dir; an existing out_dir is moved aside first and removed only afterwards."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- CLI: inspect a checkpoint
+
+def main():
+    p = argparse.ArgumentParser(description="Load a checkpoint, print its config and a greedy continuation.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", default=DEFAULT, help="checkpoint directory, short name or ORG/NAME repo id")
+    p.add_argument("--prompt", default="The capital of France is", help="text to continue greedily")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="number of tokens to generate")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype")
+    a = p.parse_args()
+    model, tok = load(a.ckpt, dtype=getattr(torch, a.dtype))
+    print(f"checkpoint: {resolve(a.ckpt)}")
+    print(model.cfg)
+    print(f"parameters: {sum(t.numel() for t in model.parameters()):,}")
+    if tok is None:
+        print("no tokenizer files: skipping generation")
+        return
+    ids = torch.tensor([tok.encode(a.prompt, bos=tok.add_bos)])
+    out = model.generate(ids, a.max_new_tokens, eos_id=tok.eos_id)
+    print(f"{a.prompt!r} -> {tok.decode(out[0, ids.shape[1]:].tolist())!r}")
+
+
+if __name__ == "__main__":
+    main()
