@@ -25,3 +25,11 @@ def need(path):
 @pytest.fixture(params=TINY)
 def tiny_dir(request):
     return need(FIXTURES / request.param)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the embedded default, fp32; converted into the cache on first use."""
+    import load_weights
+
+    return load_weights.load(load_weights.DEFAULT)
