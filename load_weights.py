@@ -104,9 +104,8 @@ def config_from_dict(d, source="config.json"):
         raise ValueError(f"{source}: model_type {mt!r} is not supported (supported: {', '.join(sorted(SUPPORTED))})")
     if d.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{source}: hidden_act {d['hidden_act']!r} is not supported (only silu)")
-    if d.get("use_sliding_window") or (mt == "mistral" and d.get("sliding_window") not in (None, 0)
-                                       and d["sliding_window"] < d.get("max_position_embeddings", 0)):
-        raise ValueError(f"{source}: sliding-window attention is not supported")
+    if d.get("use_sliding_window"):
+        raise ValueError(f"{source}: use_sliding_window=true is not supported")
     # newer configs put theta and scaling together in rope_parameters
     rp = d.get("rope_parameters") or {}
     scaling = d.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
@@ -132,6 +131,8 @@ def config_from_dict(d, source="config.json"):
             # Qwen2 always has q/k/v biases and its configs do not say so
             attention_bias=mt == "qwen2" or bool(d.get("attention_bias", False)),
             qk_norm=(mt == "qwen3"),
+            # only Mistral applies its window; Qwen configs carry one with use_sliding_window=false
+            sliding_window=d.get("sliding_window") if mt == "mistral" else None,
         )
     except KeyError as e:
         raise ValueError(f"{source}: required key {e.args[0]!r} is missing") from None

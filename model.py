@@ -33,6 +33,7 @@ class Config:
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v biases (Qwen2)
     qk_norm: bool = False  # RMSNorm on q and k per head (Qwen3)
+    sliding_window: int | None = None  # Mistral: sequences longer than this are refused, not mis-attended
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -183,6 +184,9 @@ class Transformer(nn.Module):
         """tokens (B, T) -> logits (B, T, V). `keep` (L,) weights each layer; `cache` continues decoding."""
         B, T = tokens.shape
         start = 0 if cache is None else cache.length
+        if self.cfg.sliding_window and start + T > self.cfg.sliding_window:
+            raise ValueError(f"{start + T} tokens exceed the sliding window of {self.cfg.sliding_window}, "
+                             f"which this decoder does not implement")
         cos, sin = self.rope(start, T)
         x = self.embed_tokens(tokens)  # (B, T, C)
         for i, layer in enumerate(self.layers):

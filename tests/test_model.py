@@ -90,3 +90,19 @@ def test_half_precision_forward_stays_close_to_fp32(dtype):
     # same argmax almost everywhere and small absolute error relative to the logit scale
     assert (got - want).abs().max().item() < 0.05 * want.abs().max().item()
     assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() > 0.95
+
+
+def test_mistral_sliding_window_is_enforced_not_ignored(tmp_path):
+    import json
+    import shutil
+
+    d = tmp_path / "mistral"
+    shutil.copytree(FIXTURES / "tiny-llama2", d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "mistral", "sliding_window": 32}))
+    model, _ = load(d)
+    ids, want = reference(FIXTURES / "tiny-llama2")
+    with torch.no_grad():
+        assert torch.allclose(model(ids[:, :32]), want[:, :32], atol=1e-4)
+        with pytest.raises(ValueError, match="sliding window of 32"):
+            model(ids)
