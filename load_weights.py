@@ -261,6 +261,7 @@ def save_checkpoint(out_dir, config, tensors, source_dir=None, extra_files=None,
                 shutil.copyfile(Path(source_dir) / name, tmp / name)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
+        readable_by_umask(tmp)
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -289,6 +290,15 @@ def write_safetensors(directory, tensors, max_shard_bytes):
         total += sum(v.numel() * v.element_size() for v in shard.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def readable_by_umask(directory):
+    """mkdtemp (and safetensors) create owner-only files; give the result the permissions of a normal write."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for f in directory.iterdir():
+        os.chmod(f, 0o666 & ~umask)
 
 
 def replace_dir(tmp, out_dir):

@@ -123,3 +123,34 @@ def test_names_resolve_through_models_dir_and_hf_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("CLP_MODELS", str(tmp_path / "models"))
     shutil.copytree(FIXTURES / "tiny-llama2", tmp_path / "models" / "Llama-2-7b-hf")
     assert lw.resolve("llama2-7b") == tmp_path / "models" / "Llama-2-7b-hf"
+
+
+def test_loading_does_not_hold_two_copies_of_the_weights(tmp_path):
+    import subprocess
+    import sys
+
+    from model import Config, Transformer
+
+    cfg = Config("llama", vocab_size=32000, hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8, num_kv_heads=8)
+    raw = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 512, "intermediate_size": 1536,
+           "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 8}
+    out = lw.save_checkpoint(tmp_path / "ckpt", raw, lw.hf_state_dict(Transformer(cfg)))
+    size = (out / "model.safetensors").stat().st_size
+    probe = ("import resource, sys, torch, load_weights as lw\n"
+             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+             "model, _ = lw.load(sys.argv[1])\n"
+             "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)\n")
+    r = subprocess.run([sys.executable, "-c", probe, str(out)], capture_output=True, text=True, cwd=lw.Path(lw.__file__).parent)
+    assert r.returncode == 0, r.stderr
+    grew = int(r.stdout.strip())
+    assert size > 200e6 and grew < 1.15 * size, f"peak RSS grew by {grew / 1e6:.0f} MB for {size / 1e6:.0f} MB of weights"
+
+
+def test_written_checkpoint_has_normal_permissions(tmp_path):
+    import os
+
+    out = lw.save_checkpoint(tmp_path / "c", {"a": 1}, {"x": torch.zeros(3)})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~umask
+    assert all((f.stat().st_mode & 0o777) == 0o666 & ~umask for f in out.iterdir())
