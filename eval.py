@@ -1,0 +1,479 @@
+"""The measuring instrument: perplexity, KL to a reference model, zero-shot multiple choice, latency,
+and the dense-vs-pruned report.
+
+    python eval.py --ckpt smollm2-135m --ppl wikitext2 --seqlen 2048 --json out.json
+    python eval.py --ckpt smollm2-135m --tasks piqa,winogrande,arc_easy --limit 500
+    python eval.py --ckpt DENSE --compare PRUNED --ppl wikitext2 --tasks all --latency --json cmp.json
+
+Protocols (README, "Evaluation protocols"; never change them silently):
+- Perplexity: the text is tokenized once (BOS only where the family's tokenizer adds one), cut into
+  non-overlapping windows of `seqlen` tokens, the tail dropped; each window predicts its tokens 2..T from
+  the ones before; ppl = exp(mean NLL over all predicted tokens).
+- KL: mean over the same windows and all T positions of KL(p_teacher || p_model), in nats.
+- Zero-shot: lm-evaluation-harness loglikelihood scoring with its prompt formats (tasks.py);
+  acc = argmax of the summed log-prob of each choice, acc_norm = the same divided by the choice's characters.
+- Latency: batch 1; prefill of `seqlen` tokens; decode of `new_tokens` tokens with the KV cache after a
+  128-token prompt; one warm-up, then the median of `runs` timings, with the device synchronized before
+  each clock read; the CPU thread count is fixed and recorded.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import tasks as task_files
+from data import eval_windows, find_data_dir, load_text
+from model import KVCache
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DECODE_PROMPT = 128  # tokens of prompt before the timed decode steps
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+class Progress:
+    """Prints `label: done/total unit, rate, time left` at most every `every` seconds, and once at the end."""
+
+    def __init__(self, label, total, unit, every=10.0):
+        self.label, self.total, self.unit, self.every = label, total, unit, every
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, done, extra=""):
+        now = time.perf_counter()
+        if done < self.total and now - self.last < self.every:
+            return
+        self.last = now
+        rate = done / max(now - self.t0, 1e-9)
+        left = (self.total - done) / rate if rate > 0 else float("inf")
+        print(f"  {self.label}: {done:,}/{self.total:,} {self.unit}, {rate:,.2f}/s, "
+              f"{now - self.t0:,.0f}s elapsed, {left:,.0f}s left{extra}", flush=True)
+
+
+# ---------------------------------------------------------------- perplexity and KL
+
+def chunked_nll(logits, tokens, chunk=256):
+    """Summed NLL of tokens[1:] given logits[:-1]; logits (T, V), tokens (T,); softmax `chunk` rows at a time."""
+    T, total = tokens.shape[0], 0.0
+    for s in range(0, T - 1, chunk):
+        e = min(s + chunk, T - 1)
+        logp = F.log_softmax(logits[s:e].float(), dim=-1)  # (c, V)
+        total -= logp.gather(-1, tokens[s + 1:e + 1, None]).sum().item()
+    return total
+
+
+def chunked_kl(logits_t, logits_m, chunk=256):
+    """Summed KL(p_t || p_m) = sum_v p_t (log p_t - log p_m) over the rows of (T, V) logits, `chunk` rows at a time,
+    so that only (chunk, V) temporaries exist even for 128k-token vocabularies."""
+    total = 0.0
+    for s in range(0, logits_t.shape[0], chunk):
+        logp_t = F.log_softmax(logits_t[s:s + chunk].float(), dim=-1)  # (c, V)
+        logp_m = F.log_softmax(logits_m[s:s + chunk].float(), dim=-1)  # (c, V)
+        total += (logp_t.exp() * (logp_t - logp_m)).sum().item()
+    return total
+
+
+@torch.no_grad()
+def text_metrics(model, windows, teacher=None, chunk=256, device="cpu", label="ppl"):
+    """Perplexity of `model` on windows (n, T), and with a teacher also the mean KL(p_teacher || p_model)
+    and the teacher's own perplexity (a free by-product of its forward passes)."""
+    n, T = windows.shape
+    nll = nll_t = kl = 0.0
+    prog = Progress(label, n, "windows")
+    for i in range(n):
+        x = windows[i:i + 1].to(device)  # (1, T)
+        logits = model(x)[0]  # (T, V)
+        nll += chunked_nll(logits, x[0], chunk)
+        if teacher is not None:
+            logits_t = teacher(x)[0]  # (T, V)
+            nll_t += chunked_nll(logits_t, x[0], chunk)
+            kl += chunked_kl(logits_t, logits, chunk)
+        prog.update(i + 1, f", ppl so far {math.exp(nll / ((i + 1) * (T - 1))):,.3f}")
+    out = {"ppl": math.exp(nll / (n * (T - 1))), "windows": n, "seqlen": T, "predicted_tokens": n * (T - 1)}
+    if teacher is not None:
+        out.update(kl=kl / (n * T), teacher_ppl=math.exp(nll_t / (n * (T - 1))))
+    return out
+
+
+# ---------------------------------------------------------------- zero-shot multiple choice
+
+def encode_pair(tok, context, continuation, bos=False):
+    """(context ids, continuation ids) split as lm-eval does: trailing spaces of the context move to the
+    continuation, then continuation ids = encode(context + continuation) minus the first len(encode(context))."""
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    whole = tok.encode(context + continuation, bos=bos)
+    ctx = tok.encode(context, bos=bos)
+    if not ctx or len(whole) <= len(ctx):
+        raise ValueError(f"cannot split {context[-40:]!r} + {continuation[:40]!r} into context and continuation tokens")
+    return ctx, whole[len(ctx):]
+
+
+@torch.no_grad()
+def loglikelihoods(model, requests, batch_size=8, device="cpu", progress=None):
+    """Summed log p(continuation | context) for (context ids, continuation ids) requests, several per forward.
+    Sequences longer than the model's maximum keep their last tokens, as lm-eval does."""
+    max_len = model.cfg.max_position_embeddings
+    seqs = [(c + k)[-(max_len + 1):] for c, k in requests]
+    # longest first: rows of a batch have similar lengths, and an out-of-memory shows up at once
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    out = [0.0] * len(seqs)
+    for b in range(0, len(order), batch_size):
+        rows = order[b:b + batch_size]
+        x = torch.zeros(len(rows), len(seqs[rows[0]]) - 1, dtype=torch.long)  # (b, T), right-padded with 0
+        for r, i in enumerate(rows):
+            x[r, :len(seqs[i]) - 1] = torch.tensor(seqs[i][:-1])
+        # causal attention: the padding after a row's end never reaches its real positions
+        logits = model(x.to(device))  # (b, T, V)
+        for r, i in enumerate(rows):
+            n = len(seqs[i]) - 1
+            k = min(len(requests[i][1]), n)  # a continuation longer than the model's maximum keeps its end
+            logp = F.log_softmax(logits[r, n - k:n].float(), dim=-1)  # (k, V)
+            target = torch.tensor(seqs[i][-k:], device=logp.device)
+            out[i] = logp.gather(-1, target[:, None]).sum().item()
+        if progress:
+            progress.update(min(b + batch_size, len(order)))
+    return out
+
+
+@torch.no_grad()
+def shared_context_loglikelihoods(model, ctx, conts, device="cpu"):
+    """log p(continuation | ctx) for the continuations of one context: the context runs once and its KV cache
+    serves every continuation (the numbers of scoring each ctx + continuation alone, for less work)."""
+    cache = KVCache(model.cfg.num_layers)
+    first = F.log_softmax(model(torch.tensor([ctx], device=device), cache=cache)[0, -1].float(), dim=-1)  # (V,)
+    n, K = len(conts), max(len(k) for k in conts)
+    out = [first[k[0]].item() for k in conts]
+    if K == 1:
+        return out
+    # one copy of the context's keys and values per continuation (a view until the cache grows)
+    cache.kv = [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in cache.kv]
+    x = torch.zeros(n, K - 1, dtype=torch.long)  # (n, K-1), right-padded with 0
+    for j, k in enumerate(conts):
+        x[j, :len(k) - 1] = torch.tensor(k[:-1])
+    logits = model(x.to(device), cache=cache)  # (n, K-1, V)
+    for j, k in enumerate(conts):
+        logp = F.log_softmax(logits[j, :len(k) - 1].float(), dim=-1)  # (k-1, V)
+        out[j] += logp.gather(-1, torch.tensor(k[1:], device=logp.device)[:, None]).sum().item()
+    return out
+
+
+def choice_loglikelihoods(model, reqs, batch_size=8, device="cpu", label="choices"):
+    """Flat per-choice loglikelihoods of items given as lists of (context ids, continuation ids). When every item's
+    choices share one context that fits the model, each context runs once; otherwise (WinoGrande) the
+    requests run independently, `batch_size` per forward."""
+    max_len = model.cfg.max_position_embeddings
+    shared = all(len({tuple(c) for c, _ in r}) == 1 and len(r[0][0]) + max(len(k) for _, k in r) <= max_len
+                 for r in reqs)
+    if not shared:
+        flat = [q for r in reqs for q in r]
+        return loglikelihoods(model, flat, batch_size, device, Progress(label, len(flat), "choices"))
+    prog, out = Progress(label, len(reqs), "items"), []
+    for i, r in enumerate(reqs):
+        out += shared_context_loglikelihoods(model, r[0][0], [k for _, k in r], device)
+        prog.update(i + 1)
+    return out
+
+
+def argmax(values):
+    return max(range(len(values)), key=values.__getitem__)  # first maximum on ties, like numpy
+
+
+def task_metrics(items, lls):
+    """acc, acc_norm, n and acc's standard error from the flat list of per-choice loglikelihoods."""
+    acc = acc_norm = pos = 0
+    for it in items:
+        ll = lls[pos:pos + len(it.continuations)]
+        pos += len(it.continuations)
+        acc += argmax(ll) == it.gold
+        acc_norm += argmax([v / max(n, 1) for v, n in zip(ll, it.norm_lens)]) == it.gold
+    n = len(items)
+    p = acc / n
+    return {"acc": p, "acc_norm": acc_norm / n, "n": n, "acc_stderr": math.sqrt(p * (1 - p) / max(n - 1, 1))}
+
+
+def limit_items(items, limit, name):
+    if limit is None:
+        return items
+    if limit > len(items):
+        print(f"warning: --limit {limit:,} is larger than {name} ({len(items):,} items); scoring all {len(items):,}")
+    return items[:limit]
+
+
+def run_task(model, tok, name, data_dir, limit=None, bos=False, batch_size=8, device="cpu"):
+    """lm-eval-style zero-shot scores of one task: {'acc', 'acc_norm', 'n', 'acc_stderr'}."""
+    items, note = task_files.load_task(name, data_dir)
+    if note:
+        print(f"note: {note}")
+    items = limit_items(items, limit, name)
+    reqs = [[encode_pair(tok, c, k, bos) for c, k in zip(it.contexts, it.continuations)] for it in items]
+    return task_metrics(items, choice_loglikelihoods(model, reqs, batch_size, device, name))
+
+
+# ---------------------------------------------------------------- latency
+
+@torch.no_grad()
+def prefill_seconds(model, tokens, device):
+    sync(device)
+    t0 = time.perf_counter()
+    model(tokens)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def greedy_decode(model, prompt, new_tokens, device="cpu"):
+    """Greedy continuation with the KV cache: (tokens (1, T + new_tokens), seconds of the decode steps alone)."""
+    cache = KVCache(model.cfg.num_layers)
+    logits = model(prompt, cache=cache)  # (1, T, V)
+    out = [prompt]
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(new_tokens):
+        nxt = logits[:, -1:].argmax(-1)  # (1, 1)
+        out.append(nxt)
+        logits = model(nxt, cache=cache)  # (1, 1, V)
+    sync(device)
+    return torch.cat(out, dim=1), time.perf_counter() - t0
+
+
+def reset_peak_memory(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif Path("/proc/self/clear_refs").exists():
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: peak RSS (VmHWM) restarts from the current RSS
+
+
+def peak_memory(device):
+    """(bytes, what was measured): CUDA peak allocation, or on CPU the process's peak resident set."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated"
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024, "process peak RSS (everything the process holds)"
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS since start"
+
+
+def latency(model, seqlen, new_tokens=128, runs=5, device="cpu", seed=0):
+    """Prefill and decode tokens/s (medians of `runs` after one warm-up) and peak memory, batch 1."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(model.cfg.vocab_size, (1, seqlen), generator=g).to(device)  # (1, T)
+    prompt = x[:, :min(DECODE_PROMPT, seqlen)]
+    reset_peak_memory(device)
+    prefill_seconds(model, x, device)  # warm-up
+    t_pre = statistics.median(prefill_seconds(model, x, device) for _ in range(runs))
+    greedy_decode(model, prompt, new_tokens, device)  # warm-up
+    t_dec = statistics.median(greedy_decode(model, prompt, new_tokens, device)[1] for _ in range(runs))
+    mem, kind = peak_memory(device)
+    return {"prefill_tok_s": seqlen / t_pre, "decode_tok_s": new_tokens / t_dec, "peak_mem_bytes": mem,
+            "peak_mem_kind": kind, "prefill_s": t_pre, "decode_s": t_dec, "threads": torch.get_num_threads()}
+
+
+# ---------------------------------------------------------------- one model, two models
+
+def ppl_key(source, desc):
+    # the key names the text really used: the embedded fallback never poses as "wikitext2"
+    return desc.split()[0] if desc.startswith("pydoc") else str(source)
+
+
+def text_windows(tok, sources, seqlen, data_dir, bos):
+    """{key: (windows (n, seqlen), description)} for each perplexity text, tokenized once."""
+    if sources and tok is None:
+        raise ValueError("perplexity needs a tokenizer; this checkpoint has none")
+    out = {}
+    for src in sources:
+        text, desc = load_text(src, "test", data_dir)
+        out[ppl_key(src, desc)] = (eval_windows(tok.encode(text, bos=bos), seqlen), desc)
+    return out
+
+
+def evaluate(model, tok, ckpt, *, ppl=(), teacher=None, tasks=(), limit=None, latency_runs=0, seqlen=2048,
+             new_tokens=128, batch_size=8, kl_chunk=256, bos="auto", data_dir=None, device="cpu"):
+    """One model's results in the JSON schema (README): ckpt, ppl, kl, tasks, latency, settings."""
+    seqlen = min(seqlen, model.cfg.max_position_embeddings)
+    use_bos = bos == "always" or (bos == "auto" and tok is not None and tok.add_bos)
+    res = {"ckpt": str(ckpt), "ppl": {}, "kl": {}, "tasks": {}, "latency": None,
+           "settings": {"seqlen": seqlen, "bos": use_bos, "layers": model.cfg.num_layers, "data": {}}}
+    if teacher is not None and teacher.cfg.vocab_size != model.cfg.vocab_size:
+        raise ValueError(f"teacher vocabulary {teacher.cfg.vocab_size:,} != model vocabulary {model.cfg.vocab_size:,}")
+    for key, (windows, desc) in text_windows(tok, ppl, seqlen, data_dir, use_bos).items():
+        print(f"{ckpt}: perplexity on {desc}, {windows.shape[0]:,} windows of {seqlen:,} tokens")
+        m = text_metrics(model, windows, teacher, kl_chunk, device, label=f"ppl {key}")
+        res["ppl"][key] = m.pop("ppl")
+        if teacher is not None:
+            res["kl"][key] = m.pop("kl")
+        res["settings"]["data"][key] = dict(m, text=desc)
+    if tasks:
+        if tok is None:
+            raise ValueError("zero-shot tasks need a tokenizer; this checkpoint has none")
+        root = find_data_dir(data_dir)
+        if root is None:
+            raise FileNotFoundError("zero-shot tasks need the data directory: set CLP_DATA or pass --data-dir")
+        res["settings"]["task_data"] = str(root)
+        for name in tasks:
+            res["tasks"][name] = run_task(model, tok, name, root, limit, use_bos, batch_size, device)
+    if latency_runs:
+        print(f"{ckpt}: latency, prefill {seqlen:,} tokens, decode {new_tokens} tokens, median of {latency_runs} runs")
+        res["latency"] = latency(model, seqlen, new_tokens, latency_runs, device)
+    return res
+
+
+def ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def compare_block(dense, pruned):
+    """Retention per task (pruned / dense on the task's primary metric), its mean, and speedups vs the ideal L/(L-k)."""
+    ret = {t: ratio(pruned["tasks"][t][task_files.PRIMARY[t]], dense["tasks"][t][task_files.PRIMARY[t]])
+           for t in dense["tasks"]}
+    valid = [v for v in ret.values() if v is not None]
+    L, Lp = dense["settings"]["layers"], pruned["settings"]["layers"]
+    lat_d, lat_p = dense["latency"] or {}, pruned["latency"] or {}
+    return {"retention": ret, "retention_mean": statistics.mean(valid) if valid else None,
+            "retention_metric": {t: task_files.PRIMARY[t] for t in ret}, "layers": [L, Lp], "ideal_speedup": L / Lp,
+            "prefill_speedup": ratio(lat_p.get("prefill_tok_s"), lat_d.get("prefill_tok_s")),
+            "decode_speedup": ratio(lat_p.get("decode_tok_s"), lat_d.get("decode_tok_s"))}
+
+
+def fmt(v, spec=",.4f"):
+    return "-" if v is None else format(v, spec)
+
+
+def table_rows(res):
+    """(label, value) rows of one result, formatted."""
+    rows = [(f"ppl {k}", fmt(v, ",.3f")) for k, v in res["ppl"].items()]
+    rows += [(f"KL {k} (nats/token)", fmt(v, ".5f")) for k, v in res["kl"].items()]
+    for t, m in res["tasks"].items():
+        rows += [(f"{t} acc (n={m['n']:,})", fmt(m["acc"])), (f"{t} acc_norm", fmt(m["acc_norm"]))]
+    if res["latency"]:
+        lat = res["latency"]
+        rows += [("prefill tok/s", fmt(lat["prefill_tok_s"], ",.1f")), ("decode tok/s", fmt(lat["decode_tok_s"], ",.2f")),
+                 ("peak memory MiB", fmt(lat["peak_mem_bytes"] / 2**20, ",.0f"))]
+    return rows + [("layers", str(res["settings"]["layers"]))]
+
+
+def print_table(res, dense=None, cmp=None):
+    """One column per model; with a dense reference, a ratio column and the retention / speedup summary."""
+    print()
+    if dense is None:
+        print(f"{'':34}{res['ckpt'][-24:]:>24}")
+        for label, v in table_rows(res):
+            print(f"{label:34}{v:>24}")
+        return
+    dense_rows = dict(table_rows(dense))
+    print(f"{'':34}{'dense':>16}{'pruned':>16}")
+    for label, v in table_rows(res):
+        print(f"{label:34}{dense_rows.get(label, '-'):>16}{v:>16}")
+    for t, r in cmp["retention"].items():
+        print(f"{'retention ' + t + ' (' + cmp['retention_metric'][t] + ')':50}{fmt(r):>16}")
+    print(f"{'retention mean':50}{fmt(cmp['retention_mean']):>16}")
+    ideal = f"(ideal L/(L-k) = {cmp['layers'][0]}/{cmp['layers'][1]} = {cmp['ideal_speedup']:.3f})"
+    print(f"{'prefill speedup':34}{fmt(cmp['prefill_speedup'], '.3f'):>16}  {ideal}")
+    print(f"{'decode speedup':34}{fmt(cmp['decode_speedup'], '.3f'):>16}")
+
+
+def load_model(ckpt, dtype, device):
+    import load_weights  # imported here so that tests of the measuring code need no checkpoint
+    print(f"loading {ckpt} ({dtype}, {device})")
+    return load_weights.load(ckpt, dtype=DTYPES[dtype], device=device)
+
+
+def write_json(path, obj):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def run(ckpt, compare=None, teacher=None, ppl=(), tasks=(), limit=None, latency=False, seqlen=2048, batch_size=8,
+        kl_chunk=256, runs=5, new_tokens=128, bos="auto", threads=None, dtype="float32", device="cpu",
+        data_dir=None, json_out=None):
+    """Evaluate `ckpt` (and `compare` against it); print the table; write the JSON result. Returns the result."""
+    t0 = time.perf_counter()
+    opts = dict(tasks=tasks, limit=limit, latency_runs=runs if latency else 0, seqlen=seqlen, new_tokens=new_tokens,
+                batch_size=batch_size, kl_chunk=kl_chunk, bos=bos, data_dir=data_dir, device=device)
+    model, tok = load_model(ckpt, dtype, device)
+    if compare is None:
+        ref = load_model(teacher, dtype, device)[0] if teacher else None
+        res = evaluate(model, tok, ckpt, ppl=ppl, teacher=ref, **opts)
+        print_table(res)
+    else:
+        pruned, ptok = load_model(compare, dtype, device)
+        # the dense model is the KL teacher; its perplexity comes out of the same forward passes
+        res = evaluate(pruned, ptok, compare, ppl=ppl, teacher=model, **opts)
+        dense = evaluate(model, tok, ckpt, **opts)
+        for key, m in res["settings"]["data"].items():
+            dense["ppl"][key] = m.pop("teacher_ppl")
+            dense["settings"]["data"][key] = dict(m)
+        res.update(reference=dense, compare=compare_block(dense, res))
+        print_table(res, dense, res["compare"])
+    res["settings"].update(
+        command="python " + " ".join(sys.argv), teacher=str(ckpt) if compare else teacher, limit=limit,
+        batch_size=batch_size, kl_chunk=kl_chunk, runs=runs, new_tokens=new_tokens, dtype=dtype, device=device,
+        threads=torch.get_num_threads(), seed=0, torch=torch.__version__, python=platform.python_version(),
+        wall_s=round(time.perf_counter() - t0, 1))
+    if json_out:
+        write_json(json_out, res)
+        print(f"wrote {json_out}")
+    return res
+
+
+def parse_args(argv=None):
+    import load_weights
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", metavar="CKPT", default=load_weights.DEFAULT, help="checkpoint to evaluate (name or HF-layout directory); the dense side in --compare")
+    p.add_argument("--compare", metavar="PRUNED", default=None, help="pruned checkpoint: evaluate both, KL of it to --ckpt, one dense-vs-pruned table")
+    p.add_argument("--teacher", metavar="CKPT", default=None, help="reference checkpoint for KL(p_teacher || p_model) on the perplexity windows")
+    p.add_argument("--ppl", nargs="+", default=[], metavar="TEXT", help="perplexity texts: wikitext2, pydoc, or text files")
+    p.add_argument("--tasks", default=None, help=f"comma-separated zero-shot tasks or 'all': {','.join(task_files.TASKS)}")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="score only the first N items of each task; None: all")
+    p.add_argument("--latency", action="store_true", help="measure prefill and decode tokens/s and peak memory")
+    p.add_argument("--seqlen", type=int, default=2048, help="perplexity window and prefill length, capped at the model's maximum")
+    p.add_argument("--batch-size", type=int, default=8, help="choice sequences per forward pass in zero-shot scoring")
+    p.add_argument("--kl-chunk", type=int, default=256, help="positions per softmax chunk in NLL and KL")
+    p.add_argument("--runs", type=int, default=5, help="timed latency runs after one warm-up; the median is reported")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated with the KV cache in the decode timing")
+    p.add_argument("--bos", choices=["auto", "always", "never"], default="auto", help="prepend BOS; auto: when the family's tokenizer does")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads, fixed for the run and recorded")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="weight and activation dtype")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device to run on")
+    p.add_argument("--data-dir", type=Path, default=None, help="data directory; None: $CLP_DATA, then ./data")
+    p.add_argument("--json", type=Path, default=None, dest="json_out", metavar="OUT", help="write the results to this JSON file")
+    a = p.parse_args(argv)
+    a.tasks = task_files.TASKS if a.tasks == "all" else [t for t in (a.tasks or "").split(",") if t]
+    unknown = [t for t in a.tasks if t not in task_files.TASKS]
+    if unknown:
+        p.error(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(task_files.TASKS)}")
+    if not (a.ppl or a.tasks or a.latency):
+        p.error("nothing to measure: give --ppl, --tasks and/or --latency")
+    if a.compare and a.teacher:
+        p.error("--compare already measures KL to --ckpt; drop --teacher")
+    if a.teacher and not a.ppl:
+        p.error("--teacher needs --ppl: KL is measured on the perplexity windows")
+    if a.limit is not None and a.limit < 1:
+        p.error("--limit must be at least 1")
+    if a.runs < 5:
+        p.error("--runs must be at least 5 (the protocol reports a median of at least 5 runs)")
+    return a
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    try:
+        run(**vars(args))
+    except (FileNotFoundError, ValueError, KeyError) as e:  # bad input: one clear line, no traceback
+        sys.exit(f"error: {e}")
