@@ -1,0 +1,133 @@
+"""Other ways to choose the layers to remove, on the same cached calibration pass as the gate (teacher.py).
+
+    python baselines.py --ckpt smollm2-135m --prune-layers 6 --method exhaustive --out runs/exhaustive-6
+
+- exhaustive: every contiguous block of k layers, scored by the calibration KL with the block removed.
+  This is the exact oracle the gate is checked against. Block [s, s+k) only runs layers s+k..L-1 from
+  the cached dense state h[s], so all L-k+1 blocks cost about (L-k)/2 + 1 dense passes, not L-k+1.
+- block-influence (ShortGPT, Men et al. 2024): BI_i = 1 - mean_t cos(h_i, h_{i+1}); remove the k layers
+  with the lowest BI (not necessarily contiguous).
+- angular (Gromov et al. 2024): d(s) = mean_t arccos(cos(h_s, h_{s+k})) / pi; remove the block [s, s+k)
+  with the smallest d. The paper uses the last token of each sequence; we average over all calibration
+  tokens, which is steadier with few windows.
+- tail: the k layers just before the last one (the final layer is kept, as in Gromov et al.'s heuristic).
+- random: a seeded random contiguous block.
+Every method reports the calibration KL of its choice, so all are compared on one scale.
+"""
+import argparse
+import math
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import excise
+import load_weights
+from gates import budget
+from search import make_teacher, span, write_json
+from teacher import eta, removed_kl
+
+METHODS = ["exhaustive", "block-influence", "angular", "tail", "random"]
+
+
+def exhaustive(model, teacher, k, quiet=False):
+    """Calibration KL of every contiguous block of k layers: [{"removed_layers", "kl"}], best first."""
+    L = model.cfg.num_layers
+    scores, t0 = [], time.perf_counter()
+    for s in range(L - k + 1):
+        kl = removed_kl(model, teacher, range(s, s + k))
+        scores.append({"removed_layers": list(range(s, s + k)), "kl": kl})
+        if not quiet:
+            print(f"  block {s:3d}-{s + k - 1:<3d} kl {kl:.5f}   ({s + 1}/{L - k + 1}, {eta(t0, s + 1, L - k + 1)})", flush=True)
+    return sorted(scores, key=lambda c: c["kl"])
+
+
+def mean_cosine(x, y):
+    """Mean over tokens of cos(x_t, y_t), in fp32, for (N, T, C) hidden states."""
+    return float(F.cosine_similarity(x.float(), y.float(), dim=-1).mean())
+
+
+def block_influence(teacher):
+    """ShortGPT's Block Influence of every layer: 1 - mean cos(input, output)."""
+    h = teacher.hidden
+    return [1 - mean_cosine(h[i], h[i + 1]) for i in range(len(h) - 1)]
+
+
+def angular_distance(teacher, k):
+    """Gromov et al.'s angular distance between the input of layer s and of layer s+k, for every s."""
+    h = teacher.hidden
+    return [math.acos(max(-1.0, min(1.0, mean_cosine(h[s], h[s + k])))) / math.pi for s in range(len(h) - k)]
+
+
+def choose(method, model, teacher, k, seed=0):
+    """(removed layers, scores) for one method."""
+    L = model.cfg.num_layers
+    if method == "exhaustive":
+        ranked = exhaustive(model, teacher, k)
+        return ranked[0]["removed_layers"], ranked
+    if method == "block-influence":
+        bi = block_influence(teacher)
+        return sorted(sorted(range(L), key=lambda i: bi[i])[:k]), bi
+    if method == "angular":
+        d = angular_distance(teacher, k)
+        s = min(range(len(d)), key=lambda i: d[i])
+        return list(range(s, s + k)), d
+    if method == "tail":
+        return list(range(L - 1 - k, L - 1)), None
+    if method == "random":
+        s = random.Random(seed).randrange(L - k + 1)
+        return list(range(s, s + k)), None
+    raise ValueError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+
+
+def run(ckpt, method, out, prune_layers=None, prune_ratio=None, calib="wikitext2", nsamples=16, seqlen=256, seed=0):
+    """baselines.py as a function: one method, one report.json in search.py's schema."""
+    t0 = time.perf_counter()
+    model, tokenizer = load_weights.load(ckpt)
+    L = model.cfg.num_layers
+    k = budget(L, prune_layers, prune_ratio)
+    teacher = make_teacher(model, tokenizer, calib, nsamples, seqlen, seed)
+    t1 = time.perf_counter()
+    removed, scores = choose(method, model, teacher, k, seed)
+    kl = scores[0]["kl"] if method == "exhaustive" else removed_kl(model, teacher, removed)
+    t2 = time.perf_counter()
+    print(f"{method}: layers {span(removed)}  calibration KL {kl:.5f}  ({t2 - t1:.1f} s)")
+    report = {"method": method, "removed_layers": removed, "kept_layers": [i for i in range(L) if i not in removed],
+              "block": span(removed), "kl": kl, "scores": scores,
+              "model": {"ckpt": str(ckpt), "path": str(load_weights.resolve(ckpt)), "fingerprint": excise.fingerprint(model)},
+              "budget": {"layers": k, "ratio": round(k / L, 4)}, "calibration": teacher.description,
+              "settings": {"nsamples": nsamples, "seqlen": seqlen, "seed": seed, "calib": calib}, "seed": seed,
+              "wall_time_s": {"load_and_teacher": round(t1 - t0, 2), "method": round(t2 - t1, 2)},
+              "command": " ".join(["python"] + sys.argv),
+              "versions": {"python": platform.python_version(), "torch": torch.__version__}}
+    write_json(Path(out) / "report.json", report)
+    return report
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Choose layers to remove with a baseline method (same report as search.py).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", default=load_weights.DEFAULT, help="checkpoint directory or short name")
+    p.add_argument("--method", default="exhaustive", choices=METHODS, help="how to choose the layers")
+    p.add_argument("--prune-ratio", type=float, default=None, help="fraction of layers to remove, k = round(ratio * L)")
+    p.add_argument("--prune-layers", type=int, default=None, help="number of layers k to remove")
+    p.add_argument("--calib", default="wikitext2", help="calibration text: wikitext2 (valid split), pydoc, or a text file")
+    p.add_argument("--nsamples", type=int, default=16, help="number of calibration windows")
+    p.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (and of the random block)")
+    p.add_argument("--out", type=Path, default=Path("runs/baseline"), help="directory for report.json")
+    a = p.parse_args(argv)
+    if (a.prune_layers is None) == (a.prune_ratio is None):
+        p.error("give exactly one of --prune-ratio and --prune-layers")
+    try:
+        run(**vars(a))
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
+
+
+if __name__ == "__main__":
+    main()

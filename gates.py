@@ -1,0 +1,136 @@
+"""The concave gate of continuous layer pruning: a soft, contiguous removal window over layer positions.
+
+Our design (the CLP paper does not publish its gate; see DESIGN.md, "The gate"). Layers i = 0..L-1,
+budget k. One segment has a learnable centre mu and a fixed width w (= k for one segment); with
+a = mu - w/2, b = mu + w/2 and temperature tau, the soft removal mask is
+
+    m_i = sigmoid((i + 0.5 - a) / tau) * sigmoid((b - i - 0.5) / tau)        keep_i = 1 - m_i
+
+log m_i is a sum of two log-sigmoids of affine functions of i, hence concave in i: the mask rises,
+peaks once and falls, so the removed set is one contiguous block by construction, for any mu and tau.
+As tau -> 0, m_i -> 1 exactly for the w layers whose centres i + 0.5 lie in (a, b), 0 elsewhere.
+S >= 1 segments (widths summing to k) multiply their keep weights: keep_i = prod_s (1 - m_i^s).
+
+Read-off is exact: segment s starts at round(a_s), segments are pushed apart so they never overlap,
+and the union holds exactly k layers whatever mu is.
+"""
+import itertools
+import math
+
+import torch
+import torch.nn as nn
+
+
+def budget(num_layers, prune_layers=None, prune_ratio=None):
+    """The number of layers k to remove: given directly, or round(ratio * L); 1 <= k < L."""
+    if (prune_layers is None) == (prune_ratio is None):
+        raise ValueError("give exactly one of prune_layers and prune_ratio")
+    k = prune_layers if prune_layers is not None else round(prune_ratio * num_layers)
+    if not 1 <= k < num_layers:
+        what = f"{prune_layers} layers" if prune_layers is not None else f"ratio {prune_ratio} (k = {k})"
+        raise ValueError(f"pruning budget {what} is out of range: need 1 <= k < L = {num_layers}")
+    return k
+
+
+def segment_widths(k, segments):
+    """Split the budget k into `segments` widths as evenly as possible, wider ones first."""
+    if not 1 <= segments <= k:
+        raise ValueError(f"segments={segments} must be between 1 and the budget k={k}")
+    return [k // segments + (s < k % segments) for s in range(segments)]
+
+
+def tau_at(step, steps, tau0=2.0, tau1=0.05):
+    """Geometric annealing of the temperature from tau0 (step 0) to tau1 (last step)."""
+    frac = step / max(steps - 1, 1)
+    return tau0 * (tau1 / tau0) ** frac
+
+
+def initial_centres(num_layers, widths, start, starts):
+    """Centres mu of one start: segment s of start r sits at fraction (s + (r + 0.5)/R) / S of its valid range."""
+    S = len(widths)
+    mu = []
+    for s, w in enumerate(widths):
+        lo, hi = w / 2, num_layers - w / 2
+        mu.append(lo + (hi - lo) * (s + (start + 0.5) / starts) / S)
+    return mu
+
+
+class ContiguousGate(nn.Module):
+    """S soft contiguous windows of fixed widths over L layers; the learnable parameters are the centres mu."""
+
+    def __init__(self, num_layers, k, segments=1, mu=None):
+        super().__init__()
+        self.L = num_layers
+        self.widths = segment_widths(k, segments)
+        if mu is None:
+            mu = initial_centres(num_layers, self.widths, 0, 1)
+        self.mu = nn.Parameter(torch.tensor(mu, dtype=torch.float32))
+        self.register_buffer("w", torch.tensor(self.widths, dtype=torch.float32), persistent=False)
+
+    def removal(self, tau):
+        """Soft removal mask per segment, m (S, L): the DESIGN.md formula."""
+        i = torch.arange(self.L, dtype=torch.float32, device=self.mu.device)
+        a = (self.mu - self.w / 2)[:, None]  # (S, 1)
+        b = (self.mu + self.w / 2)[:, None]
+        return torch.sigmoid((i + 0.5 - a) / tau) * torch.sigmoid((b - i - 0.5) / tau)  # (S, L)
+
+    def keep(self, tau):
+        """Keep weight per layer, keep (L,) = prod_s (1 - m_s)."""
+        return (1 - self.removal(tau)).prod(dim=0)
+
+    @torch.no_grad()
+    def clamp_(self):
+        # a window that slides past either end would remove fewer than its width
+        self.mu.copy_(torch.maximum(torch.minimum(self.mu, self.L - self.w / 2), self.w / 2))
+
+    def starts(self):
+        """The discrete start layer of each segment: round(mu - w/2)."""
+        return [math.floor(float(m) - w / 2 + 0.5) for m, w in zip(self.mu.tolist(), self.widths)]
+
+    def blocks(self):
+        """The discrete (start, width) blocks: segment s starts at round(mu_s - w_s/2), segments never overlap."""
+        return place_segments(self.starts(), self.widths, self.L)
+
+    def read_off(self):
+        """The removed layers, sorted: exactly k of them."""
+        return blocks_to_layers(self.blocks())
+
+    def describe(self):
+        """The current soft block(s) as text, e.g. '17.3-23.3'."""
+        return " ".join(f"{m - w / 2:.1f}-{m + w / 2:.1f}" for m, w in zip(self.mu.tolist(), self.widths))
+
+
+def place_segments(starts, widths, L):
+    """Non-overlapping (start, width) blocks inside [0, L), each as near its wanted start as possible."""
+    order = sorted(range(len(starts)), key=lambda s: starts[s])
+    blocks, end = [], 0
+    for s in order:  # left to right: no block starts before 0 or inside the previous one
+        blocks.append([max(starts[s], end), widths[s]])
+        end = blocks[-1][0] + widths[s]
+    limit = L
+    for blk in reversed(blocks):  # right to left: no block ends past L or inside the next one
+        blk[0] = min(blk[0], limit - blk[1])
+        limit = blk[0]
+    return tuple(tuple(b) for b in blocks)
+
+
+def blocks_to_layers(blocks):
+    return sorted(i for s, w in blocks for i in range(s, s + w))
+
+
+def neighbours(blocks, L, radius=1):
+    """Every placement with each block moved by up to `radius` layers (the blocks themselves included)."""
+    starts, widths = [s for s, _ in blocks], [w for _, w in blocks]
+    out = set()
+    for shift in itertools.product(range(-radius, radius + 1), repeat=len(blocks)):
+        out.add(place_segments([s + d for s, d in zip(starts, shift)], widths, L))
+    return out
+
+
+STRIP = " .:-=+*#%@"
+
+
+def strip(keep):
+    """A one-line picture of the removal mask over layers: ' ' kept, '@' removed."""
+    m = (1 - keep.detach().float()).clamp(0, 1).tolist()
+    return "|" + "".join(STRIP[min(int(v * len(STRIP)), len(STRIP) - 1)] for v in m) + "|"

@@ -1,0 +1,248 @@
+"""Continuous layer pruning search: train the concave gate (gates.py) against the dense model, read off a block.
+
+    python search.py --ckpt smollm2-135m --prune-ratio 0.2 --out runs/clp-20
+    python search.py --ckpt smollm2-135m --prune-layers 6 --excise runs/smollm2-pruned
+
+Teacher-student (our design, DESIGN.md "The gate"): the teacher is the same weights with every gate
+open, run once under no_grad and cached (teacher.py). The student is the model with the soft keep
+weights of the gate; the loss is KL(p_teacher || p_student) averaged over calibration tokens, and Adam
+updates only the gate centres mu (the model's weights are frozen and get no gradients). tau anneals
+from 2 layers to 0.05 and the Adam step shrinks with it. Several starts spread over depth guard
+against poor basins; after each third of the steps the worse half of them stops (successive
+halving). At the end the surviving starts' rounded blocks and their neighbours are scored by their
+exact (discrete) calibration KL, stepping on to the best block's neighbours until it is a local
+minimum: the relaxed gate often settles between two adjacent blocks, and rounding alone can pick
+the worse one.
+"""
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import excise
+import load_weights
+from gates import ContiguousGate, blocks_to_layers, budget, initial_centres, neighbours, segment_widths, strip, tau_at
+from teacher import build_teacher, calibration_tokens, eta, kl_backward, removed_kl, run_layers
+
+
+def first_gated_layer(keep, eps=1e-4):
+    """The first layer whose keep weight differs from 1 by more than eps: earlier layers are the dense ones."""
+    gated = (1 - keep.detach()).abs() > eps
+    return int(gated.nonzero()[0]) if gated.any() else len(keep) - 1
+
+
+def gate_loss(model, teacher, gate, tau, idx, chunk):
+    """KL of the gated student on calibration windows idx; backpropagates into gate.mu, returns the loss."""
+    keep = gate.keep(tau)  # (L,)
+    # layers before the first gated one are (to 1e-4) the dense ones: start from their cached output
+    first = first_gated_layer(keep)
+    h = run_layers(model, teacher.hidden[first][idx], first, keep=keep)
+    return kl_backward(model, h, teacher.logp[idx], chunk)
+
+
+def minibatches(num_windows, steps, batch_size, seed):
+    """Window indices for each step: a seeded shuffle of the calibration windows, cycled."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.cat([torch.randperm(num_windows, generator=g) for _ in range(steps * batch_size // num_windows + 1)])
+    return order[: steps * batch_size].view(steps, batch_size)
+
+
+def make_gates(L, k, segments, starts):
+    widths = segment_widths(k, segments)
+    return [ContiguousGate(L, k, segments, initial_centres(L, widths, r, starts)) for r in range(starts)]
+
+
+def train_gates(model, teacher, gates, steps, batch_size, lr, tau0, tau1, seed, chunk, log_every, halving):
+    """Adam on the centres of every start, same minibatch for all; returns (trajectory, surviving starts)."""
+    opt = torch.optim.Adam([g.mu for g in gates], lr=lr)
+    batches = minibatches(len(teacher.tokens), steps, batch_size, seed)
+    cuts = {steps // 3, 2 * steps // 3} if halving else set()
+    active, since = list(range(len(gates))), 0
+    work = planned_work(len(gates), steps, cuts)  # start-steps done after each step, for an honest time left
+    trajectory, t0 = [], time.perf_counter()
+    for step in range(steps):
+        tau = tau_at(step, steps, tau0, tau1)
+        # the step in layers shrinks with the softness of the window
+        for group in opt.param_groups:
+            group["lr"] = lr * tau / tau0
+        opt.zero_grad()  # stopped starts keep grad None, so Adam leaves them alone
+        losses = {r: gate_loss(model, teacher, gates[r], tau, batches[step], chunk) for r in active}
+        trajectory.append({"step": step, "tau": round(tau, 4), "kl": {r: round(v, 5) for r, v in losses.items()},
+                           "mu": {r: [round(m, 3) for m in gates[r].mu.tolist()] for r in active}})
+        opt.step()
+        for g in gates:
+            g.clamp_()
+        if step % log_every == 0 or step == steps - 1:
+            log_step(step, steps, tau, losses, gates, eta(t0, work[step], work[-1], 'start-step'))
+        if step + 1 in cuts and len(active) > 1:
+            active, since = halve(trajectory[since:], active), step + 1
+    return trajectory, active
+
+
+def planned_work(starts, steps, cuts):
+    """Cumulative number of start-steps after each step, with the starts halved at the cuts."""
+    done, n, out = 0, starts, []
+    for step in range(steps):
+        n = (n + 1) // 2 if step in cuts else n
+        done += n
+        out.append(done)
+    return out
+
+
+def halve(recent, active):
+    """Successive halving: the better half of the starts by mean KL since the last cut (same minibatches) go on."""
+    mean = {r: sum(t["kl"][r] for t in recent) / len(recent) for r in active}
+    keep = sorted(active, key=mean.get)[: (len(active) + 1) // 2]
+    print("halving: " + ", ".join(f"start {r} {'goes on' if r in keep else 'stops'} (mean kl {mean[r]:.4f})" for r in active))
+    return sorted(keep)
+
+
+def log_step(step, steps, tau, losses, gates, time_left):
+    print(f"step {step + 1:3d}/{steps}  tau {tau:.3f}  {len(losses)} start(s)  {time_left}")
+    for r, loss in losses.items():
+        print(f"  start {r}  kl {loss:.4f}  block {gates[r].describe():>11s}  {strip(gates[r].keep(tau))}")
+    sys.stdout.flush()
+
+
+def choose_block(model, teacher, gates, L, radius=1):
+    """Discrete read-off: score each surviving start's block and its neighbours by the exact calibration KL
+    with the layers removed, then keep stepping to the best block's neighbours until the best one has all
+    its neighbours scored (a local minimum of the discrete KL). `gates` is {start: gate}."""
+    read = {g.blocks(): [r for r, h in gates.items() if h.blocks() == g.blocks()] for g in gates.values()}
+    print(f"read-off: {len(read)} distinct block(s) from the surviving starts; scoring them and their neighbours")
+    scored, expanded, frontier = {}, set(), set(read)
+    while frontier:
+        for blocks in sorted(set().union(*(neighbours(b, L, radius) for b in frontier)) - set(scored)):
+            scored[blocks] = removed_kl(model, teacher, blocks_to_layers(blocks))
+            note = f"read off by start(s) {read[blocks]}" if blocks in read else "neighbour"
+            print(f"  {span(blocks_to_layers(blocks)):>12s}  kl {scored[blocks]:.5f}  ({note})", flush=True)
+        expanded |= frontier
+        best = min(scored, key=scored.get)
+        frontier = set() if best in expanded else {best}
+    return sorted(({"removed_layers": blocks_to_layers(b), "kl": kl, "read_off_by_starts": read.get(b, [])}
+                   for b, kl in scored.items()), key=lambda c: c["kl"])
+
+
+def span(layers):
+    """'17-22' for a contiguous block, '3-5,20-22' otherwise (original indices, inclusive)."""
+    runs = []
+    for i in layers:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(f"{a}-{b}" if a != b else f"{a}" for a, b in runs)
+
+
+def search(model, teacher, k, segments=1, starts=4, steps=30, batch_size=1, lr=1.0, tau0=2.0, tau1=0.05,
+           radius=1, halving=True, seed=0, chunk=1024, log_every=1):
+    """The CLP gate search on a cached teacher; returns a dict with the chosen block and how it was found."""
+    torch.manual_seed(seed)
+    gates = make_gates(model.cfg.num_layers, k, segments, starts)
+    t0 = time.perf_counter()
+    trajectory, active = train_gates(model, teacher, gates, steps, batch_size, lr, tau0, tau1, seed, chunk,
+                                     log_every, halving)
+    t1 = time.perf_counter()
+    candidates = choose_block(model, teacher, {r: gates[r] for r in active}, model.cfg.num_layers, radius)
+    t2 = time.perf_counter()
+    best = candidates[0]
+    return {"removed_layers": best["removed_layers"], "kl": best["kl"], "candidates": candidates,
+            "trajectory": trajectory, "final_mu": [g.mu.tolist() for g in gates], "survivors": active,
+            "time_s": {"gate_steps": t1 - t0, "read_off": t2 - t1}}
+
+
+def write_json(path, obj):
+    """Write JSON atomically: a temporary file beside it, then a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def make_teacher(model, tokenizer, calib, nsamples, seqlen, seed):
+    """Calibration windows and the cached dense pass over them."""
+    tokens, desc = calibration_tokens(tokenizer, calib, nsamples, seqlen, seed, model.cfg.vocab_size)
+    t0 = time.perf_counter()
+    teacher = build_teacher(model, tokens, desc)
+    print(f"teacher: {teacher.num_tokens:,} calibration tokens ({desc}), dense pass {time.perf_counter() - t0:.1f} s")
+    return teacher
+
+
+def run(ckpt, out, prune_layers=None, prune_ratio=None, calib="wikitext2", nsamples=16, seqlen=256, seed=0,
+        dtype="float32", excise_to=None, **gate):
+    """search.py as a function: load, cache the teacher, search, write report.json (and the pruned checkpoint).
+
+    `gate` holds search()'s settings (segments, starts, steps, batch_size, lr, tau0, tau1, radius, halving, ...).
+    """
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k != "gate"} | gate
+    t0 = time.perf_counter()
+    model, tokenizer = load_weights.load(ckpt, dtype=getattr(torch, dtype))
+    source, L = load_weights.resolve(ckpt), model.cfg.num_layers
+    k = budget(L, prune_layers, prune_ratio)
+    teacher = make_teacher(model, tokenizer, calib, nsamples, seqlen, seed)
+    print(f"searching for {k} of {L} layers to remove with the gate ({gate})")
+    t1 = time.perf_counter()
+    result = search(model, teacher, k, seed=seed, **gate)
+    removed = result["removed_layers"]
+    print(f"chosen block: layers {span(removed)}  (calibration KL {result['kl']:.5f})")
+    report = {"method": "clp-gate", "removed_layers": removed, "kept_layers": [i for i in range(L) if i not in removed],
+              "block": span(removed), "kl": result["kl"], "candidates": result["candidates"],
+              "model": {"ckpt": str(ckpt), "path": str(source), "fingerprint": excise.fingerprint(model)},
+              "budget": {"layers": k, "ratio": round(k / L, 4)}, "calibration": teacher.description,
+              "settings": settings, "trajectory": result["trajectory"], "final_mu": result["final_mu"],
+              "wall_time_s": {"load_and_teacher": round(t1 - t0, 2),
+                              **{key: round(v, 2) for key, v in result["time_s"].items()},
+                              "total": round(time.perf_counter() - t0, 2)},
+              "command": " ".join(["python"] + sys.argv), "seed": seed,
+              "versions": {"python": platform.python_version(), "torch": torch.__version__}}
+    write_json(Path(out) / "report.json", report)
+    print(f"report: {Path(out) / 'report.json'}  (search {report['wall_time_s']['total']:.0f} s in all)")
+    if excise_to is not None:
+        excise.write_pruned(model, source, removed, excise_to, excise.info_from_report(report, Path(out) / "report.json"))
+        print(f"pruned checkpoint: {excise_to}")
+    return report
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Find the contiguous block of layers to remove with the CLP gate.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", default=load_weights.DEFAULT, help="checkpoint directory or short name")
+    p.add_argument("--prune-ratio", type=float, default=None, help="fraction of layers to remove, k = round(ratio * L)")
+    p.add_argument("--prune-layers", type=int, default=None, help="number of layers k to remove")
+    p.add_argument("--calib", default="wikitext2", help="calibration text: wikitext2 (valid split), pydoc, or a text file")
+    p.add_argument("--nsamples", type=int, default=16, help="number of calibration windows")
+    p.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window")
+    p.add_argument("--steps", type=int, default=30, help="Adam steps on the gate")
+    p.add_argument("--starts", type=int, default=4, help="gate starts spread evenly over depth")
+    p.add_argument("--segments", type=int, default=1, help="contiguous segments per gate (1: one block)")
+    p.add_argument("--batch-size", type=int, default=1, help="calibration windows per gate step")
+    p.add_argument("--lr", type=float, default=1.0, help="Adam step in layers at tau0, shrinking in proportion to tau")
+    p.add_argument("--tau0", type=float, default=2.0, help="initial gate temperature, in layers")
+    p.add_argument("--tau1", type=float, default=0.05, help="final gate temperature, in layers")
+    p.add_argument("--radius", type=int, default=1, help="neighbours of each read-off scored exactly, in layers")
+    p.add_argument("--halving", action=argparse.BooleanOptionalAction, default=True,
+                   help="after each third of the steps, stop the worse half of the starts")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows and minibatch order")
+    p.add_argument("--chunk", type=int, default=1024, help="tokens per chunk of the KL (bounds the tokens x vocab memory)")
+    p.add_argument("--log-every", type=int, default=1, help="print the gate every this many steps")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the weights during search")
+    p.add_argument("--out", type=Path, default=Path("runs/search"), help="directory for report.json")
+    p.add_argument("--excise", type=Path, default=None, help="also write the pruned checkpoint to this directory")
+    a = p.parse_args(argv)
+    if (a.prune_layers is None) == (a.prune_ratio is None):
+        p.error("give exactly one of --prune-ratio and --prune-layers")
+    kwargs = vars(a)
+    kwargs["excise_to"] = kwargs.pop("excise")
+    try:
+        run(**kwargs)
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""The search: cached-teacher KL against full forwards, chunked gradients, finding a planted redundant block, the CLI."""
+import json
+
+import pytest
+import torch
+
+import baselines
+import load_weights
+import search
+from conftest import FIXTURES
+from teacher import build_teacher, kl_backward, removed_kl, token_kl
+
+
+def teacher_for(model, n=4, T=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return build_teacher(model, torch.randint(0, model.cfg.vocab_size, (n, T), generator=g))
+
+
+def full_forward_kl(model, tokens, keep):
+    """KL(dense || keep-weighted) through model.forward: independent of teacher.py's layer-boundary cache."""
+    with torch.no_grad():
+        p = model(tokens).float().log_softmax(-1)
+        q = model(tokens, keep=keep).float().log_softmax(-1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+@pytest.mark.parametrize("removed", [[2, 3], [1, 4], [0, 1, 2], [5]])
+def test_cached_removed_kl_equals_full_forward(tiny_dir, removed):
+    model, _ = load_weights.load(tiny_dir)
+    teacher = teacher_for(model)
+    keep = torch.ones(6)
+    keep[removed] = 0
+    want = full_forward_kl(model, teacher.tokens, keep)
+    assert want > 1e-4
+    assert removed_kl(model, teacher, removed, batch=3, chunk=50) == pytest.approx(want, rel=1e-4)
+
+
+def test_chunked_kl_gradient_equals_plain_autograd():
+    model, _ = load_weights.load(FIXTURES / "tiny-llama3")
+    teacher = teacher_for(model, n=2, T=24)
+    keep = torch.tensor([1.0, 0.9, 0.3, 0.5, 1.0, 0.8], requires_grad=True)
+    h = search.run_layers(model, teacher.hidden[0], 0, keep=keep)
+    loss = kl_backward(model, h, teacher.logp, chunk=7)
+    grad_chunked = keep.grad.clone()
+    keep.grad = None
+    # the same loss in one piece, straight through model.forward
+    logq = model(teacher.tokens, keep=keep).float().log_softmax(-1)
+    plain = (teacher.logp.exp() * (teacher.logp - logq)).sum(-1).mean()
+    plain.backward()
+    assert loss == pytest.approx(float(plain.detach()), rel=1e-5)
+    torch.testing.assert_close(grad_chunked, keep.grad, rtol=1e-4, atol=1e-6)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def make_redundant(model, block):
+    """Zero the output projections of `block`: those layers then return their input unchanged."""
+    with torch.no_grad():
+        for i in block:
+            model.layers[i].self_attn.o_proj.weight.zero_()
+            model.layers[i].mlp.down_proj.weight.zero_()
+    return model
+
+
+@pytest.mark.parametrize("name,block", [("tiny-llama2", [4, 5]), ("tiny-qwen3", [0, 1]), ("tiny-qwen2", [0, 1, 2])])
+def test_search_finds_a_planted_redundant_block(name, block):
+    model = make_redundant(load_weights.load(FIXTURES / name)[0], block)
+    teacher = teacher_for(model, n=4, T=32)
+    ranked = baselines.exhaustive(model, teacher, len(block), quiet=True)
+    assert ranked[0]["removed_layers"] == block and ranked[0]["kl"] < 1e-9 < ranked[1]["kl"]
+    # one start in the middle (it reads off layers 2.. at first) and radius 0 (no neighbour check):
+    # the gate itself has to travel to the block
+    assert search.make_gates(6, len(block), 1, 1)[0].read_off()[0] == 2
+    result = search.search(model, teacher, len(block), starts=1, steps=24, batch_size=2, radius=0, log_every=100)
+    assert result["removed_layers"] == block and result["kl"] < 1e-9
+
+
+def test_two_segments_read_off_exactly_k():
+    model, _ = load_weights.load(FIXTURES / "tiny-llama2")
+    teacher = teacher_for(model, n=2, T=16)
+    result = search.search(model, teacher, 3, segments=2, starts=2, steps=4, log_every=100)
+    assert len(result["removed_layers"]) == 3 and len(set(result["removed_layers"])) == 3
+    assert len(result["candidates"]) > 1 and result["kl"] == min(c["kl"] for c in result["candidates"])
+
+
+def test_cli_report_and_excise(tmp_path):
+    ckpt = FIXTURES / "tiny-qwen2"
+    search.main(["--ckpt", str(ckpt), "--prune-ratio", "0.34", "--steps", "5", "--starts", "2", "--nsamples", "3",
+                 "--seqlen", "16", "--out", str(tmp_path / "run"), "--excise", str(tmp_path / "pruned")])
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert len(report["removed_layers"]) == 2 and report["budget"] == {"layers": 2, "ratio": 0.3333}
+    assert len(report["trajectory"]) == 5 and len(report["trajectory"][0]["mu"]) == 2
+    chosen = [c for c in report["candidates"] if c["removed_layers"] == report["removed_layers"]]
+    assert chosen[0]["kl"] == report["kl"] == min(c["kl"] for c in report["candidates"])
+    assert report["wall_time_s"]["total"] > 0 and report["settings"]["steps"] == 5
+    assert report["model"]["fingerprint"]["num_layers"] == 6
+    pruning = json.loads((tmp_path / "pruned" / "pruning.json").read_text())
+    assert pruning["removed_layers"] == report["removed_layers"] and pruning["method"] == "clp-gate"
+    assert load_weights.load(tmp_path / "pruned")[0].cfg.num_layers == 4
+
+
+@pytest.mark.parametrize("argv,msg", [(["--prune-layers", "0"], "out of range"), (["--prune-layers", "6"], "out of range"),
+                                      (["--prune-ratio", "0.05"], "out of range"), ([], "exactly one of"),
+                                      (["--prune-layers", "2", "--prune-ratio", "0.3"], "exactly one of"),
+                                      (["--prune-layers", "2", "--segments", "3"], "segments=3")])
+def test_cli_bad_budget(tmp_path, capsys, argv, msg):
+    with pytest.raises(SystemExit):
+        search.main(["--ckpt", str(FIXTURES / "tiny-llama2"), "--steps", "1", "--nsamples", "2", "--seqlen", "8",
+                     "--out", str(tmp_path / "o")] + argv)
+    assert msg in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_token_kl_is_zero_for_the_teacher_itself():
+    model, _ = load_weights.load(FIXTURES / "tiny-llama2")
+    teacher = teacher_for(model, n=1, T=8)
+    h = teacher.hidden[-1].reshape(-1, model.cfg.hidden_size)
+    kl = token_kl(model, h, teacher.logp.reshape(h.shape[0], -1))
+    assert kl.abs().max() < 1e-5
+
+
+def test_read_off_walks_to_a_local_minimum_of_the_discrete_kl(monkeypatch):
+    # a made-up landscape over block starts: valleys at 7 (depth 1) and 1 (depth 0.5, not reachable downhill from 3)
+    landscape = {s: abs(s - 7) + 1.0 for s in range(11)} | {1: 0.5, 2: 6.0}
+    monkeypatch.setattr(search, "removed_kl", lambda model, teacher, layers: landscape[layers[0]])
+    gate = search.ContiguousGate(12, 2, mu=[4.0])  # reads off block 3-4
+    model = type("M", (), {})()
+    cands = search.choose_block(model, None, {0: gate}, 12, radius=1)
+    assert cands[0]["removed_layers"] == [7, 8] and cands[0]["kl"] == 1.0
+    assert sorted(c["removed_layers"][0] for c in cands) == [2, 3, 4, 5, 6, 7, 8]
+    assert [c["read_off_by_starts"] for c in cands if c["removed_layers"] == [3, 4]] == [[0]]
+
+
+def test_one_pass_baselines_see_a_planted_identity_block():
+    model = make_redundant(load_weights.load(FIXTURES / "tiny-llama3")[0], [2, 3])
+    teacher = teacher_for(model)
+    bi = baselines.block_influence(teacher)
+    assert bi[2] < 1e-6 and bi[3] < 1e-6 and min(bi[0], bi[1], bi[4], bi[5]) > 1e-3
+    assert baselines.choose("block-influence", model, teacher, 2)[0] == [2, 3]
+    d = baselines.angular_distance(teacher, 2)
+    assert len(d) == 5 and d[2] < 1e-3 < min(d[:2] + d[3:])
+    assert baselines.choose("angular", model, teacher, 2)[0] == [2, 3]
+    assert baselines.choose("tail", model, teacher, 2)[0] == [3, 4]
+    a, b = (baselines.choose("random", model, teacher, 3, seed=s)[0] for s in (7, 7))
+    assert a == b and len(a) == 3 and a == list(range(a[0], a[0] + 3))
+
+
+def test_calibration_windows_come_from_the_tokenized_text(tmp_path):
+    from teacher import calibration_tokens
+
+    class CharTokenizer:
+        def encode(self, text, bos=False):
+            return [ord(c) for c in text]
+
+    text = "".join(chr(ord("a") + (i * 7) % 26) for i in range(2000))
+    (tmp_path / "calib.txt").write_text(text)
+    tokens, desc = calibration_tokens(CharTokenizer(), str(tmp_path / "calib.txt"), 5, 64, seed=3, vocab_size=512)
+    again, _ = calibration_tokens(CharTokenizer(), str(tmp_path / "calib.txt"), 5, 64, seed=3, vocab_size=512)
+    assert tokens.shape == (5, 64) and torch.equal(tokens, again) and "calib.txt" in desc
+    for row in tokens.tolist():
+        assert "".join(map(chr, row)) in text
