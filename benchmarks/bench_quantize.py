@@ -1,0 +1,220 @@
+"""GPTQ against round-to-nearest on the dense and the depth-pruned model: perplexity, bytes, wall time.
+
+    CLP_DATA=../shared/data python benchmarks/bench_quantize.py --prune-layers 18-26
+    CLP_DATA=../shared/data python benchmarks/bench_quantize.py --pruned runs/clp-30 --tuned runs/clp-30-tuned
+
+For every model (dense, pruned, and the endpoint-tuned one when given) and every setting
+(bits, group size), quantizes with RTN (data-free) and GPTQ through quantize.quantize_checkpoint,
+reloads the written checkpoint with our loader and measures WikiText-2 test perplexity with eval.py on
+the first --windows windows of --seqlen tokens (the same windows for every row). Writes the
+"quantize" section of BENCHMARKS.md and a JSON file. Finished rows are cached in --work/results.json,
+so an interrupted run resumes; --fresh recomputes everything.
+"""
+import argparse
+import contextlib
+import fcntl
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import command, update_section  # noqa: E402
+
+import load_weights  # noqa: E402
+from eval import text_metrics, text_windows  # noqa: E402
+from gptq_format import LINEARS  # noqa: E402
+from quantize import dir_bytes, quantize_checkpoint, ram_bytes, write_json  # noqa: E402
+
+
+@contextlib.contextmanager
+def heavy(lock):
+    """Hold the machine-wide lock for one heavy step, so that others' jobs can run between our rows."""
+    if lock is None:
+        yield
+        return
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def parse_settings(spec):
+    """'4:-1,4:128,3:128' -> [(4, -1), (4, 128), (3, 128)]"""
+    return [tuple(int(v) for v in part.split(":")) for part in spec.split(",")]
+
+
+def linear_bytes(model):
+    """Bytes held by the quantized Linears of all Blocks (weights or packed buffers, scales, zeros, g_idx)."""
+    total = 0
+    for layer in model.layers:
+        for name in LINEARS:
+            m = layer.get_submodule(name)
+            total += sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
+    return total
+
+
+class PPL:
+    """WikiText-2 test perplexity on a fixed subset of windows, tokenized once."""
+
+    def __init__(self, tok, windows, seqlen, data_dir):
+        (self.key, (w, self.desc)), = text_windows(tok, ["wikitext2"], seqlen, data_dir, bos=False).items()
+        self.total = w.shape[0]
+        self.windows = w[:windows]
+
+    def __call__(self, model):
+        return text_metrics(model, self.windows, label="ppl")["ppl"]
+
+
+def measure(ckpt, ppl):
+    model, _ = load_weights.load(ckpt)
+    return {"ppl": ppl(model), "disk": dir_bytes(load_weights.resolve(ckpt)), "ram": ram_bytes(model),
+            "linear_ram": linear_bytes(model)}
+
+
+def quantized_row(src, out, method, bits, group_size, a, ppl):
+    rep = quantize_checkpoint(src, out, method=method, bits=bits, group_size=group_size,
+                              nsamples=a.nsamples if method == "gptq" else 0, seqlen=a.calib_seqlen, seed=a.seed,
+                              calib="wikitext2", data_dir=a.data_dir)
+    row = measure(out, ppl)
+    row.update(seconds=rep["quantize_seconds"], proxy=rep["proxy_error_total"], proxy_rtn=rep["proxy_error_total_rtn"],
+               command=f"python quantize.py --ckpt {src} --method {method} --bits {bits} --group-size {group_size} "
+                       + (f"--nsamples {a.nsamples} --seqlen {a.calib_seqlen} " if method == "gptq" else "--nsamples 0 ")
+                       + f"--out {out}")
+    return row
+
+
+def prepare_models(a):
+    """[(label, checkpoint directory)]: dense, pruned (excised here from --prune-layers unless --pruned), tuned."""
+    dense = load_weights.resolve(a.ckpt)
+    if a.pruned:
+        pruned, plabel = Path(a.pruned), f"pruned ({Path(a.pruned).name})"
+    else:
+        import excise
+
+        pruned = a.work / f"pruned-{a.prune_layers}"
+        if not (pruned / "config.json").is_file():
+            with heavy(a.lock):
+                excise.excise(a.ckpt, pruned, layers=a.prune_layers)
+        plabel = f"pruned, layers {a.prune_layers} removed"
+    models = [(f"{a.ckpt} (dense)", dense), (plabel, pruned)]
+    if a.tuned:
+        models.append((f"pruned + endpoint-tuned ({Path(a.tuned).name})", Path(a.tuned)))
+    return models
+
+
+def run(a):
+    a.work.mkdir(parents=True, exist_ok=True)
+    cache_file = a.work / "results.json"
+    cache = {} if a.fresh or not cache_file.is_file() else json.loads(cache_file.read_text())
+    models = prepare_models(a)
+    _, tok = load_weights.load(models[0][1])
+    ppl = PPL(tok, a.windows, a.seqlen, a.data_dir)
+    print(f"perplexity on the first {ppl.windows.shape[0]} of {ppl.total} windows of {a.seqlen} tokens ({ppl.desc})")
+    rows = []
+    for label, src in models:
+        jobs = [("fp32", None, None)] + [(m, b, g) for b, g in a.settings for m in ("rtn", "gptq")]
+        for method, bits, gs in jobs:
+            key = f"{src}|{method}|{bits}|{gs}|{a.windows}|{a.seqlen}|{a.nsamples}|{a.calib_seqlen}"
+            if key not in cache:
+                with heavy(a.lock):
+                    t0 = time.perf_counter()
+                    if method == "fp32":
+                        cache[key] = dict(measure(src, ppl), seconds=None, command=f"(source checkpoint {src})")
+                    else:
+                        out = a.work / f"{Path(src).name}-{method}-{bits}b-g{gs}"
+                        cache[key] = quantized_row(src, out, method, bits, gs, a, ppl)
+                print(f"{label} {method} {bits} {gs}: ppl {cache[key]['ppl']:.3f} "
+                      f"({time.perf_counter() - t0:,.0f}s)", flush=True)
+                write_json(cache_file, cache)
+            rows.append(dict(cache[key], model=label, method=method, bits=bits, group_size=gs))
+    return rows, ppl
+
+
+def fmt_setting(r):
+    if r["method"] == "fp32":
+        return "fp32 (no quantization)"
+    return f"{r['bits']}-bit, {'per-channel' if r['group_size'] == -1 else 'g' + str(r['group_size'])}"
+
+
+def verdicts(rows):
+    """For every model and setting: does GPTQ beat RTN in perplexity?"""
+    out = []
+    for r in rows:
+        if r["method"] == "gptq":
+            rtn = next(x for x in rows if x["model"] == r["model"] and x["method"] == "rtn"
+                       and x["bits"] == r["bits"] and x["group_size"] == r["group_size"])
+            out.append((r["model"], fmt_setting(r), rtn["ppl"], r["ppl"], r["ppl"] < rtn["ppl"]))
+    return out
+
+
+def markdown(rows, ppl, a):
+    mb = lambda b: f"{b / 1e6:,.1f}"  # noqa: E731
+    lines = [
+        "## Quantization: GPTQ vs round-to-nearest (quantize.py)",
+        "",
+        f"Command: `{command()}`",
+        "",
+        f"Perplexity: WikiText-2 raw test ({ppl.desc}), **first {ppl.windows.shape[0]} of {ppl.total} windows of "
+        f"{a.seqlen} tokens** (a subset, the same for every row; eval.py's protocol otherwise). "
+        f"GPTQ calibration: {a.nsamples} random windows of {a.calib_seqlen} tokens "
+        f"({a.nsamples * a.calib_seqlen:,} tokens) of the WikiText-2 *validation* text, seed {a.seed}; "
+        f"asymmetric min-max grids, no act-order, dampening 0.01, blocksize 128. RTN uses the same grids and no data. "
+        f"Quantized checkpoints store embeddings and norms in fp16 (the GPTQ convention); they load back as fp32. "
+        "Bytes: *disk* = all safetensors files; *RAM* = every parameter and buffer of the loaded model "
+        "(tied head once); *Linear RAM* = the 7 Linears of every Block only (what GPTQ compresses). "
+        "Time: the quantization loop (for GPTQ incl. the calibration forward passes), not loading or saving.",
+        "",
+        "| model | setting | method | WikiText-2 ppl | disk MB | RAM MB | Linear RAM MB | quantize s |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        sec = "" if r["seconds"] is None else f"{r['seconds']:,.1f}"
+        lines.append(f"| {r['model']} | {fmt_setting(r)} | {r['method'].upper() if r['method'] != 'fp32' else '-'} | "
+                     f"{r['ppl']:,.3f} | {mb(r['disk'])} | {mb(r['ram'])} | {mb(r['linear_ram'])} | {sec} |")
+    v = verdicts(rows)
+    lost = [f"{m}, {s} (RTN {x:.3f}, GPTQ {y:.3f})" for m, s, x, y, ok in v if not ok]
+    lines += ["", f"GPTQ beats RTN in perplexity in {sum(ok for *_, ok in v)} of {len(v)} settings"
+              + (f"; not in: {'; '.join(lost)}." if lost else ".")]
+    lines += ["", "Commands of the quantized rows (run by the script through `quantize.quantize_checkpoint`):", ""]
+    lines += [f"- `{r['command']}`" for r in rows if r["method"] != "fp32"]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", default="smollm2-135m", help="dense checkpoint")
+    p.add_argument("--prune-layers", default="18-26", help="block removed (excise.py) to make the pruned model")
+    p.add_argument("--pruned", type=Path, default=None, help="an existing pruned checkpoint to use instead of --prune-layers")
+    p.add_argument("--tuned", type=Path, default=None, help="an endpoint-tuned pruned checkpoint to add (tune.py)")
+    p.add_argument("--settings", type=parse_settings, default="4:-1,4:128,3:128", help="bits:group_size list")
+    p.add_argument("--windows", type=int, default=20, help="perplexity windows used (the first ones of the test text)")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per perplexity window")
+    p.add_argument("--nsamples", type=int, default=32, help="GPTQ calibration windows")
+    p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
+    p.add_argument("--data-dir", type=Path, default=None, help="data directory; None: $CLP_DATA, then ./data")
+    p.add_argument("--work", type=Path, default=Path("runs/bench_quantize"), help="checkpoints and the results cache")
+    p.add_argument("--json", type=Path, default=Path("runs/bench_quantize/bench_quantize.json"), help="JSON output")
+    p.add_argument("--fresh", action="store_true", help="ignore cached rows in WORK/results.json")
+    p.add_argument("--lock", default="/tmp/clp-heavy.lock", help="lock file held during each row; '' for none")
+    p.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
+    a = p.parse_args(argv)
+    if a.pruned and a.prune_layers != p.get_default("prune_layers"):
+        p.error("give either --pruned or --prune-layers, not both")
+    a.lock = a.lock or None
+    torch.manual_seed(a.seed)
+    rows, ppl = run(a)
+    md = markdown(rows, ppl, a)
+    print(md)
+    write_json(a.json, {"command": command(), "rows": rows, "windows": a.windows, "seqlen": a.seqlen})
+    if not a.no_write:
+        update_section("quantize", md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,429 @@
+"""GPTQ (Frantar et al., 2022) and round-to-nearest weight quantization, written to the GPTQ checkpoint layout.
+
+    python quantize.py --ckpt smollm2-135m --bits 4 --group-size 128 --out runs/smollm2-gptq-4b-g128
+    python quantize.py --ckpt runs/smollm2-pruned --method rtn --bits 3 --group-size 128 --out runs/p-rtn-3b
+
+GPTQ runs layer by layer through our own decoder loop: the calibration sequences' hidden states enter
+Block 0; inside each Block the Linears are quantized in the order they compute ([q,k,v], [o], [gate,up],
+[down]), each group seeing the inputs produced by the already-quantized ones; the Block's quantized output
+then feeds the next Block. For a Linear with weight W (O, I) and calibration inputs X (I, n tokens) the
+objective is the proxy loss ||W X - Q X||^2, with Hessian H = 2 X X^T / n.
+
+Grids (shared by GPTQ and RTN, per output row and group): min-max over the group with 0 included;
+asymmetric: scale = (max - min) / (2^b - 1), zero = round(-min / scale), kept >= 1 so the v1 format can
+store it (gptq_format); symmetric: scale = 2 max|w| / (2^b - 1), zero = 2^(b-1). Scales are rounded to
+fp16 before use, so the stored checkpoint reproduces exactly the Q that GPTQ's error feedback saw.
+Embeddings, norms and the output head stay unquantized, as in the paper.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gptq_format import (LINEARS, SUPPORTED_BITS, QuantLinear, check_packable, load_quantized_model,  # noqa: F401
+                         n_groups, pack, quantization_config)
+
+# Linears that share one input, hence one H, in the order a Block computes them
+SUBLAYERS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+             ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class Quantized:
+    """One quantized weight: integer codes (O, I), scales and zero points (G, O), g_idx (I,)."""
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor
+
+    def dequantize(self):
+        g = self.g_idx.long()
+        return self.scales[g].t() * (self.codes - self.zeros[g].t())  # (O, I), in the scales' dtype
+
+
+# ---------------------------------------------------------------- grids and round-to-nearest
+
+def grid(W, bits, sym):
+    """Min-max grid per row of W (O, n): scale, zero (O,) with W ~ scale * (code - zero), code in 0..2^b-1."""
+    maxq = 2**bits - 1
+    xmin = W.min(1).values.clamp(max=0)
+    xmax = W.max(1).values.clamp(min=0)
+    if sym:
+        xmax = torch.maximum(-xmin, xmax)
+        xmin = -xmax
+    flat = xmax == xmin  # an all-zero row: any grid will do
+    xmin[flat], xmax[flat] = -1.0, 1.0
+    # the checkpoint stores scales in fp16: quantize against exactly that value
+    scale = ((xmax - xmin) / maxq).clamp(min=1e-7).half().to(W.dtype)
+    if sym:
+        zero = torch.full_like(scale, (maxq + 1) // 2)
+    else:
+        zero = torch.round(-xmin / scale).clamp(1, maxq)
+    return scale, zero
+
+
+def quantize_codes(w, scale, zero, bits):
+    return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
+
+
+def rtn(W, bits, group_size=-1, sym=False):
+    """Round-to-nearest on the same grids as GPTQ (the paper's RTN baseline)."""
+    O, I = W.shape
+    gs = I if group_size == -1 else group_size
+    scales, zeros, codes = [], [], torch.empty_like(W)
+    for g0 in range(0, I, gs):
+        s, z = grid(W[:, g0:g0 + gs], bits, sym)
+        codes[:, g0:g0 + gs] = quantize_codes(W[:, g0:g0 + gs], s[:, None], z[:, None], bits)
+        scales.append(s)
+        zeros.append(z)
+    g_idx = torch.arange(I) // gs
+    return Quantized(codes.long(), torch.stack(scales), torch.stack(zeros).long(), g_idx)
+
+
+# ---------------------------------------------------------------- GPTQ
+
+def inverse_cholesky(H, percdamp):
+    """Upper Cholesky factor of (H + lambda I)^-1, lambda = percdamp * mean(diag H) (paper, Section 4, step 3)."""
+    damp = percdamp * H.diagonal().mean()
+    H = H + damp * torch.eye(H.shape[0], dtype=H.dtype)
+    L, info = torch.linalg.cholesky_ex(H)
+    if info:
+        raise ValueError(f"H + {percdamp} * mean(diag H) * I is not positive definite: raise --percdamp "
+                         f"or add calibration data")
+    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+
+
+def current_columns(W, Err, Hinv, i, j, i2, n):
+    """W[:, j:j+n] as unbatched GPTQ would see it: columns past the block i:i2 still owe its lazy update."""
+    cols = W[:, j:j + n].clone()
+    if j + n > i2:
+        cols[:, i2 - j:] -= Err[:, : j - i] @ Hinv[i:j, i2:j + n]
+    return cols
+
+
+def gptq(W, H, bits, group_size=-1, sym=False, act_order=False, blocksize=128, percdamp=0.01):
+    """GPTQ, Algorithm 1 of Frantar et al. (2022), for one weight W (O, I) and its Hessian H = 2 X X^T / n (I, I).
+
+    Columns are quantized one at a time; each one's error, scaled by 1/[Hinv]_jj, is spread over the columns
+    not yet quantized (OBS update). Updates inside a block of `blocksize` columns are applied at once, the
+    rest lazily at the end of the block, which is exact. Grids: per-channel, or per group of `group_size`
+    columns fixed when the group's first column is reached; with act_order (columns by decreasing diag H)
+    the groups are static, fixed from W before any update, so g_idx stays i // group_size.
+    """
+    W, H = W.clone(), H.clone().to(W.dtype)
+    O, I = W.shape
+    gs = I if group_size == -1 else group_size
+    # a column no calibration token touched: quantize it to zero, keep H invertible
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    scales = torch.zeros(n_groups(I, group_size), O, dtype=W.dtype)
+    zeros = torch.zeros_like(scales)
+    static = group_size == -1 or act_order
+    if static:
+        for g, g0 in enumerate(range(0, I, gs)):
+            scales[g], zeros[g] = grid(W[:, g0:g0 + gs], bits, sym)
+    perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(I)
+    W, H = W[:, perm], H[perm][:, perm]
+    Hinv = inverse_cholesky(H, percdamp)
+    codes = torch.zeros(O, I, dtype=torch.long)
+    for i in range(0, I, blocksize):
+        i2 = min(i + blocksize, I)
+        Err = torch.zeros(O, i2 - i, dtype=W.dtype)
+        for j in range(i, i2):
+            g = int(perm[j]) // gs
+            if not static and int(perm[j]) % gs == 0:
+                scales[g], zeros[g] = grid(current_columns(W, Err, Hinv, i, j, i2, gs), bits, sym)
+            w, d = W[:, j], Hinv[j, j]
+            c = quantize_codes(w, scales[g], zeros[g], bits)
+            q = scales[g] * (c - zeros[g])
+            codes[:, j] = c.long()
+            Err[:, j - i] = (w - q) / d
+            # OBS update of the rest of the block: W[:, j:i2] -= Err_j * Hinv[j, j:i2]
+            W[:, j:i2] -= Err[:, j - i, None] @ Hinv[None, j, j:i2]
+        # lazy batch update of every later column at once
+        W[:, i2:] -= Err @ Hinv[i:i2, i2:]
+    codes = codes[:, torch.argsort(perm)]
+    return Quantized(codes, scales, zeros.long(), torch.arange(I) // gs)
+
+
+def proxy_error(W, Q, H):
+    """||W X - Q X||_F^2 / n = trace((W - Q) H (W - Q)^T) / 2, with H = 2 X X^T / n undamped."""
+    D = (W - Q).to(H.dtype)
+    return float(((D @ H) * D).sum() / 2)
+
+
+# ---------------------------------------------------------------- sequential calibration through the decoder
+
+class _Captured(Exception):
+    """Raised by the input hook: the rest of the Block's forward is not needed for this sublayer."""
+
+
+@torch.no_grad()
+def input_hessian(layer, module_name, X, cos, sin, rows):
+    """H = 2 X X^T / n for the inputs of `layer.<module_name>` over all calibration sequences X (N, T, C)."""
+    acc = {"H": None, "n": 0}
+
+    def hook(_, args):
+        x = args[0].reshape(-1, args[0].shape[-1]).float()  # (B*T, I)
+        acc["H"] = 2 * x.t() @ x if acc["H"] is None else acc["H"].addmm_(x.t(), x, alpha=2)
+        acc["n"] += x.shape[0]
+        raise _Captured
+
+    handle = layer.get_submodule(module_name).register_forward_pre_hook(hook)
+    try:
+        for xb in X.split(rows):
+            try:
+                layer(xb, cos, sin)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return acc["H"] / acc["n"]
+
+
+@torch.no_grad()
+def quantize_block(layer, X, cos, sin, settings, rows):
+    """Quantize one Block's Linears in place (weights := dequantized Q); returns {name: (Quantized, stats)}."""
+    out = {}
+    for group in SUBLAYERS:
+        H = input_hessian(layer, group[0], X, cos, sin, rows)
+        for name in group:
+            lin = layer.get_submodule(name)
+            W = lin.weight.float()
+            t0 = time.perf_counter()
+            if settings["method"] == "gptq":
+                res = gptq(W, H, settings["bits"], settings["group_size"], settings["sym"], settings["act_order"],
+                           settings["blocksize"], settings["percdamp"])
+            else:
+                res = rtn(W, settings["bits"], settings["group_size"], settings["sym"])
+            seconds = time.perf_counter() - t0
+            Q = res.dequantize()
+            stats = {"proxy_error": proxy_error(W, Q, H), "seconds": seconds,
+                     "proxy_error_rtn": proxy_error(W, rtn(W, settings["bits"], settings["group_size"],
+                                                            settings["sym"]).dequantize(), H)}
+            lin.weight.copy_(Q.to(lin.weight.dtype))
+            out[name] = (res, stats)
+    return out
+
+
+@torch.no_grad()
+def quantize_model(model, tokens, settings, rows=None):
+    """Quantize every Block of `model` in place, sequentially; tokens (N, T) calibration, or None for data-free RTN.
+
+    Returns ({"layers.i.<linear>": Quantized}, [per-sublayer report rows]).
+    """
+    results, report = {}, []
+    L = len(model.layers)
+    t_start = time.perf_counter()
+    if tokens is None:
+        for i, layer in enumerate(model.layers):
+            for name in LINEARS:
+                lin = layer.get_submodule(name)
+                res = rtn(lin.weight.float(), settings["bits"], settings["group_size"], settings["sym"])
+                lin.weight.copy_(res.dequantize().to(lin.weight.dtype))
+                results[f"layers.{i}.{name}"] = res
+            print(f"layer {i:3d}/{L} rounded to nearest (no data); elapsed {time.perf_counter() - t_start:,.1f}s")
+        return results, report
+    N, T = tokens.shape
+    rows = rows or max(1, 4096 // T)
+    cos, sin = model.rope(0, T)
+    X = model.embed_tokens(tokens).float()  # (N, T, C)
+    for i, layer in enumerate(model.layers):
+        t0 = time.perf_counter()
+        for name, (res, stats) in quantize_block(layer, X, cos, sin, settings, rows).items():
+            results[f"layers.{i}.{name}"] = res
+            report.append({"layer": i, "sublayer": name, **stats})
+            print(f"layer {i:3d}/{L}  {name:<17} proxy {stats['proxy_error']:10.4e}  "
+                  f"(rtn {stats['proxy_error_rtn']:10.4e})  {stats['seconds']:6.2f}s", flush=True)
+        # the quantized Block's output is the next Block's input
+        X = torch.cat([layer(xb, cos, sin) for xb in X.split(rows)])
+        elapsed = time.perf_counter() - t_start
+        print(f"layer {i:3d}/{L} done in {time.perf_counter() - t0:,.1f}s; elapsed {elapsed:,.0f}s, "
+              f"about {elapsed / (i + 1) * (L - i - 1):,.0f}s left", flush=True)
+    return results, report
+
+
+# ---------------------------------------------------------------- checks, calibration data, saving
+
+def check_settings(model, raw_config, bits, group_size, blocksize, percdamp, method, nsamples):
+    """Clear errors for settings or checkpoints this quantizer cannot handle, before any work is done."""
+    if raw_config.get("quantization_config"):
+        qc = raw_config["quantization_config"]
+        raise ValueError(f"the checkpoint is already quantized ({qc.get('quant_method')}, {qc.get('bits')} bits): "
+                         f"quantize the unquantized source checkpoint instead")
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"--bits {bits} is not supported (supported: {', '.join(map(str, SUPPORTED_BITS))})")
+    if group_size != -1 and group_size < 1:
+        raise ValueError(f"--group-size {group_size}: use -1 (one grid per output channel) or a positive size")
+    if blocksize < 1 or not 0 < percdamp < 1:
+        raise ValueError(f"--blocksize must be >= 1 and --percdamp in (0, 1), got {blocksize} and {percdamp}")
+    if method == "gptq" and nsamples < 1:
+        raise ValueError("GPTQ needs calibration data: --nsamples must be >= 1 (only --method rtn runs without)")
+    ragged = {}
+    for i, layer in enumerate(model.layers):
+        for name in LINEARS:
+            lin = layer.get_submodule(name)
+            check_packable(f"layers.{i}.{name}", lin.in_features, lin.out_features)
+            if group_size != -1 and lin.in_features % group_size:
+                ragged.setdefault(lin.in_features, set()).add(name.split(".")[-1])
+    for I, names in sorted(ragged.items()):
+        print(f"note: --group-size {group_size} does not divide in_features = {I} ({', '.join(sorted(names))}): "
+              f"the last of its ceil({I}/{group_size}) = {-(-I // group_size)} groups has {I % group_size} columns, "
+              f"as the format allows (g_idx = i // group_size)")
+
+
+def calibration_tokens(tok, calib, nsamples, seqlen, seed, data_dir, max_in):
+    """(nsamples, seqlen) random windows of the calibration text; warns when it is too short to trust."""
+    from data import calibration_batch, load_text
+
+    text, desc = load_text(calib, split="valid", data_dir=data_dir)
+    ids = tok.encode(text, bos=False)
+    n = nsamples * seqlen
+    print(f"calibration: {nsamples} x {seqlen} = {n:,} tokens drawn from {desc} ({len(ids):,} tokens)")
+    if len(ids) < n:
+        print(f"warning: the calibration text has only {len(ids):,} tokens for {n:,} requested: windows overlap")
+    if n < 10 * max_in:
+        print(f"warning: only {n:,} calibration tokens for Linears with up to {max_in:,} inputs: H = 2XX^T has rank "
+              f"<= {n:,} and GPTQ needs several times more tokens than inputs; raise --nsamples or --seqlen")
+    return calibration_batch(ids, nsamples, seqlen, seed=seed), desc
+
+
+def packed_tensors(model, results, bits, dtype):
+    """HF-named tensors of the quantized checkpoint: packed Linears, everything else cast to `dtype`."""
+    from load_weights import hf_state_dict
+
+    tensors = {k: v.to(dtype) for k, v in hf_state_dict(model).items()}
+    for name, res in results.items():
+        del tensors[f"model.{name}.weight"]
+        tensors.update({f"model.{name}.{k}": v for k, v in pack(res.codes, res.scales, res.zeros, res.g_idx,
+                                                                  bits).items()})
+    return tensors
+
+
+def dir_bytes(path):
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def ram_bytes(model):
+    """Bytes of every distinct parameter and buffer storage (a tied head counted once)."""
+    seen = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def verify_reload(out, results):
+    """Reload the written checkpoint with our loader; its dequantized weights must equal GPTQ's Q exactly."""
+    from load_weights import load
+
+    model, _ = load(out)
+    for name, res in results.items():
+        got = model.get_submodule(name).weight_dequantized()
+        if not torch.equal(got, res.dequantize()):
+            raise RuntimeError(f"{out}: {name} reloads to different weights (max diff "
+                               f"{(got - res.dequantize()).abs().max():.3g})")
+    return ram_bytes(model)
+
+
+# ---------------------------------------------------------------- driver and CLI
+
+def quantize_checkpoint(ckpt, out, method="gptq", bits=4, group_size=128, sym=False, act_order=False, blocksize=128,
+                        percdamp=0.01, calib="wikitext2", nsamples=128, seqlen=2048, seed=0, dtype="float16",
+                        data_dir=None, report=None):
+    """Load `ckpt`, quantize its Linears, write a GPTQ-layout checkpoint to `out` and a JSON report; returns it."""
+    from load_weights import load, read_config_dict, resolve, save_checkpoint
+
+    t_start = time.perf_counter()
+    torch.manual_seed(seed)
+    src = resolve(ckpt)
+    raw = read_config_dict(src)
+    model, tok = load(src)
+    check_settings(model, raw, bits, group_size, blocksize, percdamp, method, nsamples)
+    ram_dense = ram_bytes(model)
+    tokens, calib_desc = None, None
+    if nsamples > 0:
+        if tok is None:
+            raise ValueError(f"{src} has no tokenizer: calibration text cannot be encoded")
+        max_in = max(model.layers[0].get_submodule(n).in_features for n in LINEARS)
+        tokens, calib_desc = calibration_tokens(tok, calib, nsamples, min(seqlen, model.cfg.max_position_embeddings),
+                                                seed, data_dir, max_in)
+    settings = dict(method=method, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
+                    blocksize=blocksize, percdamp=percdamp)
+    print(f"quantizing {src} with {method}: {bits} bits, group size {group_size}, "
+          f"{'symmetric' if sym else 'asymmetric'}{', act-order (static groups)' if act_order else ''}")
+    t0 = time.perf_counter()
+    results, rows = quantize_model(model, tokens, settings)
+    quant_seconds = time.perf_counter() - t0
+    config = dict(raw, quantization_config=quantization_config(bits, group_size, sym, act_order, percdamp, method),
+                  torch_dtype=dtype)
+    save_checkpoint(out, config, packed_tensors(model, results, bits, DTYPES[dtype]), source_dir=src)
+    ram_quant = verify_reload(out, results)
+    rep = {"command": "python " + " ".join(sys.argv), "versions": {"python": sys.version.split()[0],
+                                                                   "torch": torch.__version__},
+           "seed": seed, "source": str(src), "out": str(out), "settings": settings, "dtype_unquantized": dtype,
+           "calibration": None if tokens is None else {"text": calib_desc, "nsamples": tokens.shape[0],
+                                                       "seqlen": tokens.shape[1], "tokens": tokens.numel()},
+           "quantize_seconds": quant_seconds, "wall_seconds": time.perf_counter() - t_start,
+           "bytes": {"disk_source": dir_bytes(src), "disk_quantized": dir_bytes(out),
+                     "ram_source": ram_dense, "ram_quantized": ram_quant},
+           "proxy_error_total": sum(r["proxy_error"] for r in rows) if rows else None,
+           "proxy_error_total_rtn": sum(r["proxy_error_rtn"] for r in rows) if rows else None,
+           "layers": rows}
+    write_json(Path(report) if report else Path(out) / "quantize_report.json", rep)
+    b = rep["bytes"]
+    print(f"wrote {out}: weights on disk {b['disk_source']:,} -> {b['disk_quantized']:,} bytes, in RAM "
+          f"{b['ram_source']:,} -> {b['ram_quantized']:,} bytes; quantization {quant_seconds:,.1f}s")
+    return rep
+
+
+def write_json(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", default="smollm2-135m", help="checkpoint to quantize: directory or short name")
+    p.add_argument("--out", type=Path, required=True, help="directory for the quantized checkpoint")
+    p.add_argument("--method", default="gptq", choices=["gptq", "rtn"], help="GPTQ or round-to-nearest")
+    p.add_argument("--bits", type=int, default=4, choices=SUPPORTED_BITS, help="bits per weight")
+    p.add_argument("--group-size", type=int, default=128, help="input columns per scale/zero; -1: per channel")
+    p.add_argument("--sym", action="store_true", help="symmetric grid, zero = 2^(bits-1), not min-max")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing diag(H); static groups")
+    p.add_argument("--blocksize", type=int, default=128, help="GPTQ: columns per lazy batch update (exact)")
+    p.add_argument("--percdamp", type=float, default=0.01, help="GPTQ: damping of H, fraction of mean diag(H)")
+    p.add_argument("--calib", default="wikitext2", help="wikitext2 (validation split), pydoc or a file")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows; 0 (rtn only): no data")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")
+    p.add_argument("--seed", type=int, default=0, help="seed for drawing the calibration windows")
+    p.add_argument("--dtype", default="float16", choices=list(DTYPES), help="storage dtype of the unquantized tensors")
+    p.add_argument("--data-dir", type=Path, default=None, help="data directory; None: $CLP_DATA, then ./data")
+    p.add_argument("--report", type=Path, default=None, help="JSON report path; None: OUT/quantize_report.json")
+    a = p.parse_args(argv)
+    if a.act_order and a.method == "rtn":
+        p.error("--act-order only changes GPTQ; RTN has no column order")
+    if a.method == "gptq" and a.nsamples < 1:
+        p.error("GPTQ needs calibration data: --nsamples must be >= 1")
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    try:
+        quantize_checkpoint(**vars(a))
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
