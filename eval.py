@@ -288,18 +288,23 @@ def ppl_key(source, desc):
     return desc.split()[0] if desc.startswith("pydoc") else str(source)
 
 
-def text_windows(tok, sources, seqlen, data_dir, bos):
-    """{key: (windows (n, seqlen), description)} for each perplexity text, tokenized once."""
+def text_windows(tok, sources, seqlen, data_dir, bos, max_windows=None):
+    """{key: (windows (n, seqlen), description)} for each perplexity text, tokenized once; with `max_windows`
+    only the first windows (a subset that the description states)."""
     if sources and tok is None:
         raise ValueError("perplexity needs a tokenizer; this checkpoint has none")
     out = {}
     for src in sources:
         text, desc = load_text(src, "test", data_dir)
-        out[ppl_key(src, desc)] = (eval_windows(tok.encode(text, bos=bos), seqlen), desc)
+        windows = eval_windows(tok.encode(text, bos=bos), seqlen)
+        if max_windows is not None and max_windows < len(windows):
+            desc = f"{desc}, first {max_windows} of {len(windows)} windows (a subset)"
+            windows = windows[:max_windows]
+        out[ppl_key(src, desc)] = (windows, desc)
     return out
 
 
-def evaluate(model, tok, ckpt, *, ppl=(), teacher=None, tasks=(), limit=None, latency_runs=0, seqlen=2048,
+def evaluate(model, tok, ckpt, *, ppl=(), ppl_windows=None, teacher=None, tasks=(), limit=None, latency_runs=0, seqlen=2048,
              new_tokens=128, batch_size=8, kl_chunk=256, bos="auto", data_dir=None, device="cpu"):
     """One model's results in the JSON schema (README): ckpt, ppl, kl, tasks, latency, settings."""
     seqlen = min(seqlen, model.cfg.max_position_embeddings)
@@ -308,7 +313,7 @@ def evaluate(model, tok, ckpt, *, ppl=(), teacher=None, tasks=(), limit=None, la
            "settings": {"seqlen": seqlen, "bos": use_bos, "layers": model.cfg.num_layers, "data": {}}}
     if teacher is not None and teacher.cfg.vocab_size != model.cfg.vocab_size:
         raise ValueError(f"teacher vocabulary {teacher.cfg.vocab_size:,} != model vocabulary {model.cfg.vocab_size:,}")
-    for key, (windows, desc) in text_windows(tok, ppl, seqlen, data_dir, use_bos).items():
+    for key, (windows, desc) in text_windows(tok, ppl, seqlen, data_dir, use_bos, ppl_windows).items():
         print(f"{ckpt}: perplexity on {desc}, {windows.shape[0]:,} windows of {seqlen:,} tokens")
         m = text_metrics(model, windows, teacher, kl_chunk, device, label=f"ppl {key}")
         res["ppl"][key] = m.pop("ppl")
@@ -398,7 +403,7 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
-def run(ckpt, compare=None, teacher=None, ppl=(), tasks=(), limit=None, latency=False, seqlen=2048, batch_size=8,
+def run(ckpt, compare=None, teacher=None, ppl=(), ppl_windows=None, tasks=(), limit=None, latency=False, seqlen=2048, batch_size=8,
         kl_chunk=256, runs=5, new_tokens=128, bos="auto", threads=None, dtype="float32", device="cpu",
         data_dir=None, json_out=None):
     """Evaluate `ckpt` (and `compare` against it); print the table; write the JSON result. Returns the result."""
@@ -408,12 +413,12 @@ def run(ckpt, compare=None, teacher=None, ppl=(), tasks=(), limit=None, latency=
     model, tok = load_model(ckpt, dtype, device)
     if compare is None:
         ref = load_model(teacher, dtype, device)[0] if teacher else None
-        res = evaluate(model, tok, ckpt, ppl=ppl, teacher=ref, **opts)
+        res = evaluate(model, tok, ckpt, ppl=ppl, ppl_windows=ppl_windows, teacher=ref, **opts)
         print_table(res)
     else:
         pruned, ptok = load_model(compare, dtype, device)
         # the dense model is the KL teacher; its perplexity comes out of the same forward passes
-        res = evaluate(pruned, ptok, compare, ppl=ppl, teacher=model, **opts)
+        res = evaluate(pruned, ptok, compare, ppl=ppl, ppl_windows=ppl_windows, teacher=model, **opts)
         dense = evaluate(model, tok, ckpt, **opts)
         for key, m in res["settings"]["data"].items():
             dense["ppl"][key] = m.pop("teacher_ppl")
@@ -438,6 +443,8 @@ def parse_args(argv=None):
     p.add_argument("--compare", metavar="PRUNED", default=None, help="pruned checkpoint: evaluate both, KL of it to --ckpt, one dense-vs-pruned table")
     p.add_argument("--teacher", metavar="CKPT", default=None, help="reference checkpoint for KL(p_teacher || p_model) on the perplexity windows")
     p.add_argument("--ppl", nargs="+", default=[], metavar="TEXT", help="perplexity texts: wikitext2, pydoc, or text files")
+    p.add_argument("--ppl-windows", type=int, default=None, metavar="N",
+                   help="perplexity on the first N windows only (stated as a subset); None: the whole text")
     p.add_argument("--tasks", default=None, help=f"comma-separated zero-shot tasks or 'all': {','.join(task_files.TASKS)}")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="score only the first N items of each task; None: all")
     p.add_argument("--latency", action="store_true", help="measure prefill and decode tokens/s and peak memory")
@@ -463,6 +470,8 @@ def parse_args(argv=None):
         p.error("--compare already measures KL to --ckpt; drop --teacher")
     if a.teacher and not a.ppl:
         p.error("--teacher needs --ppl: KL is measured on the perplexity windows")
+    if a.ppl_windows is not None and a.ppl_windows < 1:
+        p.error("--ppl-windows must be at least 1")
     if a.limit is not None and a.limit < 1:
         p.error("--limit must be at least 1")
     if a.runs < 5:

@@ -325,3 +325,20 @@ def test_compare_mode_reports_pruned_dense_kl_and_retention(tmp_path, monkeypatc
     d_score, p_score = back["reference"]["tasks"]["piqa"]["acc_norm"], back["tasks"]["piqa"]["acc_norm"]
     assert c["retention"]["piqa"] == (p_score / d_score if d_score else None)
     assert c["retention_metric"]["piqa"] == "acc_norm" and res["compare"] == c
+
+
+def test_ppl_windows_takes_a_stated_prefix_subset(tmp_path):
+    import eval as ev
+
+    class Chars:  # one token per character: 26 tokens -> 5 windows of 5
+        add_bos = False
+
+        def encode(self, text, bos=False):
+            return [ord(c) for c in text]
+
+    f = tmp_path / "t.txt"
+    f.write_text("abcdefghijklmnopqrstuvwxyz")
+    (w_all, d_all), = ev.text_windows(Chars(), [str(f)], 5, None, False).values()
+    (w_two, d_two), = ev.text_windows(Chars(), [str(f)], 5, None, False, max_windows=2).values()
+    assert w_all.shape == (5, 5) and torch.equal(w_two, w_all[:2])
+    assert "first 2 of 5 windows" in d_two and "subset" not in d_all
