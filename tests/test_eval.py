@@ -339,6 +339,8 @@ def test_ppl_windows_takes_a_stated_prefix_subset(tmp_path):
     f = tmp_path / "t.txt"
     f.write_text("abcdefghijklmnopqrstuvwxyz")
     (w_all, d_all), = ev.text_windows(Chars(), [str(f)], 5, None, False).values()
-    (w_two, d_two), = ev.text_windows(Chars(), [str(f)], 5, None, False, max_windows=2).values()
+    two = ev.text_windows(Chars(), [str(f)], 5, None, False, max_windows=2)
+    assert list(two) == [f"{f}[:2]"]
+    (w_two, d_two), = two.values()
     assert w_all.shape == (5, 5) and torch.equal(w_two, w_all[:2])
     assert "first 2 of 5 windows" in d_two and "subset" not in d_all
