@@ -28,7 +28,8 @@ import torch.nn.functional as F
 import excise
 import load_weights
 from gates import budget
-from search import make_teacher, span, write_json
+from load_weights import write_json
+from search import make_teacher, span
 from teacher import eta, removed_kl
 
 METHODS = ["exhaustive", "block-influence", "angular", "tail", "random"]

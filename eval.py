@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 import tasks as task_files
 from data import eval_windows, find_data_dir, load_text
+from load_weights import write_json
 from model import KVCache
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -396,12 +397,6 @@ def load_model(ckpt, dtype, device):
     return load_weights.load(ckpt, dtype=DTYPES[dtype], device=device)
 
 
-def write_json(path, obj):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def run(ckpt, compare=None, teacher=None, ppl=(), ppl_windows=None, tasks=(), limit=None, latency=False, seqlen=2048, batch_size=8,

@@ -195,7 +195,7 @@ def load_quantized_model(path, raw, cfg, dtype=torch.float32, device="cpu"):
     Called by load_weights.load when config.json has a quantization_config. Packed tensors keep their
     format dtypes (int32, fp16 scales); everything else is cast to `dtype`.
     """
-    from load_weights import weight_files
+    from load_weights import checked_tensors
     from model import Transformer
 
     bits, group_size, zero_offset = check_quantization_config(raw["quantization_config"], f"{path}/config.json")
@@ -203,27 +203,8 @@ def load_quantized_model(path, raw, cfg, dtype=torch.float32, device="cpu"):
         model = Transformer(cfg)
         swap_in_quant_linears(model, bits, group_size, zero_offset)
     table = quantized_name_table(cfg, bits, group_size)
-    files = weight_files(path)
-    allowed_extra = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
-    unexpected = [k for k in files if k not in table and k not in allowed_extra]
-    missing = [k for k in table if k not in files]
-    if unexpected or missing:
-        k = (unexpected or missing)[0]
-        raise KeyError(f"{path}: {'unexpected' if unexpected else 'missing'} tensor {k!r} for a {bits}-bit GPTQ "
-                       f"{cfg.model_type} checkpoint with {cfg.num_layers} layers "
-                       f"({len(unexpected)} unexpected, {len(missing)} missing)")
-    from safetensors import safe_open
-
-    handles = {}
-    for hf, (ours, shape) in table.items():
-        f = files[hf]
-        if f not in handles:
-            handles[f] = safe_open(f, "pt", device="cpu")
-        t = handles[f].get_tensor(hf)
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{f.name}: tensor {hf!r} has shape {tuple(t.shape)}, expected {shape}")
+    for ours, t in checked_tensors(path, table, cfg.tie_word_embeddings):
         set_loaded(model, ours, t, dtype, device)
-    handles.clear()
     check_g_idx(model)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

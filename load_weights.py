@@ -187,20 +187,18 @@ def set_tensor(model, name, tensor):
     setattr(mod, attr, torch.nn.Parameter(tensor, requires_grad=False))
 
 
-def load_state(model, path, dtype, device):
-    """Fill a meta-device model from safetensors, strictly, one tensor at a time."""
-    cfg = model.cfg
-    table = name_table(cfg)
+def checked_tensors(path, table, tied):
+    """Yield (our name, tensor) for every entry of `table` (HF name -> (our name, shape)) from the safetensors
+    in `path`, one tensor at a time, after checking that no tensor is missing or unexpected and every shape fits."""
     files = weight_files(path)
-    # a tied model may still store lm_head.weight (some exporters do); it must equal the embedding then
-    unexpected = [k for k in files if k not in table and not (cfg.tie_word_embeddings and k == "lm_head.weight")
+    # a tied model may still store lm_head.weight (some exporters do); the embedding is used then
+    unexpected = [k for k in files if k not in table and not (tied and k == "lm_head.weight")
                   and not k.endswith("rotary_emb.inv_freq")]
     if unexpected:
-        raise KeyError(f"{path}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all) for a {cfg.model_type} "
-                       f"config with {cfg.num_layers} layers")
+        raise KeyError(f"{path}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all)")
     missing = [k for k in table if k not in files]
     if missing:
-        raise KeyError(f"{path}: tensor {missing[0]!r} is missing ({len(missing)} in all)")
+        raise KeyError(f"{path}: missing tensor {missing[0]!r} ({len(missing)} in all)")
     handles = {}
     try:
         for hf_name, (ours, shape) in table.items():
@@ -208,12 +206,18 @@ def load_state(model, path, dtype, device):
             if f not in handles:
                 handles[f] = safe_open(f, "pt", device="cpu")
             t = handles[f].get_tensor(hf_name)
-            if tuple(t.shape) != shape:
-                raise ValueError(f"{f.name}: tensor {hf_name!r} has shape {tuple(t.shape)}, config.json implies {shape}")
-            set_tensor(model, ours, t.to(device=device, dtype=dtype))
-            del t
+            if tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{f.name}: tensor {hf_name!r} has shape {tuple(t.shape)}, config.json implies {tuple(shape)}")
+            yield ours, t
     finally:
         handles.clear()
+
+
+def load_state(model, path, dtype, device):
+    """Fill a meta-device model from safetensors, strictly, one tensor at a time."""
+    cfg = model.cfg
+    for ours, t in checked_tensors(path, name_table(cfg), cfg.tie_word_embeddings):
+        set_tensor(model, ours, t.to(device=device, dtype=dtype))
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
 
@@ -224,7 +228,7 @@ def load(ckpt=DEFAULT, dtype=torch.float32, device="cpu"):
     raw = read_config_dict(path)
     cfg = config_from_dict(raw, str(path / "config.json"))
     if raw.get("quantization_config"):
-        from quantize import load_quantized_model
+        from gptq_format import load_quantized_model
         model = load_quantized_model(path, raw, cfg, dtype=dtype, device=device)
     else:
         with torch.device("meta"):
@@ -290,6 +294,15 @@ def write_safetensors(directory, tensors, max_shard_bytes):
         total += sum(v.numel() * v.element_size() for v in shard.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def write_json(path, obj):
+    """Write JSON atomically: a temporary file beside it, then a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def readable_by_umask(directory):

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from load_weights import write_json
 from gptq_format import (LINEARS, SUPPORTED_BITS, QuantLinear, check_packable, load_quantized_model,  # noqa: F401
                          n_groups, pack, quantization_config)
 
@@ -383,11 +384,6 @@ def quantize_checkpoint(ckpt, out, method="gptq", bits=4, group_size=128, sym=Fa
     return rep
 
 
-def write_json(path, obj):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def parse_args(argv=None):

@@ -25,6 +25,7 @@ import torch
 
 import excise
 import load_weights
+from load_weights import write_json
 from gates import ContiguousGate, blocks_to_layers, budget, initial_centres, neighbours, segment_widths, strip, tau_at
 from teacher import build_teacher, calibration_tokens, eta, kl_backward, removed_kl, run_layers
 
@@ -155,13 +156,6 @@ def search(model, teacher, k, segments=1, starts=4, steps=30, batch_size=1, lr=1
             "time_s": {"gate_steps": t1 - t0, "read_off": t2 - t1}}
 
 
-def write_json(path, obj):
-    """Write JSON atomically: a temporary file beside it, then a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def make_teacher(model, tokenizer, calib, nsamples, seqlen, seed):

@@ -26,7 +26,8 @@ from common import command, update_section  # noqa: E402
 import load_weights  # noqa: E402
 from eval import text_metrics, text_windows  # noqa: E402
 from gptq_format import LINEARS  # noqa: E402
-from quantize import dir_bytes, quantize_checkpoint, ram_bytes, write_json  # noqa: E402
+from load_weights import write_json  # noqa: E402
+from quantize import dir_bytes, quantize_checkpoint, ram_bytes  # noqa: E402
 
 
 @contextlib.contextmanager

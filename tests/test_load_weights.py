@@ -80,7 +80,7 @@ def test_missing_and_unexpected_tensors_are_errors(tmp_path):
         lw.load(d)
     del t["model.layers.9.mlp.up_proj.weight"]
     save_file(t, d / "model.safetensors")
-    with pytest.raises(KeyError, match=r"'model\.layers\.5\.mlp\.up_proj\.weight' is missing"):
+    with pytest.raises(KeyError, match=r"missing tensor 'model\.layers\.5\.mlp\.up_proj\.weight'"):
         lw.load(d)
 
 
