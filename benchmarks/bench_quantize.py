@@ -78,22 +78,34 @@ def measure(ckpt, ppl):
 
 
 def quantized_row(src, out, method, bits, group_size, a, ppl):
+    shown = a.ckpt if Path(src) == load_weights.resolve(a.ckpt) else src
     rep = quantize_checkpoint(src, out, method=method, bits=bits, group_size=group_size,
                               nsamples=a.nsamples if method == "gptq" else 0, seqlen=a.calib_seqlen, seed=a.seed,
                               calib="wikitext2", data_dir=a.data_dir)
     row = measure(out, ppl)
     row.update(seconds=rep["quantize_seconds"], proxy=rep["proxy_error_total"], proxy_rtn=rep["proxy_error_total_rtn"],
-               command=f"python quantize.py --ckpt {src} --method {method} --bits {bits} --group-size {group_size} "
+               command=f"python quantize.py --ckpt {shown} --method {method} --bits {bits} --group-size {group_size} "
                        + (f"--nsamples {a.nsamples} --seqlen {a.calib_seqlen} " if method == "gptq" else "--nsamples 0 ")
                        + f"--out {out}")
     return row
+
+
+def pruned_label(path):
+    """'pruned 30%: layers 12-20 of 30 removed (exhaustive)' from the checkpoint's pruning.json, if it has one."""
+    info = path / "pruning.json"
+    if not info.is_file():
+        return f"pruned ({path.name})"
+    p = json.loads(info.read_text())
+    r, L = p["removed_layers"], p["source_num_layers"]
+    span = f"{r[0]}-{r[-1]}" if r == list(range(r[0], r[-1] + 1)) else ",".join(map(str, r))
+    return f"pruned {len(r) / L:.0%}: layers {span} of {L} removed ({p.get('method', '?')})"
 
 
 def prepare_models(a):
     """[(label, checkpoint directory)]: dense, pruned (excised here from --prune-layers unless --pruned), tuned."""
     dense = load_weights.resolve(a.ckpt)
     if a.pruned:
-        pruned, plabel = Path(a.pruned), f"pruned ({Path(a.pruned).name})"
+        pruned, plabel = Path(a.pruned), pruned_label(Path(a.pruned))
     else:
         import excise
 
@@ -101,7 +113,7 @@ def prepare_models(a):
         if not (pruned / "config.json").is_file():
             with heavy(a.lock):
                 excise.excise(a.ckpt, pruned, layers=a.prune_layers)
-        plabel = f"pruned, layers {a.prune_layers} removed"
+        plabel = pruned_label(pruned)
     models = [(f"{a.ckpt} (dense)", dense), (plabel, pruned)]
     if a.tuned:
         models.append((f"pruned + endpoint-tuned ({Path(a.tuned).name})", Path(a.tuned)))
