@@ -15,11 +15,14 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 # load the embedded model and continue a prompt; find the best 20% block with the CLP gate and cut it out;
-# compare dense and pruned (WikiText-2 test perplexity on its first 10 windows of 2048, KL, speed)
+# tune the two layers at the ends of the cut; compare dense and pruned (WikiText-2 test perplexity on its
+# first 10 windows of 2048, KL, speed), then the tuned model (perplexity and KL on the same windows)
 demo: $(VENV)/.installed
 	$(PY) load_weights.py --ckpt smollm2-135m --max-new-tokens 8
 	$(PY) search.py --ckpt smollm2-135m --prune-ratio 0.2 --log-every 5 --out runs/demo --excise runs/demo/pruned
+	$(PY) tune.py --ckpt runs/demo/pruned --steps 40 --out runs/demo/tuned
 	$(PY) eval.py --ckpt smollm2-135m --compare runs/demo/pruned --ppl wikitext2 --ppl-windows 10 --latency --new-tokens 32 --json runs/demo/eval.json
+	$(PY) eval.py --ckpt runs/demo/tuned --teacher smollm2-135m --ppl wikitext2 --ppl-windows 10 --json runs/demo/eval-tuned.json
 
 # one thread: the test models are tiny, and a second OpenMP thread only adds waiting on 2 shared cores
 test: $(VENV)/.installed

@@ -27,6 +27,11 @@ LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 def parse_layers(spec, num_layers):
     """'17-22' or '3,5,10-12' (inclusive, original indices) -> sorted list; clear errors for bad input."""
+    return check_layers(spec_indices(spec), num_layers)
+
+
+def spec_indices(spec):
+    """'3,5,10-12' -> [3, 5, 10, 11, 12], unchecked."""
     layers = []
     for part in str(spec).replace(" ", "").split(","):
         m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
@@ -36,7 +41,7 @@ def parse_layers(spec, num_layers):
         if b < a:
             raise ValueError(f"layer range {part!r} runs backwards")
         layers += range(a, b + 1)
-    return check_layers(layers, num_layers)
+    return layers
 
 
 def check_layers(layers, num_layers):

@@ -30,6 +30,9 @@ from load_weights import write_json  # noqa: E402
 from quantize import dir_bytes, quantize_checkpoint, ram_bytes  # noqa: E402
 
 
+METHODS = {"rtn": "RTN", "gptq": "GPTQ", "gptq-act": "GPTQ+act"}
+
+
 @contextlib.contextmanager
 def heavy(lock):
     """Hold the machine-wide lock for one heavy step, so that others' jobs can run between our rows."""
@@ -79,13 +82,16 @@ def measure(ckpt, ppl):
 
 def quantized_row(src, out, method, bits, group_size, a, ppl):
     shown = a.ckpt if Path(src) == load_weights.resolve(a.ckpt) else src
-    rep = quantize_checkpoint(src, out, method=method, bits=bits, group_size=group_size,
+    act = method == "gptq-act"
+    method = "gptq" if act else method
+    rep = quantize_checkpoint(src, out, method=method, bits=bits, group_size=group_size, act_order=act,
                               nsamples=a.nsamples if method == "gptq" else 0, seqlen=a.calib_seqlen, seed=a.seed,
                               calib="wikitext2", data_dir=a.data_dir)
     row = measure(out, ppl)
     row.update(seconds=rep["quantize_seconds"], proxy=rep["proxy_error_total"], proxy_rtn=rep["proxy_error_total_rtn"],
                command=f"python quantize.py --ckpt {shown} --method {method} --bits {bits} --group-size {group_size} "
                        + (f"--nsamples {a.nsamples} --seqlen {a.calib_seqlen} " if method == "gptq" else "--nsamples 0 ")
+                       + ("--act-order " if act else "")
                        + f"--out {out}")
     return row
 
@@ -114,10 +120,14 @@ def prepare_models(a):
             with heavy(a.lock):
                 excise.excise(a.ckpt, pruned, layers=a.prune_layers)
         plabel = pruned_label(pruned)
-    models = [(f"{a.ckpt} (dense)", dense), (plabel, pruned)]
+    models = {"dense": (f"{a.ckpt} (dense)", dense), "pruned": (plabel, pruned)}
     if a.tuned:
-        models.append((f"pruned + endpoint-tuned ({Path(a.tuned).name})", Path(a.tuned)))
-    return models
+        models["tuned"] = (f"{plabel}, endpoint-tuned ({Path(a.tuned).name})", Path(a.tuned))
+    a.models = a.models or ",".join(models)
+    unknown = set(a.models.split(",")) - set(models)
+    if unknown:
+        raise SystemExit(f"--models {a.models}: no {', '.join(sorted(unknown))} model (known here: {', '.join(models)})")
+    return [models[m] for m in a.models.split(",")]
 
 
 def run(a):
@@ -130,7 +140,7 @@ def run(a):
     print(f"perplexity on the first {ppl.windows.shape[0]} of {ppl.total} windows of {a.seqlen} tokens ({ppl.desc})")
     rows = []
     for label, src in models:
-        jobs = [("fp32", None, None)] + [(m, b, g) for b, g in a.settings for m in ("rtn", "gptq")]
+        jobs = [("fp32", None, None)] + [(m, b, g) for b, g in a.settings for m in a.methods.split(",")]
         for method, bits, gs in jobs:
             key = f"{src}|{method}|{bits}|{gs}|{a.windows}|{a.seqlen}|{a.nsamples}|{a.calib_seqlen}"
             if key not in cache:
@@ -158,10 +168,10 @@ def verdicts(rows):
     """For every model and setting: does GPTQ beat RTN in perplexity?"""
     out = []
     for r in rows:
-        if r["method"] == "gptq":
-            rtn = next(x for x in rows if x["model"] == r["model"] and x["method"] == "rtn"
-                       and x["bits"] == r["bits"] and x["group_size"] == r["group_size"])
-            out.append((r["model"], fmt_setting(r), rtn["ppl"], r["ppl"], r["ppl"] < rtn["ppl"]))
+        rtn = [x for x in rows if x["model"] == r["model"] and x["method"] == "rtn"
+               and x["bits"] == r["bits"] and x["group_size"] == r["group_size"]]
+        if r["method"].startswith("gptq") and rtn:
+            out.append((r["model"], fmt_setting(r) + " " + r["method"], rtn[0]["ppl"], r["ppl"], r["ppl"] < rtn[0]["ppl"]))
     return out
 
 
@@ -176,7 +186,8 @@ def markdown(rows, ppl, a):
         f"{a.seqlen} tokens** (a subset, the same for every row; eval.py's protocol otherwise). "
         f"GPTQ calibration: {a.nsamples} random windows of {a.calib_seqlen} tokens "
         f"({a.nsamples * a.calib_seqlen:,} tokens) of the WikiText-2 *validation* text, seed {a.seed}; "
-        f"asymmetric min-max grids, no act-order, dampening 0.01, blocksize 128. RTN uses the same grids and no data. "
+        f"asymmetric min-max grids, dampening 0.01, blocksize 128; *GPTQ+act* adds act-order (columns in order of "
+        f"decreasing Hessian diagonal) with static groups. RTN uses the same grids and no data. "
         f"Quantized checkpoints store embeddings and norms in fp16 (the GPTQ convention); they load back as fp32. "
         "Bytes: *disk* = all safetensors files; *RAM* = every parameter and buffer of the loaded model "
         "(tied head once); *Linear RAM* = the 7 Linears of every Block only (what GPTQ compresses). "
@@ -187,11 +198,11 @@ def markdown(rows, ppl, a):
     ]
     for r in rows:
         sec = "" if r["seconds"] is None else f"{r['seconds']:,.1f}"
-        lines.append(f"| {r['model']} | {fmt_setting(r)} | {r['method'].upper() if r['method'] != 'fp32' else '-'} | "
+        lines.append(f"| {r['model']} | {fmt_setting(r)} | {METHODS.get(r['method'], '-')} | "
                      f"{r['ppl']:,.3f} | {mb(r['disk'])} | {mb(r['ram'])} | {mb(r['linear_ram'])} | {sec} |")
     v = verdicts(rows)
     lost = [f"{m}, {s} (RTN {x:.3f}, GPTQ {y:.3f})" for m, s, x, y, ok in v if not ok]
-    lines += ["", f"GPTQ beats RTN in perplexity in {sum(ok for *_, ok in v)} of {len(v)} settings"
+    lines += ["", f"GPTQ beats RTN in perplexity in {sum(ok for *_, ok in v)} of {len(v)} comparisons (same model and setting)"
               + (f"; not in: {'; '.join(lost)}." if lost else ".")]
     lines += ["", "Commands of the quantized rows (run by the script through `quantize.quantize_checkpoint`):", ""]
     lines += [f"- `{r['command']}`" for r in rows if r["method"] != "fp32"]
@@ -215,6 +226,9 @@ def main(argv=None):
     p.add_argument("--json", type=Path, default=Path("runs/bench_quantize/bench_quantize.json"), help="JSON output")
     p.add_argument("--fresh", action="store_true", help="ignore cached rows in WORK/results.json")
     p.add_argument("--lock", default="/tmp/clp-heavy.lock", help="lock file held during each row; '' for none")
+    p.add_argument("--methods", default="rtn,gptq", help="comma-separated methods: rtn, gptq, gptq-act (GPTQ with act-order)")
+    p.add_argument("--models", default=None, help="comma-separated subset of dense,pruned,tuned to run; None: all given")
+    p.add_argument("--section", default="quantize", help="the BENCHMARKS.md section to rewrite")
     p.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     a = p.parse_args(argv)
     if a.pruned and a.prune_layers != p.get_default("prune_layers"):
@@ -226,7 +240,7 @@ def main(argv=None):
     print(md)
     write_json(a.json, {"command": command(), "rows": rows, "windows": a.windows, "seqlen": a.seqlen})
     if not a.no_write:
-        update_section("quantize", md)
+        update_section(a.section, md)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,330 @@
+"""Cutoff endpoint tuning: repair a pruned model by training only the layers at the two ends of the cut.
+
+    python tune.py --ckpt runs/demo/pruned --out runs/demo/tuned
+    python tune.py --ckpt runs/demo/pruned --layers 19,20 --out runs/tune-last2        # other layers, same budget
+    python tune.py --ckpt runs/demo/pruned --method lora --layers all --out runs/tune-lora
+
+Our recipe (the paper publishes none; DESIGN.md): the teacher is the dense model the checkpoint was cut
+from (its pruning.json names it). The student is the pruned model with every weight frozen except the
+chosen layers: by default the endpoint layers, i.e. the kept layers that border a removed block (for
+one cut of layers s..e of the source, the pruned model's layers s-1 and s). The loss is
+KL(p_teacher || p_student) over calibration tokens, as in the search; AdamW with a cosine schedule and
+gradient clipping. Nothing below the first tuned layer changes, so its output is computed once and
+cached, and each step runs only the layers from there up. The comparison variants use the same loop:
+other layers (--layers 19,20 or all) and LoRA adapters (--method lora), merged into the weights at the end.
+The output is a plain HF-layout checkpoint: pruning.json is carried over and tuning.json added.
+"""
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import data
+import excise
+import load_weights
+from teacher import calibration_tokens, eta, log_probs, token_kl
+
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+# ---------------------------------------------------------------- which layers
+
+def choose_layers(spec, pruning, num_layers):
+    """'endpoints', 'all' or an index spec like '19,20' / '3-5' (pruned-model indices) -> sorted list."""
+    if spec == "endpoints":
+        if pruning is None:
+            raise ValueError("--layers endpoints needs the checkpoint's pruning.json to know where the cut is; "
+                             "name the layers instead, e.g. --layers 11,12")
+        return endpoints(pruning["kept_layers"], pruning["source_num_layers"])
+    if spec == "all":
+        return list(range(num_layers))
+    layers = sorted(set(excise.spec_indices(spec)))
+    bad = [j for j in layers if not 0 <= j < num_layers]
+    if bad:
+        raise ValueError(f"unknown layer(s) {bad}: the pruned model has layers 0..{num_layers - 1}")
+    return layers
+
+
+def endpoints(kept, L):
+    """Pruned-model indices j of the kept layers next to a removed one; `kept` holds original indices of L."""
+    removed = set(range(L)) - set(kept)
+    return [j for j, i in enumerate(kept) if i - 1 in removed or i + 1 in removed]
+
+
+# ---------------------------------------------------------------- LoRA (the comparison variant)
+
+class LoRALinear(nn.Module):
+    """y = W x + (alpha / r) B A x with W frozen; B starts at zero, so training starts from the pruned model."""
+
+    def __init__(self, base: nn.Linear, rank, alpha):
+        super().__init__()
+        self.base, self.scale = base, alpha / rank
+        w = base.weight
+        self.A = nn.Parameter(torch.randn(rank, w.shape[1], dtype=w.dtype, device=w.device) / math.sqrt(w.shape[1]))
+        self.B = nn.Parameter(torch.zeros(w.shape[0], rank, dtype=w.dtype, device=w.device))
+
+    def forward(self, x):
+        return self.base(x) + self.scale * ((x @ self.A.T) @ self.B.T)  # (B, T, r) -> (B, T, out)
+
+    @torch.no_grad()
+    def merged(self):
+        self.base.weight += self.scale * (self.B @ self.A)  # (out, r) @ (r, in)
+        return self.base
+
+
+def swap_linears(model, layers, make):
+    """Replace the 7 Linears of each layer in `layers` by make(linear)."""
+    for j in layers:
+        for name in LINEARS:
+            parent, attr = model.layers[j].get_submodule(name.split(".")[0]), name.split(".")[1]
+            setattr(parent, attr, make(getattr(parent, attr)))
+
+
+# ---------------------------------------------------------------- cached inputs and targets
+
+@torch.no_grad()
+def teacher_states(dense, tokens, batch=4):
+    """The dense model's last hidden state (N, T, C): its log-probs are recomputed per chunk, not stored."""
+    cos, sin = dense.rope(0, tokens.shape[1])
+    out = []
+    for chunk in tokens.split(batch):
+        x = dense.embed_tokens(chunk)
+        for layer in dense.layers:
+            x = layer(x, cos, sin)
+        out.append(x)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def frozen_prefix(model, tokens, first, batch=4):
+    """The student's hidden state (N, T, C) at the input of layer `first`: everything below it stays frozen."""
+    cos, sin = model.rope(0, tokens.shape[1])
+    out = []
+    for chunk in tokens.split(batch):
+        x = model.embed_tokens(chunk)
+        for layer in model.layers[:first]:
+            x = layer(x, cos, sin)
+        out.append(x)
+    return torch.cat(out)
+
+
+def run_from(model, x, first):
+    """Layers first..end of the student from hidden state x."""
+    cos, sin = model.rope(0, x.shape[1])
+    for layer in model.layers[first:]:
+        x = layer(x, cos, sin)
+    return x
+
+
+def kl_backward(model, h, teacher_h, chunk):
+    """Mean KL(p_teacher || p_student) over the tokens of h, back-propagated one chunk of tokens at a time.
+
+    Only a chunk's (tokens, V) logits live at once: each chunk's loss goes back into a detached copy of h,
+    and the summed gradient then goes through the tuned layers in one pass.
+    """
+    hd = h.detach().reshape(-1, h.shape[-1]).requires_grad_()
+    th = teacher_h.reshape(-1, teacher_h.shape[-1])
+    n, total = len(hd), 0.0
+    for j in range(0, n, chunk):
+        with torch.no_grad():
+            tl = log_probs(model, th[j: j + chunk])  # (chunk, V)
+        loss = token_kl(model, hd[j: j + chunk], tl).sum() / n
+        loss.backward()
+        total += float(loss.detach())
+    h.backward(hd.grad.view_as(h))
+    return total
+
+
+@torch.no_grad()
+def mean_kl(model, prefix, teacher_h, first, batch, chunk):
+    """Mean KL of the student to the teacher over all cached windows (no gradients)."""
+    total, n = 0.0, 0
+    for j in range(0, len(prefix), batch):
+        h = run_from(model, prefix[j: j + batch], first).reshape(-1, prefix.shape[-1])
+        th = teacher_h[j: j + batch].reshape(-1, prefix.shape[-1])
+        for c in range(0, len(h), chunk):
+            total += float(token_kl(model, h[c: c + chunk], log_probs(model, th[c: c + chunk])).sum())
+        n += len(h)
+    return total / n
+
+
+# ---------------------------------------------------------------- the loop
+
+def lr_at(step, steps, lr, warmup):
+    """Linear warm-up, then cosine decay to zero."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1)))
+
+
+def train(model, params, prefix, teacher_h, first, steps, batch_size, lr, warmup=5, clip=1.0, seed=0,
+          chunk=1024, log_every=10):
+    """AdamW on `params` against the cached teacher; returns the loss of every step."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    losses, t0 = [], time.perf_counter()
+    for step in range(steps):
+        idx = torch.randint(0, len(prefix), (batch_size,), generator=g)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, warmup)
+        loss = kl_backward(model, run_from(model, prefix[idx], first), teacher_h[idx], chunk)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"the loss became {loss} at step {step + 1}: nothing was written; "
+                                     f"try a smaller --lr (now {lr:g})")
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss)
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            recent = sum(losses[-log_every:]) / len(losses[-log_every:])
+            print(f"step {step + 1:4d}/{steps}  KL {recent:.4f}  lr {lr_at(step, steps, lr, warmup):.2e}  "
+                  f"{eta(t0, step + 1, steps, 'step')}", flush=True)
+    return losses
+
+
+# ---------------------------------------------------------------- driver
+
+def read_pruning(path):
+    f = Path(path) / "pruning.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def load_teacher(teacher, pruning, student, dtype, device):
+    """The dense model: --teacher, else pruning.json's source; it must share the student's vocabulary and width."""
+    name = teacher or (pruning or {}).get("source")
+    if name is None:
+        raise ValueError("no teacher: the checkpoint has no pruning.json naming its source; give --teacher")
+    dense, _ = load_weights.load(name, dtype=dtype, device=device)
+    for key in ("vocab_size", "hidden_size", "model_type"):
+        if getattr(dense.cfg, key) != getattr(student.cfg, key):
+            raise ValueError(f"teacher {name} has {key}={getattr(dense.cfg, key)!r}, "
+                             f"the pruned model {getattr(student.cfg, key)!r}: not its source")
+    return dense, name
+
+
+def split_text_tokens(tokenizer, calib, nsamples, val_samples, seqlen, seed, vocab_size):
+    """Training windows from the first 90% of the calibration text and held-out windows from the last 10%."""
+    if tokenizer is None:
+        tokens, desc = calibration_tokens(None, calib, nsamples + val_samples, seqlen, seed, vocab_size)
+        return tokens[:nsamples], tokens[nsamples:], desc
+    text, desc = data.load_text(calib, split="valid")
+    ids = tokenizer.encode(text, bos=False)
+    cut = int(0.9 * len(ids))
+    train_t = data.calibration_batch(ids[:cut], nsamples, seqlen, seed=seed)
+    val_t = data.calibration_batch(ids[cut:], val_samples, seqlen, seed=seed + 1)
+    return train_t, val_t, (f"{desc}: {nsamples} random windows x {seqlen} tokens from the first 90% "
+                            f"(seed {seed}), {val_samples} held out from the last 10%")
+
+
+def tuned_parameters(model, layers, method, rank, alpha):
+    """Make the chosen weights trainable (full) or attach LoRA adapters to them; return the trainable list."""
+    if method == "full":
+        for j in layers:
+            model.layers[j].requires_grad_(True)
+        return [p for j in layers for p in model.layers[j].parameters()]
+    swap_linears(model, layers, lambda lin: LoRALinear(lin, rank, alpha))
+    return [p for j in layers for n, p in model.layers[j].named_parameters() if n.endswith((".A", ".B"))]
+
+
+def tune(ckpt, out, teacher=None, layers="endpoints", method="full", steps=100, lr=None, batch_size=4,
+         nsamples=64, val_samples=8, seqlen=256, calib="wikitext2", seed=0, rank=8, alpha=16.0, warmup=5,
+         clip=1.0, chunk=1024, dtype="float32", device="cpu", log_every=10):
+    """tune.py as a function: load, cache teacher and frozen prefix, train the chosen layers, write `out`."""
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
+    if steps < 1 or batch_size < 1 or nsamples < 1 or val_samples < 1:
+        raise ValueError("--steps, --batch-size, --nsamples and --val-samples must be at least 1")
+    lr = lr if lr is not None else (1e-4 if method == "full" else 1e-3)
+    t0 = time.perf_counter()
+    source = load_weights.resolve(ckpt)
+    if load_weights.read_config_dict(source).get("quantization_config"):
+        raise ValueError(f"{source} is quantized: tune the pruned checkpoint first, then quantize it")
+    pruning = read_pruning(source)
+    tdtype = getattr(torch, dtype)
+    model, tokenizer = load_weights.load(source, dtype=tdtype, device=device)
+    chosen = choose_layers(layers, pruning, model.cfg.num_layers)
+    first = chosen[0]
+    train_t, val_t, desc = split_text_tokens(tokenizer, calib, nsamples, val_samples, seqlen, seed, model.cfg.vocab_size)
+    dense, teacher_name = load_teacher(teacher, pruning, model, tdtype, device)
+    teacher_h, val_teacher_h = (teacher_states(dense, t.to(device)) for t in (train_t, val_t))
+    del dense
+    prefix, val_prefix = (frozen_prefix(model, t.to(device), first) for t in (train_t, val_t))
+    kl_before = mean_kl(model, val_prefix, val_teacher_h, first, batch_size, chunk)
+    t1 = time.perf_counter()
+    print(f"tuning pruned layers {chosen} ({method}) of {model.cfg.num_layers} against {teacher_name}; "
+          f"{train_t.numel():,} tokens ({desc}); held-out KL before {kl_before:.4f}  [setup {t1 - t0:.0f} s]")
+    torch.manual_seed(seed)
+    params = tuned_parameters(model, chosen, method, rank, alpha)
+    print(f"trainable parameters: {sum(p.numel() for p in params):,}")
+    losses = train(model, params, prefix, teacher_h, first, steps, batch_size, lr, warmup, clip, seed, chunk, log_every)
+    if method == "lora":
+        swap_linears(model, chosen, LoRALinear.merged)
+    model.requires_grad_(False)
+    kl_after = mean_kl(model, val_prefix, val_teacher_h, first, batch_size, chunk)
+    t2 = time.perf_counter()
+    print(f"held-out KL {kl_before:.4f} -> {kl_after:.4f}  ({t2 - t1:.0f} s of tuning)")
+    report = {"method": method, "layers": layers, "tuned_layers": chosen,
+              "tuned_source_layers": [pruning["kept_layers"][j] for j in chosen] if pruning else None,
+              "teacher": str(teacher_name), "calibration": desc, "lr": lr, "settings": settings,
+              "trainable_parameters": sum(p.numel() for p in params),
+              "heldout_kl": {"before": kl_before, "after": kl_after}, "losses": losses,
+              "wall_time_s": {"setup": round(t1 - t0, 2), "tuning": round(t2 - t1, 2)},
+              "command": " ".join(["python"] + sys.argv), "seed": seed,
+              "versions": {"python": platform.python_version(), "torch": torch.__version__}}
+    write_tuned(model, source, out, report)
+    print(f"tuned checkpoint: {out}")
+    return report
+
+
+def write_tuned(model, source, out, report):
+    """The tuned checkpoint in the source's layout and dtype, with pruning.json carried over and tuning.json."""
+    config = load_weights.read_config_dict(source)
+    dtype = excise.source_dtype(config)
+    tensors = {k: v.detach().to("cpu", dtype) for k, v in load_weights.hf_state_dict(model).items()}
+    extra = {"tuning.json": json.dumps(report, indent=2) + "\n"}
+    if (Path(source) / "pruning.json").is_file():
+        extra["pruning.json"] = (Path(source) / "pruning.json").read_text()
+    load_weights.save_checkpoint(out, config, tensors, source_dir=source, extra_files=extra)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Repair a pruned checkpoint by tuning the layers at the ends of the cut "
+                                            "against its dense source (KL distillation).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="pruned checkpoint directory (from excise.py or search.py --excise)")
+    p.add_argument("--out", type=Path, required=True, help="directory to write the tuned checkpoint to")
+    p.add_argument("--teacher", default=None, help="dense checkpoint to distil from; None: the source named in pruning.json")
+    p.add_argument("--layers", default="endpoints",
+                   help="layers to tune: endpoints (next to the cut), all, or pruned-model indices like 19,20 or 0-3")
+    p.add_argument("--method", choices=["full", "lora"], default="full", help="train the layers' weights, or LoRA adapters merged at the end")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate; None: 1e-4 for full, 1e-3 for lora")
+    p.add_argument("--batch-size", type=int, default=4, help="calibration windows per step")
+    p.add_argument("--nsamples", type=int, default=64, help="training windows of calibration text")
+    p.add_argument("--val-samples", type=int, default=8, help="held-out windows for the KL before and after")
+    p.add_argument("--seqlen", type=int, default=256, help="tokens per window")
+    p.add_argument("--calib", default="wikitext2", help="calibration text: wikitext2 (valid split), pydoc, or a text file")
+    p.add_argument("--seed", type=int, default=0, help="seed of the windows, minibatch order and LoRA init")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA scale numerator: updates are alpha/rank * B A")
+    p.add_argument("--warmup", type=int, default=5, help="linear warm-up steps before the cosine decay")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
+    p.add_argument("--chunk", type=int, default=1024, help="tokens per chunk of the KL (bounds the tokens x vocab memory)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of weights and training")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device to run on")
+    p.add_argument("--log-every", type=int, default=10, help="print the mean loss every this many steps")
+    a = p.parse_args(argv)
+    try:
+        tune(**vars(a))
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        p.error(str(e))
+
+
+if __name__ == "__main__":
+    main()
