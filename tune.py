@@ -123,7 +123,7 @@ def run_from(model, x, first):
     return x
 
 
-def kl_backward(model, h, teacher_h, chunk):
+def kl_backward(model, h, teacher, teacher_h, chunk):
     """Mean KL(p_teacher || p_student) over the tokens of h, back-propagated one chunk of tokens at a time.
 
     Only a chunk's (tokens, V) logits live at once: each chunk's loss goes back into a detached copy of h,
@@ -134,7 +134,7 @@ def kl_backward(model, h, teacher_h, chunk):
     n, total = len(hd), 0.0
     for j in range(0, n, chunk):
         with torch.no_grad():
-            tl = log_probs(model, th[j: j + chunk])  # (chunk, V)
+            tl = log_probs(teacher, th[j: j + chunk])  # (chunk, V)
         loss = token_kl(model, hd[j: j + chunk], tl).sum() / n
         loss.backward()
         total += float(loss.detach())
@@ -143,14 +143,14 @@ def kl_backward(model, h, teacher_h, chunk):
 
 
 @torch.no_grad()
-def mean_kl(model, prefix, teacher_h, first, batch, chunk):
+def mean_kl(model, prefix, teacher, teacher_h, first, batch, chunk):
     """Mean KL of the student to the teacher over all cached windows (no gradients)."""
     total, n = 0.0, 0
     for j in range(0, len(prefix), batch):
         h = run_from(model, prefix[j: j + batch], first).reshape(-1, prefix.shape[-1])
         th = teacher_h[j: j + batch].reshape(-1, prefix.shape[-1])
         for c in range(0, len(h), chunk):
-            total += float(token_kl(model, h[c: c + chunk], log_probs(model, th[c: c + chunk])).sum())
+            total += float(token_kl(model, h[c: c + chunk], log_probs(teacher, th[c: c + chunk])).sum())
         n += len(h)
     return total / n
 
@@ -164,7 +164,7 @@ def lr_at(step, steps, lr, warmup):
     return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1)))
 
 
-def train(model, params, prefix, teacher_h, first, steps, batch_size, lr, warmup=5, clip=1.0, seed=0,
+def train(model, params, prefix, teacher, teacher_h, first, steps, batch_size, lr, warmup=5, clip=1.0, seed=0,
           chunk=1024, log_every=10):
     """AdamW on `params` against the cached teacher; returns the loss of every step."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -174,7 +174,7 @@ def train(model, params, prefix, teacher_h, first, steps, batch_size, lr, warmup
         idx = torch.randint(0, len(prefix), (batch_size,), generator=g)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup)
-        loss = kl_backward(model, run_from(model, prefix[idx], first), teacher_h[idx], chunk)
+        loss = kl_backward(model, run_from(model, prefix[idx], first), teacher, teacher_h[idx], chunk)
         if not math.isfinite(loss):
             raise FloatingPointError(f"the loss became {loss} at step {step + 1}: nothing was written; "
                                      f"try a smaller --lr (now {lr:g})")
@@ -233,40 +233,36 @@ def tuned_parameters(model, layers, method, rank, alpha):
     return [p for j in layers for n, p in model.layers[j].named_parameters() if n.endswith((".A", ".B"))]
 
 
-def tune(ckpt, out, teacher=None, layers="endpoints", method="full", steps=100, lr=None, batch_size=4,
+def tune(ckpt, out, teacher=None, layers="endpoints", method="full", steps=100, lr=1e-3, batch_size=4,
          nsamples=64, val_samples=8, seqlen=256, calib="wikitext2", seed=0, rank=8, alpha=16.0, warmup=5,
          clip=1.0, chunk=1024, dtype="float32", device="cpu", log_every=10):
     """tune.py as a function: load, cache teacher and frozen prefix, train the chosen layers, write `out`."""
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
-    if steps < 1 or batch_size < 1 or nsamples < 1 or val_samples < 1:
-        raise ValueError("--steps, --batch-size, --nsamples and --val-samples must be at least 1")
-    lr = lr if lr is not None else (1e-4 if method == "full" else 1e-3)
+    if min(steps, batch_size, nsamples, val_samples) < 1 or not lr > 0:
+        raise ValueError("--steps, --batch-size, --nsamples and --val-samples must be at least 1, --lr positive")
     t0 = time.perf_counter()
     source = load_weights.resolve(ckpt)
     if load_weights.read_config_dict(source).get("quantization_config"):
         raise ValueError(f"{source} is quantized: tune the pruned checkpoint first, then quantize it")
     pruning = read_pruning(source)
-    tdtype = getattr(torch, dtype)
-    model, tokenizer = load_weights.load(source, dtype=tdtype, device=device)
+    model, tokenizer = load_weights.load(source, dtype=getattr(torch, dtype), device=device)
     chosen = choose_layers(layers, pruning, model.cfg.num_layers)
-    first = chosen[0]
     train_t, val_t, desc = split_text_tokens(tokenizer, calib, nsamples, val_samples, seqlen, seed, model.cfg.vocab_size)
-    dense, teacher_name = load_teacher(teacher, pruning, model, tdtype, device)
-    teacher_h, val_teacher_h = (teacher_states(dense, t.to(device)) for t in (train_t, val_t))
-    del dense
-    prefix, val_prefix = (frozen_prefix(model, t.to(device), first) for t in (train_t, val_t))
-    kl_before = mean_kl(model, val_prefix, val_teacher_h, first, batch_size, chunk)
+    head, teacher_name, (teacher_h, val_teacher_h) = teacher_cache(teacher, pruning, model, (train_t, val_t), dtype, device)
+    prefix, val_prefix = (frozen_prefix(model, t.to(device), chosen[0]) for t in (train_t, val_t))
+    kl_before = mean_kl(model, val_prefix, head, val_teacher_h, chosen[0], batch_size, chunk)
     t1 = time.perf_counter()
     print(f"tuning pruned layers {chosen} ({method}) of {model.cfg.num_layers} against {teacher_name}; "
           f"{train_t.numel():,} tokens ({desc}); held-out KL before {kl_before:.4f}  [setup {t1 - t0:.0f} s]")
     torch.manual_seed(seed)
     params = tuned_parameters(model, chosen, method, rank, alpha)
     print(f"trainable parameters: {sum(p.numel() for p in params):,}")
-    losses = train(model, params, prefix, teacher_h, first, steps, batch_size, lr, warmup, clip, seed, chunk, log_every)
+    losses = train(model, params, prefix, head, teacher_h, chosen[0], steps, batch_size, lr, warmup, clip, seed,
+                   chunk, log_every)
     if method == "lora":
         swap_linears(model, chosen, LoRALinear.merged)
     model.requires_grad_(False)
-    kl_after = mean_kl(model, val_prefix, val_teacher_h, first, batch_size, chunk)
+    kl_after = mean_kl(model, val_prefix, head, val_teacher_h, chosen[0], batch_size, chunk)
     t2 = time.perf_counter()
     print(f"held-out KL {kl_before:.4f} -> {kl_after:.4f}  ({t2 - t1:.0f} s of tuning)")
     report = {"method": method, "layers": layers, "tuned_layers": chosen,
@@ -280,6 +276,15 @@ def tune(ckpt, out, teacher=None, layers="endpoints", method="full", steps=100, 
     write_tuned(model, source, out, report)
     print(f"tuned checkpoint: {out}")
     return report
+
+
+def teacher_cache(teacher, pruning, student, token_sets, dtype, device):
+    """(head, name, last hidden states per token set) of the dense teacher. `head` is the teacher without its
+    layers: its own final norm and output head turn the cached states into its log-probs."""
+    dense, name = load_teacher(teacher, pruning, student, getattr(torch, dtype), device)
+    states = [teacher_states(dense, t.to(device)) for t in token_sets]
+    dense.layers = nn.ModuleList()  # the layers are done with; keep norm, head (and the tied embedding)
+    return dense, name, states
 
 
 def write_tuned(model, source, out, report):
@@ -304,7 +309,7 @@ def main(argv=None):
                    help="layers to tune: endpoints (next to the cut), all, or pruned-model indices like 19,20 or 0-3")
     p.add_argument("--method", choices=["full", "lora"], default="full", help="train the layers' weights, or LoRA adapters merged at the end")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate; None: 1e-4 for full, 1e-3 for lora")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (after warm-up; cosine decay to zero)")
     p.add_argument("--batch-size", type=int, default=4, help="calibration windows per step")
     p.add_argument("--nsamples", type=int, default=64, help="training windows of calibration text")
     p.add_argument("--val-samples", type=int, default=8, help="held-out windows for the KL before and after")

@@ -138,15 +138,15 @@ def write_section(rows, jobs, a, pruning, ppl):
              "| test ppl | test KL | " + " | ".join(tasks) + " |",
              "|---|---|---:|---|---:|---:|---|---:|---:|" + "---:|" * len(tasks)]
     for label, spec, _ in jobs:
-        x = rows[label]
-        hk = x.get("heldout_kl")
-        by_lr = " / ".join(f"{rows[f'{label} @ {lr}']['heldout_kl']['after']:.3f}" for lr in lrs) if spec else "-"
-        lines.append(f"| {label} | " + layers_text(x) if spec else "-") + " | "
-                     f"{x.get('trainable', 0):,} | {by_lr} | " + (f"{x['lr']:g}" if spec else "-")
-                     + f" | {x.get('seconds', 0):.0f} | "
-                     + (f"{hk['before']:.4f} -> {hk['after']:.4f}" if hk else "-") + f" | {x['ppl']:.3f} | "
-                     + (f"{x['kl']:.4f}" if x.get("kl") is not None else "-") + " | "
-                     + " | ".join(f"{x[t]:.3f}" for t in tasks) + " |")
+        x, cells = rows[label], [label] + ["-"] * 6
+        if spec is not None:
+            hk = x["heldout_kl"]
+            cells[1:] = [layers_text(x), f"{x['trainable']:,}",
+                         " / ".join(f"{rows[f'{label} @ {lr}']['heldout_kl']['after']:.3f}" for lr in lrs),
+                         f"{x['lr']:g}", f"{x['seconds']:.0f}", f"{hk['before']:.4f} -> {hk['after']:.4f}"]
+        cells += [f"{x['ppl']:.3f}", "-" if x.get("kl") is None else f"{x['kl']:.4f}"]
+        cells += [f"{x[t]:.3f}" for t in tasks]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Commands of the chosen tuned rows (run through `tune.tune`):", ""]
     lines += [f"- `{rows[label]['command']}`" for label, spec, _ in jobs if spec is not None]
     update_section("tune", "\n".join(lines))

@@ -46,12 +46,15 @@ def test_cached_prefix_kl_equals_full_forward(pruned_tiny):
     src, out = pruned_tiny
     dense, _ = load_weights.load(src)
     small, _ = load_weights.load(out)
+    # a teacher whose final norm differs from the student's: its log-probs must come from its own head
+    dense.norm.weight.mul_(1.5)
     ids = torch.randint(0, dense.cfg.vocab_size, (3, 20), generator=torch.Generator().manual_seed(0))
     # independent route: full logits of both models, KL per token, mean
     logp, logq = dense(ids).log_softmax(-1), small(ids).log_softmax(-1)
     want = (logp.exp() * (logp - logq)).sum(-1).mean()
     first = 1
-    got = tune.mean_kl(small, tune.frozen_prefix(small, ids, first), tune.teacher_states(dense, ids), first, batch=2, chunk=7)
+    teacher_h = tune.teacher_states(dense, ids)
+    got = tune.mean_kl(small, tune.frozen_prefix(small, ids, first), dense, teacher_h, first, batch=2, chunk=7)
     assert got == pytest.approx(float(want), rel=1e-5)
     assert got > 1e-3  # the cut changed the model, so the check is not 0 == 0
 
