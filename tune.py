@@ -89,22 +89,14 @@ def swap_linears(model, layers, make):
 
 # ---------------------------------------------------------------- cached inputs and targets
 
-@torch.no_grad()
-def teacher_states(dense, tokens, batch=4):
+def teacher_states(dense, tokens):
     """The dense model's last hidden state (N, T, C): its log-probs are recomputed per chunk, not stored."""
-    cos, sin = dense.rope(0, tokens.shape[1])
-    out = []
-    for chunk in tokens.split(batch):
-        x = dense.embed_tokens(chunk)
-        for layer in dense.layers:
-            x = layer(x, cos, sin)
-        out.append(x)
-    return torch.cat(out)
+    return frozen_prefix(dense, tokens, len(dense.layers))
 
 
 @torch.no_grad()
 def frozen_prefix(model, tokens, first, batch=4):
-    """The student's hidden state (N, T, C) at the input of layer `first`: everything below it stays frozen."""
+    """The hidden state (N, T, C) at the input of layer `first`: everything below it stays frozen."""
     cos, sin = model.rope(0, tokens.shape[1])
     out = []
     for chunk in tokens.split(batch):
