@@ -178,7 +178,7 @@ def verdicts(rows):
 def markdown(rows, ppl, a):
     mb = lambda b: f"{b / 1e6:,.1f}"  # noqa: E731
     lines = [
-        "## Quantization: GPTQ vs round-to-nearest (quantize.py)",
+        f"## {a.title}",
         "",
         f"Command: `{command()}`",
         "",
@@ -186,8 +186,9 @@ def markdown(rows, ppl, a):
         f"{a.seqlen} tokens** (a subset, the same for every row; eval.py's protocol otherwise). "
         f"GPTQ calibration: {a.nsamples} random windows of {a.calib_seqlen} tokens "
         f"({a.nsamples * a.calib_seqlen:,} tokens) of the WikiText-2 *validation* text, seed {a.seed}; "
-        f"asymmetric min-max grids, dampening 0.01, blocksize 128; *GPTQ+act* adds act-order (columns in order of "
-        f"decreasing Hessian diagonal) with static groups. RTN uses the same grids and no data. "
+        f"asymmetric min-max grids, dampening 0.01, blocksize 128"
+        + ("; *GPTQ+act* adds act-order (columns in order of decreasing Hessian diagonal) with static groups"
+           if "gptq-act" in a.methods else ", no act-order") + ". RTN uses the same grids and no data. "
         f"Quantized checkpoints store embeddings and norms in fp16 (the GPTQ convention); they load back as fp32. "
         "Bytes: *disk* = all safetensors files; *RAM* = every parameter and buffer of the loaded model "
         "(tied head once); *Linear RAM* = the 7 Linears of every Block only (what GPTQ compresses). "
@@ -229,6 +230,7 @@ def main(argv=None):
     p.add_argument("--methods", default="rtn,gptq", help="comma-separated methods: rtn, gptq, gptq-act (GPTQ with act-order)")
     p.add_argument("--models", default=None, help="comma-separated subset of dense,pruned,tuned to run; None: all given")
     p.add_argument("--section", default="quantize", help="the BENCHMARKS.md section to rewrite")
+    p.add_argument("--title", default="Quantization: GPTQ vs round-to-nearest (quantize.py)", help="heading of the section")
     p.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     a = p.parse_args(argv)
     if a.pruned and a.prune_layers != p.get_default("prune_layers"):

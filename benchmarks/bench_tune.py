@@ -64,6 +64,7 @@ def main(argv=None):
     p.add_argument("--work", type=Path, default=Path("runs/bench_tune"), help="checkpoints and results.json")
     p.add_argument("--lock", default=None, help="a lock file to hold during each heavy step (shared machines)")
     p.add_argument("--fresh", action="store_true", help="ignore cached rows")
+    p.add_argument("--write-only", action="store_true", help="run nothing: write the section from the cached rows (missing rows say 'not run')")
     a = p.parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)
     cache = a.work / "results.json"
@@ -78,6 +79,8 @@ def main(argv=None):
     jobs = [("dense", None, None), ("pruned, not tuned", None, None)] + \
            [(label, layer_spec(spec, pruning), method) for label, spec, method in VARIANTS]
     for label, spec, method in jobs:
+        if a.write_only:
+            continue
         if spec is not None:
             for lr in a.lrs.split(","):
                 key = f"{label} @ {lr}"
@@ -138,6 +141,9 @@ def write_section(rows, jobs, a, pruning, ppl):
              "| test ppl | test KL | " + " | ".join(tasks) + " |",
              "|---|---|---:|---|---:|---:|---|---:|---:|" + "---:|" * len(tasks)]
     for label, spec, _ in jobs:
+        if label not in rows:
+            lines.append(f"| {label} | not run |" + " |" * (7 + len(tasks)))
+            continue
         x, cells = rows[label], [label] + ["-"] * 6
         if spec is not None:
             hk = x["heldout_kl"]
@@ -148,7 +154,7 @@ def write_section(rows, jobs, a, pruning, ppl):
         cells += [f"{x[t]:.3f}" for t in tasks]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Commands of the chosen tuned rows (run through `tune.tune`):", ""]
-    lines += [f"- `{rows[label]['command']}`" for label, spec, _ in jobs if spec is not None]
+    lines += [f"- `{rows[label]['command']}`" for label, spec, _ in jobs if spec is not None and label in rows]
     update_section("tune", "\n".join(lines))
 
 

@@ -2,6 +2,7 @@
 import os
 import platform
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ def machine():
 
 
 def command():
-    return "python " + " ".join(sys.argv)
+    return "python " + shlex.join(sys.argv)
 
 
 def update_section(name, body):
