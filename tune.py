@@ -28,10 +28,9 @@ from torch import nn
 import data
 import excise
 import load_weights
+from gptq_format import LINEARS
 from teacher import calibration_tokens, eta, log_probs, token_kl
 
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 # ---------------------------------------------------------------- which layers
