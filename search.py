@@ -16,6 +16,7 @@ the worse one.
 """
 import argparse
 import json
+import math
 import platform
 import sys
 import time
@@ -25,6 +26,7 @@ import torch
 
 import excise
 import load_weights
+from errors import cli
 from load_weights import write_json
 from gates import ContiguousGate, blocks_to_layers, budget, initial_centres, neighbours, segment_widths, strip, tau_at
 from teacher import build_teacher, calibration_tokens, eta, kl_backward, removed_kl, run_layers
@@ -72,6 +74,10 @@ def train_gates(model, teacher, gates, steps, batch_size, lr, tau0, tau1, seed, 
             group["lr"] = lr * tau / tau0
         opt.zero_grad()  # stopped starts keep grad None, so Adam leaves them alone
         losses = {r: gate_loss(model, teacher, gates[r], tau, batches[step], chunk) for r in active}
+        for r, v in losses.items():
+            if not math.isfinite(v):
+                raise FloatingPointError(f"the gate loss of start {r} became {v} at step {step + 1}: nothing was "
+                                         f"written; check the checkpoint's weights or lower --lr (now {lr:g})")
         trajectory.append({"step": step, "tau": round(tau, 4), "kl": {r: round(v, 5) for r, v in losses.items()},
                            "mu": {r: [round(m, 3) for m in gates[r].mu.tolist()] for r in active}})
         opt.step()
@@ -202,6 +208,7 @@ def run(ckpt, out, prune_layers=None, prune_ratio=None, calib="wikitext2", nsamp
     return report
 
 
+@cli(memory="--nsamples, --seqlen or --chunk")
 def main(argv=None):
     p = argparse.ArgumentParser(description="Find the contiguous block of layers to remove with the CLP gate.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -232,10 +239,7 @@ def main(argv=None):
         p.error("give exactly one of --prune-ratio and --prune-layers")
     kwargs = vars(a)
     kwargs["excise_to"] = kwargs.pop("excise")
-    try:
-        run(**kwargs)
-    except (ValueError, FileNotFoundError) as e:
-        p.error(str(e))
+    run(**kwargs)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,11 @@ def read_jsonl(path):
     if not path.is_file():
         raise FileNotFoundError(f"task file {path} does not exist")
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TaskFileError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -6,10 +6,11 @@
   ranks come from the file's merge list, the split pattern from its pre-tokenizer, special tokens stay whole.
 """
 import base64
-import json
 import re
 import unicodedata
 from pathlib import Path
+
+from errors import read_json
 
 # GPT-2's byte-level split, used by a ByteLevel pre-tokenizer with use_regex=true
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -106,11 +107,10 @@ def split_pattern(pre, source):
 
 def bpe_from_tokenizer_json(path):
     path = Path(path)
-    try:
-        tj = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    model = tj.get("model", {})
+    tj = read_json(path, "tokenizer.json")
+    model = tj.get("model", {}) if isinstance(tj, dict) else None
+    if not isinstance(model, dict):
+        raise ValueError(f"{path}: no tokenizer model object: not a tokenizer.json")
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         raise ValueError(f"{path}: only byte-level BPE tokenizer.json is supported (found {model.get('type')}"
                          f"{' with byte_fallback' if model.get('byte_fallback') else ''}; a sentencepiece "
@@ -177,7 +177,7 @@ def load_tokenizer(path, config=None):
     """The tokenizer stored in a checkpoint directory, or None when it has no tokenizer files."""
     path, config = Path(path), config or {}
     tcfg_file = path / "tokenizer_config.json"
-    tcfg = json.loads(tcfg_file.read_text()) if tcfg_file.is_file() else {}
+    tcfg = read_json(tcfg_file, "tokenizer config") if tcfg_file.is_file() else {}
     if (path / "tokenizer.model").is_file():
         f = path / "tokenizer.model"
         tok = tiktoken_model_file(f) if is_tiktoken_file(f) else SentencePieceTokenizer(f)

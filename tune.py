@@ -28,6 +28,7 @@ from torch import nn
 import data
 import excise
 import load_weights
+from errors import cli, read_json
 from gptq_format import LINEARS
 from teacher import calibration_tokens, eta, log_probs, token_kl
 
@@ -184,7 +185,7 @@ def train(model, params, prefix, teacher, teacher_h, first, steps, batch_size, l
 
 def read_pruning(path):
     f = Path(path) / "pruning.json"
-    return json.loads(f.read_text()) if f.is_file() else None
+    return read_json(f, "pruning.json") if f.is_file() else None
 
 
 def load_teacher(teacher, pruning, student, dtype, device):
@@ -289,6 +290,7 @@ def write_tuned(model, source, out, report):
     load_weights.save_checkpoint(out, config, tensors, source_dir=source, extra_files=extra)
 
 
+@cli(memory="--batch-size, --chunk or --nsamples")
 def main(argv=None):
     p = argparse.ArgumentParser(description="Repair a pruned checkpoint by tuning the layers at the ends of the cut "
                                             "against its dense source (KL distillation).",
@@ -316,10 +318,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device to run on")
     p.add_argument("--log-every", type=int, default=10, help="print the mean loss every this many steps")
     a = p.parse_args(argv)
-    try:
-        tune(**vars(a))
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        p.error(str(e))
+    tune(**vars(a))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,120 @@
+"""Errors a user can cause end a CLI with one line naming the file or flag, and exit status 2.
+
+    @cli(memory="--batch-size or --chunk")
+    def main(argv=None): ...
+
+What counts as a user error: `UserError`; a ValueError or KeyError raised by this project's own code (the
+project's convention for bad input: a bad flag value, config.json, report, task file...); a file that
+cannot be read or written (OSError); a corrupt safetensors file; a loss or Hessian that is NaN or Inf
+(FloatingPointError); running out of memory, with the flags that would help; a device this machine lacks.
+Everything else -- a TypeError, an IndexError, a ValueError from inside torch -- is a bug and keeps its
+traceback.
+"""
+import functools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+EXIT_USAGE = 2  # argparse's status for bad usage; ours for every user error
+# messages torch gives when a device is asked for that this machine does not have
+DEVICE_MESSAGES = ("Torch not compiled with CUDA", "no NVIDIA driver", "No CUDA GPUs", "invalid device ordinal",
+                   "device type at start of device string", "Invalid device string")
+
+
+class UserError(ValueError):
+    """Bad input the user can fix; the message names the file or flag."""
+
+
+def read_json(path, what="JSON file"):
+    """The object in a JSON file; a missing file or bad JSON is a UserError naming the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}): not a {what}") from None
+
+
+def check_finite(t, where):
+    """Stop on NaN or Inf in a floating-point tensor, naming where it came from."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise FloatingPointError(f"{where}: {bad:,} of {t.numel():,} values are NaN or Inf; nothing was written")
+
+
+def check_device(device):
+    """A clear error for a device string torch cannot parse or this machine does not have."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"--device {device!r} is not a device (cpu, cuda, cuda:0, mps)") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__}); "
+                        f"use --device cpu")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if d.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    return d
+
+
+def raised_by_project(e):
+    """True when the innermost frame of e's traceback is one of this project's own files (not a library's)."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return False
+    f = Path(tb.tb_frame.f_code.co_filename).resolve()
+    return f.is_relative_to(ROOT) and "site-packages" not in f.parts and ".venv" not in f.parts
+
+
+def is_out_of_memory(e):
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
+def user_message(e, memory=""):
+    """The one-line message for a user error, or None for a programming error (which must keep its traceback)."""
+    from safetensors import SafetensorError
+
+    first = str(e.args[0]) if e.args else type(e).__name__
+    if is_out_of_memory(e):
+        detail = str(e).split("\n")[0].split("DefaultCPUAllocator: ")[-1][:160]
+        return f"out of memory ({detail}); try a smaller {memory}" if memory else f"out of memory ({detail})"
+    if isinstance(e, (AssertionError, RuntimeError)) and any(m in str(e) for m in DEVICE_MESSAGES):
+        return f"{str(e).splitlines()[0]}: check --device"
+    if isinstance(e, OSError):
+        return f"{e.filename}: {e.strerror}" if e.filename and e.strerror else first
+    if isinstance(e, (UserError, FloatingPointError, SafetensorError)):
+        return first
+    if isinstance(e, (ValueError, KeyError)) and raised_by_project(e):
+        return first
+    return None
+
+
+def cli(memory=""):
+    """Decorate a CLI's main(argv=None): user errors print `prog: error: message` on one line and exit 2.
+
+    `memory` names the flags that lower the memory a run needs (said when it runs out)."""
+    def wrap(main):
+        prog = Path(main.__code__.co_filename).name
+
+        @functools.wraps(main)
+        def run(*args, **kwargs):
+            try:
+                return main(*args, **kwargs)
+            except (Exception, MemoryError) as e:
+                msg = user_message(e, memory)
+                if msg is None:
+                    raise
+                print(f"{prog}: error: {' '.join(msg.split())}", file=sys.stderr)
+                raise SystemExit(EXIT_USAGE) from None
+        return run
+    return wrap
