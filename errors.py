@@ -43,7 +43,10 @@ def read_json(path, what="JSON file"):
 
 def check_finite(t, where):
     """Stop on NaN or Inf in a floating-point tensor, naming where it came from."""
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if not t.is_floating_point() or t.numel() == 0:
+        return
+    # min and max are NaN when any value is, and infinite when any value is: one fast pass for the usual case
+    if not bool(torch.isfinite(torch.stack(torch.aminmax(t))).all()):
         bad = int((~torch.isfinite(t)).sum())
         raise FloatingPointError(f"{where}: {bad:,} of {t.numel():,} values are NaN or Inf; nothing was written")
 
@@ -91,7 +94,9 @@ def user_message(e, memory=""):
     if isinstance(e, (AssertionError, RuntimeError)) and any(m in str(e) for m in DEVICE_MESSAGES):
         return f"{str(e).splitlines()[0]}: check --device"
     if isinstance(e, OSError):
-        return f"{e.filename}: {e.strerror}" if e.filename and e.strerror else first
+        # for a rename, the destination (filename2) is the path the user named
+        name = e.filename2 or e.filename
+        return f"{name}: {e.strerror}" if name and e.strerror else first
     if isinstance(e, (UserError, FloatingPointError, SafetensorError)):
         return first
     if isinstance(e, (ValueError, KeyError)) and raised_by_project(e):

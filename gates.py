@@ -27,7 +27,7 @@ def budget(num_layers, prune_layers=None, prune_ratio=None):
         raise ValueError("give exactly one of prune_layers and prune_ratio")
     k = prune_layers if prune_layers is not None else round(prune_ratio * num_layers)
     if not 1 <= k < num_layers:
-        what = f"{prune_layers} layers" if prune_layers is not None else f"ratio {prune_ratio} (k = {k})"
+        what = f"--prune-layers {prune_layers}" if prune_layers is not None else f"--prune-ratio {prune_ratio} (k = {k})"
         raise ValueError(f"pruning budget {what} is out of range: need 1 <= k < L = {num_layers}")
     return k
 

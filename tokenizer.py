@@ -10,7 +10,7 @@ import re
 import unicodedata
 from pathlib import Path
 
-from errors import read_json
+from errors import UserError, read_json
 
 # GPT-2's byte-level split, used by a ByteLevel pre-tokenizer with use_regex=true
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -180,7 +180,10 @@ def load_tokenizer(path, config=None):
     tcfg = read_json(tcfg_file, "tokenizer config") if tcfg_file.is_file() else {}
     if (path / "tokenizer.model").is_file():
         f = path / "tokenizer.model"
-        tok = tiktoken_model_file(f) if is_tiktoken_file(f) else SentencePieceTokenizer(f)
+        try:
+            tok = tiktoken_model_file(f) if is_tiktoken_file(f) else SentencePieceTokenizer(f)
+        except (RuntimeError, ValueError, OSError) as e:  # the libraries' errors do not name the file
+            raise UserError(f"{f}: not a readable tokenizer model ({str(e).splitlines()[0]})") from None
     elif (path / "tokenizer.json").is_file():
         tok, tj = bpe_from_tokenizer_json(path / "tokenizer.json")
         tok.add_bos = post_processor_adds_bos(tj.get("post_processor"))

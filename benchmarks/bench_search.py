@@ -7,7 +7,6 @@ Perplexity is WikiText-2 test with the DESIGN.md protocol, on the first --ppl-wi
 2048 tokens (a stated subset: the same windows for every row).
 """
 import argparse
-import json
 import math
 import sys
 import time
@@ -117,8 +116,7 @@ def main():
     dense_ppl = perplexity(model, windows)
     gate_settings = {}  # search()'s defaults, the same as search.py's
     rows = [compare(model, teacher, k, windows, gate_settings) for k in map(int, a.budgets.split(","))]
-    (ROOT / "runs").mkdir(exist_ok=True)
-    (ROOT / "runs" / "bench_search.json").write_text(json.dumps({"rows": rows, "dense_ppl": dense_ppl}, indent=1))
+    load_weights.write_json(ROOT / "runs" / "bench_search.json", {"rows": rows, "dense_ppl": dense_ppl})
     body = [f"## Search: CLP gate vs exhaustive contiguous enumeration ({a.ckpt}, {L} layers)", "",
             f"Command: `CLP_DATA=../shared/data OMP_NUM_THREADS=1 {command()}`", "",
             f"Calibration: {teacher.description}; the same cached dense pass ({t_teacher:.0f} s, not in the times "

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import atomic  # noqa: E402
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 HEADER = "# Benchmarks\n\nEvery figure below comes from the command printed beside it. Sections are rewritten by the scripts in `benchmarks/`.\n"
 
@@ -33,12 +35,12 @@ def command():
 
 
 def update_section(name, body):
-    """Replace (or append) the section between <!-- BEGIN name --> and <!-- END name --> atomically."""
-    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else HEADER
+    """Replace (or append) the section between <!-- BEGIN name --> and <!-- END name --> atomically; the lock
+    keeps two scripts that finish at once from each writing back a file without the other's section."""
     stamp = time.strftime("%Y-%m-%d")
     block = f"<!-- BEGIN {name} -->\n{body.rstrip()}\n\n_Measured {stamp} on: {machine()}._\n<!-- END {name} -->"
     pat = re.compile(rf"<!-- BEGIN {re.escape(name)} -->.*?<!-- END {re.escape(name)} -->", re.S)
-    text = pat.sub(lambda _: block, text) if pat.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    tmp = BENCHMARKS.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, BENCHMARKS)
+    with atomic.locked(BENCHMARKS):
+        text = BENCHMARKS.read_text() if BENCHMARKS.exists() else HEADER
+        text = pat.sub(lambda _: block, text) if pat.search(text) else text.rstrip() + "\n\n" + block + "\n"
+        atomic.write_text(BENCHMARKS, text)
