@@ -64,7 +64,10 @@ def load_text(source, split="test", data_dir=None, quiet=False):
     p = Path(source)
     if not p.is_file():
         raise FileNotFoundError(f"text source {source!r} is neither 'wikitext2', 'pydoc' nor an existing file")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"text file {p} is not UTF-8 text (byte {e.start})") from None
     if not text.strip():
         raise ValueError(f"text file {p} is empty")
     if p.suffix == ".raw":

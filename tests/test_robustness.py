@@ -75,6 +75,7 @@ def rows():
         Row("search.py", "tiny", BASE["search.py"] + " --prune-layers 6", "--prune-layers 6 is out of range", "--prune-layers"),
         Row("baselines.py", "tiny", BASE["baselines.py"] + " --prune-layers 0", "--prune-layers 0 is out of range", "--prune-layers"),
         Row("search.py", "tiny", BASE["search.py"] + " --calib {tmp}/nofile.txt", "is neither 'wikitext2', 'pydoc' nor an existing file", "nofile.txt"),
+        Row("search.py", "tiny", BASE["search.py"] + " --calib {ckpt}/model.safetensors", "is not UTF-8 text", "model.safetensors"),
         Row("search.py", "huge", BASE["search.py"], "the gate loss of start 0 became nan at step 1: nothing was written", "gate loss"),
         Row("search.py", "tiny", BASE["search.py"], "out of memory (CUDA out of memory. Tried to allocate 20.00 GiB); try a smaller", "--nsamples", "search.make_teacher"),
         Row("excise.py", "report_bad_json", "--ckpt {ckpt} --report {tmp}/report.json --out {out}", "is not valid JSON (line 1", "report.json"),
@@ -204,12 +205,12 @@ OTHER_ROWS = [
 
 
 def render():
-    lines = ["| CLI | bad input | arguments | the one line on stderr (exit status 2) contains |",
-             "|---|---|---|---|"]
+    lines = ["| CLI | bad input | arguments | the one line on stderr (exit status 2) contains | and names | left on disk |",
+             "|---|---|---|---|---|---|"]
     for r in ROWS:
         doc = getattr(badinputs, r.builder).__doc__.split("\n")[0]
         args = r.argv if not r.patch else r.argv + f" (with `{r.patch}` running out of memory)"
-        lines.append(f"| `{r.cli}` | {doc} | `{args}` | `{r.shows}` |")
+        lines.append(f"| `{r.cli}` | {doc} | `{args}` | `{r.shows}` | `{r.culprit}` | unchanged |")
     lines += ["", "| what was tried | what the user sees | left on disk | test |", "|---|---|---|---|"]
     lines += [f"| {tried} | {sees} | {disk} | `{test}` |" for test, tried, sees, disk in OTHER_ROWS]
     return "\n".join(lines) + "\n"
