@@ -156,7 +156,7 @@ def excise(ckpt, out, layers=None, report=None):
     return pruning
 
 
-@cli(memory="--dtype")
+@cli()
 def main(argv=None):
     p = argparse.ArgumentParser(description="Remove layers from a checkpoint and write the smaller HF-layout checkpoint.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)

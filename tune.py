@@ -185,7 +185,11 @@ def train(model, params, prefix, teacher, teacher_h, first, steps, batch_size, l
 
 def read_pruning(path):
     f = Path(path) / "pruning.json"
-    return read_json(f, "pruning.json") if f.is_file() else None
+    pruning = read_json(f, "pruning.json") if f.is_file() else None
+    if pruning is not None and not (isinstance(pruning, dict) and isinstance(pruning.get("kept_layers"), list)
+                                    and isinstance(pruning.get("source_num_layers"), int)):
+        raise ValueError(f"{f} has no kept_layers / source_num_layers: not a pruning.json written by excise.py")
+    return pruning
 
 
 def load_teacher(teacher, pruning, student, dtype, device):

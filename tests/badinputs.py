@@ -206,6 +206,13 @@ def pruned_bad_json(tmp):
     return ckpt
 
 
+def pruned_no_layers(tmp):
+    """pruning.json without kept_layers"""
+    ckpt = pruned(tmp)
+    (ckpt / "pruning.json").write_text('{"source": "dense"}')
+    return ckpt
+
+
 def pruned_source_gone(tmp):
     """pruning.json names a dense source that no longer exists"""
     ckpt = pruned(tmp)

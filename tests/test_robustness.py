@@ -87,6 +87,7 @@ def rows():
         Row("excise.py", "tiny", "--ckpt {ckpt} --layers 2-3 --out {plain}", "is a non-empty directory that is not a checkpoint: refusing", "plain"),
         Row("excise.py", "tiny", "--ckpt {ckpt} --layers 2-3 --out {file}", "exists and is not a directory", "file.txt"),
         Row("tune.py", "pruned_bad_json", BASE["tune.py"], "is not valid JSON (line 1", "pruning.json"),
+        Row("tune.py", "pruned_no_layers", BASE["tune.py"], "has no kept_layers / source_num_layers", "pruning.json"),
         Row("tune.py", "pruned_source_gone", BASE["tune.py"], "is neither a checkpoint directory", "dense"),
         Row("tune.py", "pruned_huge", BASE["tune.py"], "the loss became nan at step 1: nothing was written", "--lr"),
         Row("tune.py", "pruned", BASE["tune.py"] + " --device cuda:99", "--device cuda:99", "--device"),
