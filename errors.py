@@ -41,6 +41,20 @@ def read_json(path, what="JSON file"):
         raise UserError(f"{path} is not UTF-8 text (byte {e.start}): not a {what}") from None
 
 
+def parses(what):
+    """Decorate a function that interprets a file given as its first argument: a TypeError, AttributeError,
+    KeyError or IndexError inside it comes from the file's unexpected structure, and is reported naming the file."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(path, *args, **kwargs):
+            try:
+                return fn(path, *args, **kwargs)
+            except (TypeError, AttributeError, KeyError, IndexError) as e:
+                raise UserError(f"{path}: not a valid {what} ({type(e).__name__}: {e})") from None
+        return run
+    return wrap
+
+
 def check_finite(t, where):
     """Stop on NaN or Inf in a floating-point tensor, naming where it came from."""
     if not t.is_floating_point() or t.numel() == 0:

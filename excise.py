@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import load_weights
-from errors import cli, read_json
+from errors import cli, parses, read_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -65,6 +65,7 @@ def fingerprint(model):
             "vocab_size": cfg.vocab_size, "embed_sha256": digest[:16]}
 
 
+@parses("search report")
 def layers_from_report(path, model):
     """The removed layers of a search report, after checking that it was made on this very model."""
     report = read_json(path, "report")

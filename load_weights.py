@@ -96,9 +96,25 @@ def read_config_dict(path):
     return d
 
 
+def check_config_types(d, source):
+    """Clear errors for values of the wrong type, before they surface as a TypeError deep in the model."""
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim"):
+        optional = key in ("num_key_value_heads", "head_dim") and d.get(key) is None
+        if key in d and not optional and (type(d[key]) is not int or d[key] < 1):
+            raise ValueError(f"{source}: {key} = {d[key]!r} must be a positive integer")
+    theta = d.get("rope_theta", 1.0)
+    if type(theta) not in (int, float) or theta <= 0:
+        raise ValueError(f"{source}: rope_theta = {theta!r} must be a positive number")
+    for key in ("rope_scaling", "rope_parameters", "quantization_config"):
+        if d.get(key) is not None and not isinstance(d[key], dict):
+            raise ValueError(f"{source}: {key} = {d[key]!r} must be an object")
+
+
 def config_from_dict(d, source="config.json"):
     mt = d.get("model_type")
-    if mt not in SUPPORTED:
+    check_config_types(d, source)
+    if not isinstance(mt, str) or mt not in SUPPORTED:
         raise ValueError(f"{source}: model_type {mt!r} is not supported (supported: {', '.join(sorted(SUPPORTED))})")
     if d.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{source}: hidden_act {d['hidden_act']!r} is not supported (only silu)")
@@ -111,10 +127,6 @@ def config_from_dict(d, source="config.json"):
         raise ValueError(f"{source}: rope scaling {scaling!r} is not supported (only llama3)")
     if d.get("mlp_bias"):
         raise ValueError(f"{source}: mlp_bias is not supported")
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim"):
-        if d.get(key) is not None and (type(d[key]) is not int or d[key] < 1):
-            raise ValueError(f"{source}: {key} = {d[key]!r} must be a positive integer")
     try:
         return Config(
             model_type=mt,

@@ -10,7 +10,7 @@ import re
 import unicodedata
 from pathlib import Path
 
-from errors import UserError, read_json
+from errors import UserError, parses, read_json
 
 # GPT-2's byte-level split, used by a ByteLevel pre-tokenizer with use_regex=true
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -105,6 +105,7 @@ def split_pattern(pre, source):
                      f"Digits+ByteLevel or Split+ByteLevel pre-tokenizer is)")
 
 
+@parses("tokenizer.json")
 def bpe_from_tokenizer_json(path):
     path = Path(path)
     tj = read_json(path, "tokenizer.json")
@@ -161,7 +162,7 @@ def is_tiktoken_file(path):
 
 def post_processor_adds_bos(pp):
     """True when tokenizer.json's post-processor template starts with a special token (BOS)."""
-    if not pp:
+    if not isinstance(pp, dict):
         return False
     if pp.get("type") == "Sequence":
         return any(post_processor_adds_bos(p) for p in pp.get("processors", []))
@@ -178,6 +179,8 @@ def load_tokenizer(path, config=None):
     path, config = Path(path), config or {}
     tcfg_file = path / "tokenizer_config.json"
     tcfg = read_json(tcfg_file, "tokenizer config") if tcfg_file.is_file() else {}
+    if not isinstance(tcfg, dict):
+        raise UserError(f"{tcfg_file} is not a JSON object: not a tokenizer config")
     if (path / "tokenizer.model").is_file():
         f = path / "tokenizer.model"
         try:

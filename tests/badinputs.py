@@ -82,6 +82,11 @@ def config_type(tmp):
     return edit_config(tiny(tmp), hidden_size="64")
 
 
+def config_wrong_type(tmp):
+    """config.json whose rope_scaling is a string, not an object"""
+    return edit_config(tiny(tmp), rope_scaling="llama3")
+
+
 def config_missing_key(tmp):
     """config.json without vocab_size"""
     return edit_config(tiny(tmp), vocab_size=None)
@@ -157,6 +162,13 @@ def tokenizer_bad_json(tmp):
     """tokenizer.json that is not JSON"""
     ckpt = tiny(tmp)
     (ckpt / "tokenizer.json").write_text("[1, 2")
+    return ckpt
+
+
+def tokenizer_wrong_structure(tmp):
+    """tokenizer.json that is JSON but has added_tokens of the wrong type"""
+    ckpt = tiny(tmp)
+    (ckpt / "tokenizer.json").write_text(json.dumps(dict(byte_tokenizer(), added_tokens="none")))
     return ckpt
 
 

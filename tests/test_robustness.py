@@ -51,6 +51,7 @@ def rows():
         ("config_bad_json", "is not valid JSON (line 1", "config.json"),
         ("config_arch", "model_type 'gpt2' is not supported", "config.json"),
         ("config_type", "hidden_size = '64' must be a positive integer", "config.json"),
+        ("config_wrong_type", "rope_scaling = 'llama3' must be an object", "config.json"),
         ("config_missing_key", "required key 'vocab_size' is missing", "config.json"),
         ("quant_config_bad", "quant_method 'awq' is not supported", "config.json"),
         ("st_truncated", "not a readable safetensors file", "model.safetensors"),
@@ -63,6 +64,7 @@ def rows():
         ("shard_missing", "listed in model.safetensors.index.json is missing", "of-00006.safetensors"),
         ("no_weights", ".bin / .pth checkpoints are not supported", "model.safetensors"),
         ("tokenizer_bad_json", "is not valid JSON (line 1", "tokenizer.json"),
+        ("tokenizer_wrong_structure", "not a valid tokenizer.json (TypeError", "tokenizer.json"),
         ("tokenizer_model_bad", "not a readable tokenizer model", "tokenizer.model"),
         ("tokenizer_config_bad_json", "is not valid JSON (line 1", "tokenizer_config.json"),
     ]:
