@@ -217,6 +217,18 @@ def test_two_json_writers_never_mix(tmp_path):
     assert json.loads(path.read_text()) in objs and leftovers(tmp_path) == []
 
 
+def test_two_benchmark_scripts_keep_both_sections(tmp_path, monkeypatch):
+    from benchmarks import common
+
+    monkeypatch.setattr(common, "BENCHMARKS", tmp_path / "BENCHMARKS.md")
+    monkeypatch.setattr(common, "machine", lambda: "test machine")
+    pids = [in_child(functools.partial(lambda n: [common.update_section(n, f"{n} {i}") for i in range(40)], n))
+            for n in ("quantize", "tune")]
+    assert [wait(p) for p in pids] == [0, 0]
+    text = common.BENCHMARKS.read_text()
+    assert "quantize 39" in text and "tune 39" in text and leftovers(tmp_path) == []
+
+
 @pytest.fixture
 def fake_conversion(tmp_path, monkeypatch):
     """CLP_CACHE in tmp; fetching and reading the GGUF replaced by the tiny fixture (slowly, to widen races).

