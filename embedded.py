@@ -9,6 +9,7 @@ nothing is converted or cached. The converted directory carries a manifest (clp-
 the size and sha256 of every file written; a cache whose files no longer match it is converted again.
 Conversions into one cache are serialised by a file lock (atomic.locked).
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -96,15 +97,26 @@ def cache_valid(out):
         files = json.loads((out / MANIFEST).read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return False
+    if not isinstance(files, dict) or not all(isinstance(r, dict) for r in files.values()):
+        return False
     if not {"config.json", "model.safetensors", "tokenizer.json"} <= set(files):
         return False
+    touched = False
     for name, rec in files.items():
         try:
             st = (out / name).stat()
-        except OSError:
+        except (OSError, TypeError):
             return False
-        if st.st_size != rec["size"] or (st.st_mtime_ns != rec["mtime_ns"] and sha256(out / name) != rec["sha256"]):
+        if st.st_size != rec.get("size"):
             return False
+        if st.st_mtime_ns != rec.get("mtime_ns"):
+            if sha256(out / name) != rec.get("sha256"):
+                return False
+            touched = True
+    if touched:
+        # same bytes, new times (a copy or a restore): record them, so that later loads skip the hashing
+        with contextlib.suppress(OSError):
+            write_manifest(out, {name: rec["sha256"] for name, rec in files.items()})
     return True
 
 

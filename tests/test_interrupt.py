@@ -268,9 +268,15 @@ def test_two_conversions_make_one_copy(tmp_path, fake_conversion):
     assert leftovers(tmp_path / "cache") == []
 
 
-def test_damaged_cache_is_converted_again(tmp_path, fake_conversion, capsys):
+def test_damaged_cache_is_converted_again(tmp_path, fake_conversion, capsys, monkeypatch):
     out = embedded.ensure_default()
     assert embedded.ensure_default() == out and len(fake_conversion.read_text().splitlines()) == 1
+    # touched but unchanged: hashed once, the new times recorded, then trusted by size and time again
+    os.utime(out / "model.safetensors")
+    assert embedded.cache_valid(out)
+    with monkeypatch.context() as m:
+        m.setattr(embedded, "sha256", None)
+        assert embedded.cache_valid(out)
     f = out / "model.safetensors"
     data = bytearray(f.read_bytes())
     data[-5] ^= 0xFF  # same size, one byte changed in place
