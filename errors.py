@@ -129,7 +129,7 @@ def cli(memory=""):
         def run(*args, **kwargs):
             try:
                 return main(*args, **kwargs)
-            except (Exception, MemoryError) as e:
+            except Exception as e:  # MemoryError included; KeyboardInterrupt and SystemExit pass
                 msg = user_message(e, memory)
                 if msg is None:
                     raise
