@@ -25,12 +25,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import devices
 import excise
 import load_weights
+import placement
 from gates import budget
 from errors import cli
 from load_weights import write_json
-from search import make_teacher, span
+from search import make_teacher, random_note, span
 from teacher import eta, removed_kl
 
 METHODS = ["exhaustive", "block-influence", "angular", "tail", "random"]
@@ -86,13 +88,14 @@ def choose(method, model, teacher, k, seed=0):
     raise ValueError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
 
 
-def run(ckpt, method, out, prune_layers=None, prune_ratio=None, calib="wikitext2", nsamples=16, seqlen=256, seed=0):
+def run(ckpt, method, out, prune_layers=None, prune_ratio=None, calib="wikitext2", nsamples=16, seqlen=256, seed=0,
+        device=None, dtype=None, devices=None, offload=False, cache_on_cpu=False):
     """baselines.py as a function: one method, one report.json in search.py's schema."""
     t0 = time.perf_counter()
-    model, tokenizer = load_weights.load(ckpt)
+    model, tokenizer, devs, dt = placement.load(ckpt, device, dtype, devices, offload, seed)
     L = model.cfg.num_layers
     k = budget(L, prune_layers, prune_ratio)
-    teacher = make_teacher(model, tokenizer, calib, nsamples, seqlen, seed)
+    teacher = make_teacher(model, tokenizer, calib, nsamples, seqlen, seed, "cpu" if cache_on_cpu else None)
     t1 = time.perf_counter()
     removed, scores = choose(method, model, teacher, k, seed)
     kl = scores[0]["kl"] if method == "exhaustive" else removed_kl(model, teacher, removed)
@@ -100,13 +103,15 @@ def run(ckpt, method, out, prune_layers=None, prune_ratio=None, calib="wikitext2
     print(f"{method}: layers {span(removed)}  calibration KL {kl:.5f}  ({t2 - t1:.1f} s)")
     report = {"method": method, "removed_layers": removed, "kept_layers": [i for i in range(L) if i not in removed],
               "block": span(removed), "kl": kl, "scores": scores,
-              "model": {"ckpt": str(ckpt), "path": str(load_weights.resolve(ckpt)), "fingerprint": excise.fingerprint(model)},
+              "model": {"ckpt": str(ckpt), "fingerprint": excise.fingerprint(model),
+                        "path": model.random_source if placement.is_random(ckpt) else str(load_weights.resolve(ckpt))},
               "budget": {"layers": k, "ratio": round(k / L, 4)}, "calibration": teacher.description,
-              "settings": {"nsamples": nsamples, "seqlen": seqlen, "seed": seed, "calib": calib}, "seed": seed,
+              "settings": {"nsamples": nsamples, "seqlen": seqlen, "seed": seed, "calib": calib,
+                           "placement": placement.describe_split(model)}, "seed": seed,
               "wall_time_s": {"load_and_teacher": round(t1 - t0, 2), "method": round(t2 - t1, 2)},
               "command": " ".join(["python"] + sys.argv),
               "versions": {"python": platform.python_version(), "torch": torch.__version__}}
-    write_json(Path(out) / "report.json", report)
+    write_json(Path(out) / "report.json", random_note(ckpt, report))
     return report
 
 
@@ -122,6 +127,8 @@ def main(argv=None):
     p.add_argument("--nsamples", type=int, default=16, help="number of calibration windows")
     p.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (and of the random block)")
+    devices.add_arguments(p)
+    p.add_argument("--cache-on-cpu", action="store_true", help="keep the teacher's cached states in CPU memory (pinned) while computing on a GPU")
     p.add_argument("--out", type=Path, default=Path("runs/baseline"), help="directory for report.json")
     a = p.parse_args(argv)
     if (a.prune_layers is None) == (a.prune_ratio is None):

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import devices
 import tasks as task_files
 from data import eval_windows, find_data_dir, load_text
 from errors import cli
@@ -40,8 +41,10 @@ DECODE_PROMPT = 128  # tokens of prompt before the timed decode steps
 
 
 def sync(device):
+    # a model placed over several GPUs runs on all of them: wait for each
     if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(i)
 
 
 class Progress:
@@ -392,28 +395,30 @@ def print_table(res, dense=None, cmp=None):
     print(f"{'decode speedup':34}{fmt(cmp['decode_speedup'], '.3f'):>16}")
 
 
-def load_model(ckpt, dtype, device):
-    import load_weights  # imported here so that tests of the measuring code need no checkpoint
-    print(f"loading {ckpt} ({dtype}, {device})")
-    return load_weights.load(ckpt, dtype=DTYPES[dtype], device=device)
+def load_model(ckpt, place):
+    import placement  # imported here so that tests of the measuring code need no checkpoint
+    print(f"loading {ckpt}")
+    model, tok, devs, dt = placement.load(ckpt, **place)
+    return model, tok, str(devs[0]), str(dt).removeprefix("torch.")
 
 
 
 
 def run(ckpt, compare=None, teacher=None, ppl=(), ppl_windows=None, tasks=(), limit=None, latency=False, seqlen=2048, batch_size=8,
-        kl_chunk=256, runs=5, new_tokens=128, bos="auto", threads=None, dtype="float32", device="cpu",
-        data_dir=None, json_out=None):
+        kl_chunk=256, runs=5, new_tokens=128, bos="auto", threads=None, dtype=None, device=None, devices=None,
+        offload=False, data_dir=None, json_out=None):
     """Evaluate `ckpt` (and `compare` against it); print the table; write the JSON result. Returns the result."""
     t0 = time.perf_counter()
+    place = dict(device=device, dtype=dtype, devices_=devices, offload=offload)
+    model, tok, device, dtype = load_model(ckpt, place)
     opts = dict(tasks=tasks, limit=limit, latency_runs=runs if latency else 0, seqlen=seqlen, new_tokens=new_tokens,
                 batch_size=batch_size, kl_chunk=kl_chunk, bos=bos, data_dir=data_dir, device=device)
-    model, tok = load_model(ckpt, dtype, device)
     if compare is None:
-        ref = load_model(teacher, dtype, device)[0] if teacher else None
+        ref = load_model(teacher, place)[0] if teacher else None
         res = evaluate(model, tok, ckpt, ppl=ppl, ppl_windows=ppl_windows, teacher=ref, **opts)
         print_table(res)
     else:
-        pruned, ptok = load_model(compare, dtype, device)
+        pruned, ptok = load_model(compare, place)[:2]
         # the dense model is the KL teacher; its perplexity comes out of the same forward passes
         res = evaluate(pruned, ptok, compare, ppl=ppl, ppl_windows=ppl_windows, teacher=model, **opts)
         dense = evaluate(model, tok, ckpt, **opts)
@@ -425,8 +430,12 @@ def run(ckpt, compare=None, teacher=None, ppl=(), ppl_windows=None, tasks=(), li
     res["settings"].update(
         command="python " + " ".join(sys.argv), teacher=str(ckpt) if compare else teacher, limit=limit,
         batch_size=batch_size, kl_chunk=kl_chunk, runs=runs, new_tokens=new_tokens, dtype=dtype, device=device,
+        devices=devices, offload=offload,
         threads=torch.get_num_threads(), seed=0, torch=torch.__version__, python=platform.python_version(),
         wall_s=round(time.perf_counter() - t0, 1))
+    if any(str(c).startswith("random:") for c in (ckpt, compare, teacher) if c):
+        res["random_weights"] = "seeded random weights: the speed and memory figures hold, no quality figure means anything"
+        print(f"note: {res['random_weights']}")
     if json_out:
         write_json(json_out, res)
         print(f"wrote {json_out}")
@@ -452,8 +461,7 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated with the KV cache in the decode timing")
     p.add_argument("--bos", choices=["auto", "always", "never"], default="auto", help="prepend BOS; auto: when the family's tokenizer does")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads, fixed for the run and recorded")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="weight and activation dtype")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device to run on")
+    devices.add_arguments(p)
     p.add_argument("--data-dir", type=Path, default=None, help="data directory; None: $CLP_DATA, then ./data")
     p.add_argument("--json", type=Path, default=None, dest="json_out", metavar="OUT", help="write the results to this JSON file")
     a = p.parse_args(argv)

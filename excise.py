@@ -60,7 +60,9 @@ def check_layers(layers, num_layers):
 def fingerprint(model):
     """What identifies a model for a report: shape of the config and a digest of the embedding weights."""
     cfg = model.cfg
-    digest = hashlib.sha256(model.embed_tokens.weight.detach().float().contiguous().numpy().tobytes()).hexdigest()
+    # rounded to bf16 first: a search run in bf16 must name the same model as one in fp32
+    w = model.embed_tokens.weight.detach().to("cpu", torch.bfloat16).float()
+    digest = hashlib.sha256(w.contiguous().numpy().tobytes()).hexdigest()
     return {"model_type": cfg.model_type, "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
             "vocab_size": cfg.vocab_size, "embed_sha256": digest[:16]}
 

@@ -154,10 +154,16 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+        self.device = None  # where the layer computes, when placement.py has placed it; None: where x is
 
     def forward(self, x, cos, sin, cache=None, layer_idx=0):
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer_idx)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def follow(x, layer):
+    """The hidden state on the device its next layer computes on (placement.py); unplaced: x itself."""
+    return x if layer.device is None else x.to(layer.device)
 
 
 class Transformer(nn.Module):
@@ -190,10 +196,11 @@ class Transformer(nn.Module):
         cos, sin = self.rope(start, T)
         x = self.embed_tokens(tokens)  # (B, T, C)
         for i, layer in enumerate(self.layers):
+            x = follow(x, layer)
             if keep is None:
                 x = layer(x, cos, sin, cache, i)
             else:
-                x = x + keep[i].to(x.dtype) * (layer(x, cos, sin, cache, i) - x)
+                x = x + keep[i].to(x) * (layer(x, cos, sin, cache, i) - x)
         return self.lm_head(self.norm(x))  # (B, T, V)
 
     @torch.no_grad()

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 
 from errors import check_finite, cli
+import devices
+import placement
 from load_weights import write_json
 from gptq_format import (LINEARS, SUPPORTED_BITS, QuantLinear, check_packable, load_quantized_model,  # noqa: F401
                          n_groups, pack, quantization_config)
@@ -43,6 +45,9 @@ class Quantized:
     scales: torch.Tensor
     zeros: torch.Tensor
     g_idx: torch.Tensor
+
+    def cpu(self):
+        return Quantized(self.codes.cpu(), self.scales.cpu(), self.zeros.cpu(), self.g_idx.cpu())
 
     def dequantize(self):
         g = self.g_idx.long()
@@ -84,7 +89,7 @@ def rtn(W, bits, group_size=-1, sym=False):
         codes[:, g0:g0 + gs] = quantize_codes(W[:, g0:g0 + gs], s[:, None], z[:, None], bits)
         scales.append(s)
         zeros.append(z)
-    g_idx = torch.arange(I) // gs
+    g_idx = torch.arange(I, device=W.device) // gs
     return Quantized(codes.long(), torch.stack(scales), torch.stack(zeros).long(), g_idx)
 
 
@@ -93,7 +98,7 @@ def rtn(W, bits, group_size=-1, sym=False):
 def inverse_cholesky(H, percdamp):
     """Upper Cholesky factor of (H + lambda I)^-1, lambda = percdamp * mean(diag H) (paper, Section 4, step 3)."""
     damp = percdamp * H.diagonal().mean()
-    H = H + damp * torch.eye(H.shape[0], dtype=H.dtype)
+    H = H + damp * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     L, info = torch.linalg.cholesky_ex(H)
     if info:
         raise ValueError(f"H + {percdamp} * mean(diag H) * I is not positive definite: raise --percdamp "
@@ -127,19 +132,19 @@ def gptq(W, H, bits, group_size=-1, sym=False, act_order=False, blocksize=128, p
     dead = H.diagonal() == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    scales = torch.zeros(n_groups(I, group_size), O, dtype=W.dtype)
+    scales = torch.zeros(n_groups(I, group_size), O, dtype=W.dtype, device=W.device)
     zeros = torch.zeros_like(scales)
     static = group_size == -1 or act_order
     if static:
         for g, g0 in enumerate(range(0, I, gs)):
             scales[g], zeros[g] = grid(W[:, g0:g0 + gs], bits, sym)
-    perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(I)
+    perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(I, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
     Hinv = inverse_cholesky(H, percdamp)
-    codes = torch.zeros(O, I, dtype=torch.long)
+    codes = torch.zeros(O, I, dtype=torch.long, device=W.device)
     for i in range(0, I, blocksize):
         i2 = min(i + blocksize, I)
-        Err = torch.zeros(O, i2 - i, dtype=W.dtype)
+        Err = torch.zeros(O, i2 - i, dtype=W.dtype, device=W.device)
         for j in range(i, i2):
             g = int(perm[j]) // gs
             if not static and int(perm[j]) % gs == 0:
@@ -154,7 +159,7 @@ def gptq(W, H, bits, group_size=-1, sym=False, act_order=False, blocksize=128, p
         # lazy batch update of every later column at once
         W[:, i2:] -= Err @ Hinv[i:i2, i2:]
     codes = codes[:, torch.argsort(perm)]
-    return Quantized(codes, scales, zeros.long(), torch.arange(I) // gs)
+    return Quantized(codes, scales, zeros.long(), torch.arange(I, device=W.device) // gs)
 
 
 def proxy_error(W, Q, H):
@@ -214,7 +219,7 @@ def quantize_block(layer, X, cos, sin, settings, rows):
                      "proxy_error_rtn": proxy_error(W, rtn(W, settings["bits"], settings["group_size"],
                                                             settings["sym"]).dequantize(), H)}
             lin.weight.copy_(Q.to(lin.weight.dtype))
-            out[name] = (res, stats)
+            out[name] = (res.cpu(), stats)
     return out
 
 
@@ -228,21 +233,25 @@ def quantize_model(model, tokens, settings, rows=None):
     L = len(model.layers)
     t_start = time.perf_counter()
     if tokens is None:
-        for i, layer in enumerate(model.layers):
+        for i in range(L):
+            layer = placement.on_device(model, i)
             for name in LINEARS:
                 lin = layer.get_submodule(name)
                 res = rtn(lin.weight.float(), settings["bits"], settings["group_size"], settings["sym"])
                 lin.weight.copy_(res.dequantize().to(lin.weight.dtype))
-                results[f"layers.{i}.{name}"] = res
+                results[f"layers.{i}.{name}"] = res.cpu()
             print(f"layer {i:3d}/{L} rounded to nearest (no data); elapsed {time.perf_counter() - t_start:,.1f}s")
         return results, report
     N, T = tokens.shape
     rows = rows or max(1, 4096 // T)
     cos, sin = model.rope(0, T)
-    X = model.embed_tokens(tokens).float()  # (N, T, C)
-    for i, layer in enumerate(model.layers):
+    X = model.embed_tokens(tokens)  # (N, T, C), in the weights' dtype; H is accumulated in fp32
+    for i in range(L):
         t0 = time.perf_counter()
         check_finite(X, f"the calibration activations entering layer {i}")
+        # the layer on its device (a fresh copy when streamed: quantized in place, then let go)
+        layer = placement.on_device(model, i)
+        X = X.to(layer.device)
         for name, (res, stats) in quantize_block(layer, X, cos, sin, settings, rows).items():
             results[f"layers.{i}.{name}"] = res
             report.append({"layer": i, "sublayer": name, **stats})
@@ -342,15 +351,18 @@ def verify_reload(out, results):
 
 def quantize_checkpoint(ckpt, out, method="gptq", bits=4, group_size=128, sym=False, act_order=False, blocksize=128,
                         percdamp=0.01, calib="wikitext2", nsamples=128, seqlen=2048, seed=0, dtype="float16",
-                        data_dir=None, report=None):
+                        data_dir=None, report=None, device=None, compute_dtype=None, devices=None, offload=False):
     """Load `ckpt`, quantize its Linears, write a GPTQ-layout checkpoint to `out` and a JSON report; returns it."""
     from load_weights import load, read_config_dict, resolve, save_checkpoint
 
     t_start = time.perf_counter()
     torch.manual_seed(seed)
+    if placement.is_random(ckpt):
+        raise ValueError(f"{ckpt} has random weights: a quantized checkpoint of them would mean nothing "
+                         f"(benchmarks/gpu_check.py measures GPTQ's memory on random: models)")
     src = resolve(ckpt)
     raw = read_config_dict(src)
-    model, tok = load(src)
+    model, tok, _, _ = placement.load(src, device, compute_dtype, devices, offload)
     check_settings(model, raw, bits, group_size, blocksize, percdamp, method, nsamples)
     ram_dense = ram_bytes(model)
     tokens, calib_desc = None, None
@@ -410,6 +422,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float16", choices=list(DTYPES), help="storage dtype of the unquantized tensors")
     p.add_argument("--data-dir", type=Path, default=None, help="data directory; None: $CLP_DATA, then ./data")
     p.add_argument("--report", type=Path, default=None, help="JSON report path; None: OUT/quantize_report.json")
+    devices.add_arguments(p, dtype_flag="--compute-dtype")
     a = p.parse_args(argv)
     if a.act_order and a.method == "rtn":
         p.error("--act-order only changes GPTQ; RTN has no column order")

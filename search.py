@@ -24,8 +24,10 @@ from pathlib import Path
 
 import torch
 
+import devices
 import excise
 import load_weights
+import placement
 from errors import cli
 from load_weights import write_json
 from gates import ContiguousGate, blocks_to_layers, budget, initial_centres, neighbours, segment_widths, strip, tau_at
@@ -44,7 +46,7 @@ def gate_loss(model, teacher, gate, tau, idx, chunk):
     # layers before the first gated one are (to 1e-4) the dense ones: start from their cached output
     first = first_gated_layer(keep)
     h = run_layers(model, teacher.hidden[first][idx], first, keep=keep)
-    return kl_backward(model, h, teacher.logp[idx], chunk)
+    return kl_backward(model, h, teacher.final[idx], chunk)
 
 
 def minibatches(num_windows, steps, batch_size, seed):
@@ -164,27 +166,41 @@ def search(model, teacher, k, segments=1, starts=4, steps=30, batch_size=1, lr=1
 
 
 
-def make_teacher(model, tokenizer, calib, nsamples, seqlen, seed):
+def make_teacher(model, tokenizer, calib, nsamples, seqlen, seed, cache_device=None):
     """Calibration windows and the cached dense pass over them."""
     tokens, desc = calibration_tokens(tokenizer, calib, nsamples, seqlen, seed, model.cfg.vocab_size)
     t0 = time.perf_counter()
-    teacher = build_teacher(model, tokens, desc)
-    print(f"teacher: {teacher.num_tokens:,} calibration tokens ({desc}), dense pass {time.perf_counter() - t0:.1f} s")
+    teacher = build_teacher(model, tokens, desc, cache_device=cache_device)
+    size = sum(h.numel() * h.element_size() for h in teacher.hidden)
+    print(f"teacher: {teacher.num_tokens:,} calibration tokens ({desc}), dense pass {time.perf_counter() - t0:.1f} s, "
+          f"cache {size / 2**20:,.0f} MiB on {teacher.hidden[0].device}")
     return teacher
 
 
+def random_note(ckpt, report):
+    """Mark a report made from random weights (placement.py random:NAME): no quality figure in it means anything."""
+    if placement.is_random(ckpt):
+        report["random_weights"] = ("seeded random weights of the config's shapes: for memory and speed only; "
+                                    "no KL, block or score in this report measures a real model")
+    return report
+
+
 def run(ckpt, out, prune_layers=None, prune_ratio=None, calib="wikitext2", nsamples=16, seqlen=256, seed=0,
-        dtype="float32", excise_to=None, **gate):
+        device=None, dtype=None, devices=None, offload=False, cache_on_cpu=False, excise_to=None, **gate):
     """search.py as a function: load, cache the teacher, search, write report.json (and the pruned checkpoint).
 
     `gate` holds search()'s settings (segments, starts, steps, batch_size, lr, tau0, tau1, radius, halving, ...).
     """
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k != "gate"} | gate
     t0 = time.perf_counter()
-    model, tokenizer = load_weights.load(ckpt, dtype=getattr(torch, dtype))
-    source, L = load_weights.resolve(ckpt), model.cfg.num_layers
+    if excise_to is not None and placement.is_random(ckpt):
+        raise ValueError(f"{ckpt} has random weights: there is nothing to excise (random: is for memory and speed runs)")
+    model, tokenizer, devs, dt = placement.load(ckpt, device, dtype, devices, offload, seed)
+    settings["placement"] = placement.describe_split(model)
+    source = model.random_source if placement.is_random(ckpt) else load_weights.resolve(ckpt)
+    L = model.cfg.num_layers
     k = budget(L, prune_layers, prune_ratio)
-    teacher = make_teacher(model, tokenizer, calib, nsamples, seqlen, seed)
+    teacher = make_teacher(model, tokenizer, calib, nsamples, seqlen, seed, "cpu" if cache_on_cpu else None)
     print(f"searching for {k} of {L} layers to remove with the gate ({gate})")
     t1 = time.perf_counter()
     result = search(model, teacher, k, seed=seed, **gate)
@@ -200,7 +216,7 @@ def run(ckpt, out, prune_layers=None, prune_ratio=None, calib="wikitext2", nsamp
                               "total": round(time.perf_counter() - t0, 2)},
               "command": " ".join(["python"] + sys.argv), "seed": seed,
               "versions": {"python": platform.python_version(), "torch": torch.__version__}}
-    write_json(Path(out) / "report.json", report)
+    write_json(Path(out) / "report.json", random_note(ckpt, report))
     print(f"report: {Path(out) / 'report.json'}  (search {report['wall_time_s']['total']:.0f} s in all)")
     if excise_to is not None:
         excise.write_pruned(model, source, removed, excise_to, excise.info_from_report(report, Path(out) / "report.json"))
@@ -231,7 +247,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows and minibatch order")
     p.add_argument("--chunk", type=int, default=1024, help="tokens per chunk of the KL (bounds the tokens x vocab memory)")
     p.add_argument("--log-every", type=int, default=1, help="print the gate every this many steps")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the weights during search")
+    devices.add_arguments(p)
+    p.add_argument("--cache-on-cpu", action="store_true", help="keep the teacher's cached states in CPU memory (pinned) while computing on a GPU")
     p.add_argument("--out", type=Path, default=Path("runs/search"), help="directory for report.json")
     p.add_argument("--excise", type=Path, default=None, help="also write the pruned checkpoint to this directory")
     a = p.parse_args(argv)

@@ -1,7 +1,10 @@
 """The teacher: one dense pass over the calibration tokens, cached, and KL(teacher || student) from it.
 
 The dense model (keep = 1) is run once under no_grad. We keep the hidden state at every layer
-boundary, h[0] = embeddings ... h[L] = output of the last layer, and the teacher's log-probabilities.
+boundary, h[0] = embeddings ... h[L] = output of the last layer. The teacher's log-probabilities are not
+stored: they are the final norm and head applied to h[L], recomputed one chunk of tokens at a time
+wherever a KL needs them (a (tokens x vocab) fp32 table would be the largest thing in memory: 4 N T V
+bytes, 0.8 GB for 16 x 256 tokens of a 49 k vocabulary, 134 GB for 128 x 2048 of a 128 k one).
 Because the first changed layer of any student sees exactly the dense input, a student that removes
 layers from `s` on only has to run layers s..L-1 from h[s]: the exhaustive oracle, the one-pass
 baselines and the gate's neighbour check all use that, and the gate search uses the same batches.
@@ -12,18 +15,26 @@ from dataclasses import dataclass
 import torch
 
 import data
+import placement
+from model import follow
 
 
 @dataclass
 class Teacher:
+    """The cached dense pass. Bytes: (L + 1) * N * T * C * bytes(weights' dtype) for `hidden`, on the layers'
+    devices or in (pinned) CPU memory; nothing of size V."""
     tokens: torch.Tensor  # (N, T) calibration windows
     hidden: list  # L + 1 tensors (N, T, C): h[i] is the input of layer i, h[L] the last layer's output
-    logp: torch.Tensor  # (N, T, V) teacher log-probabilities, fp32
     description: str = ""  # which text, how many windows of which length
 
     @property
     def num_tokens(self):
         return self.tokens.numel()
+
+    @property
+    def final(self):
+        """h[L]: the teacher's log-probs are log_probs(model, h[L]), made per chunk when needed."""
+        return self.hidden[-1]
 
 
 def calibration_tokens(tokenizer, source, nsamples, seqlen, seed, vocab_size):
@@ -39,19 +50,27 @@ def calibration_tokens(tokenizer, source, nsamples, seqlen, seed, vocab_size):
 
 
 @torch.no_grad()
-def build_teacher(model, tokens, description="", batch=4):
-    """Run the dense model once; cache every layer boundary and the teacher log-probs."""
+def build_teacher(model, tokens, description="", batch=4, cache_device=None):
+    """Run the dense model once, layer by layer, and cache every layer boundary (in the weights' dtype).
+
+    Layers are the outer loop, so a streamed layer (placement.py --offload) is fetched once for all windows.
+    `cache_device` "cpu" keeps the cache in CPU memory (pinned when the compute is on a GPU).
+    """
     cos, sin = model.rope(0, tokens.shape[1])
-    hidden = [[] for _ in range(model.cfg.num_layers + 1)]
-    logp = []
-    for chunk in tokens.split(batch):
-        x = model.embed_tokens(chunk)  # (b, T, C)
-        hidden[0].append(x)
-        for i, layer in enumerate(model.layers):
-            x = layer(x, cos, sin)
-            hidden[i + 1].append(x)
-        logp.append(log_probs(model, x))
-    return Teacher(tokens, [torch.cat(h) for h in hidden], torch.cat(logp), description)
+    xs = [model.embed_tokens(chunk) for chunk in tokens.split(batch)]  # (b, T, C) each
+    hidden = [keep_cached(torch.cat(xs), cache_device)]
+    for i in range(model.cfg.num_layers):
+        layer = placement.on_device(model, i)
+        xs = [layer(follow(x, layer), cos, sin) for x in xs]
+        hidden.append(keep_cached(torch.cat(xs), cache_device))
+    return Teacher(tokens, hidden, description)
+
+
+def keep_cached(h, cache_device):
+    if cache_device is None or h.device == torch.device(cache_device):
+        return h
+    out = h.to(cache_device)
+    return out.pin_memory() if h.device.type == "cuda" else out
 
 
 def log_probs(model, h):
@@ -65,6 +84,13 @@ def token_kl(model, h, teacher_logp):
     return (teacher_logp.exp() * (teacher_logp - logq)).sum(-1)  # (n,)
 
 
+def chunk_kl(model, h, head, th):
+    """Per-token KL of one chunk: the teacher's log-probs from its final states th through its own norm and head."""
+    with torch.no_grad():
+        tl = log_probs(head, th.to(head.norm.weight.device))  # (chunk, V)
+    return token_kl(model, h, tl.to(h.device))
+
+
 def run_layers(model, x, first, keep=None, removed=()):
     """Layers first..L-1 from hidden state x: skipping `removed`, and weighting each by keep[i] if given.
 
@@ -74,31 +100,36 @@ def run_layers(model, x, first, keep=None, removed=()):
     for i in range(first, model.cfg.num_layers):
         if i in removed:
             continue
+        layer = model.layers[i]
+        x = follow(x, layer)
         if keep is None:
-            x = model.layers[i](x, cos, sin)
+            x = layer(x, cos, sin)
         else:
-            x = x + keep[i].to(x.dtype) * (model.layers[i](x, cos, sin) - x)
+            x = x + keep[i].to(x) * (layer(x, cos, sin) - x)
     return x
 
 
 @torch.no_grad()
-def kl_sum(model, h, teacher_logp, chunk):
-    """Sum of per-token KL over h (..., C), `chunk` tokens at a time so only chunk x V logits live at once."""
-    h, tl = h.reshape(-1, h.shape[-1]), teacher_logp.reshape(-1, teacher_logp.shape[-1])
-    return sum(float(token_kl(model, h[j: j + chunk], tl[j: j + chunk]).sum()) for j in range(0, len(h), chunk))
+def kl_sum(model, h, teacher_h, chunk, head=None):
+    """Sum of per-token KL over h (..., C) against the teacher's final states teacher_h, `chunk` tokens at a
+    time, so only chunk x V logits live at once. `head`: the teacher's norm and head (default: the model's)."""
+    h, th = h.reshape(-1, h.shape[-1]), teacher_h.reshape(-1, teacher_h.shape[-1])
+    return sum(float(chunk_kl(model, h[j: j + chunk], head or model, th[j: j + chunk]).sum())
+               for j in range(0, len(h), chunk))
 
 
-def kl_backward(model, h, teacher_logp, chunk):
+def kl_backward(model, h, teacher_h, chunk, head=None):
     """Mean KL over the tokens of h, and its gradient sent back through h, one chunk of tokens at a time.
 
     h is cut from the graph; each chunk's loss is back-propagated into that detached copy, and the summed
-    gradient then goes through the layers once: memory holds one chunk's (tokens, V) logits, not all.
+    gradient then goes through the layers once: memory holds one chunk's (tokens, V) logits (student and
+    teacher), not all of them.
     """
     hd = h.detach().reshape(-1, h.shape[-1]).requires_grad_()
-    tl = teacher_logp.reshape(-1, teacher_logp.shape[-1])
+    th = teacher_h.reshape(-1, teacher_h.shape[-1])
     n, total = len(hd), 0.0
     for j in range(0, n, chunk):
-        loss = token_kl(model, hd[j: j + chunk], tl[j: j + chunk]).sum() / n
+        loss = chunk_kl(model, hd[j: j + chunk], head or model, th[j: j + chunk]).sum() / n
         loss.backward()
         total += float(loss.detach())
     h.backward(hd.grad.view_as(h))
@@ -113,7 +144,7 @@ def removed_kl(model, teacher, removed, batch=4, chunk=1024):
     total = 0.0
     for j in range(0, len(teacher.tokens), batch):
         x = run_layers(model, teacher.hidden[first][j: j + batch], first, removed=removed)
-        total += kl_sum(model, x, teacher.logp[j: j + batch], chunk)
+        total += kl_sum(model, x, teacher.final[j: j + batch], chunk)
     return total / teacher.num_tokens
 
 

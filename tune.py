@@ -26,11 +26,13 @@ import torch
 from torch import nn
 
 import data
+import devices
 import excise
 import load_weights
+import placement
 from errors import cli, read_json
 from gptq_format import LINEARS
-from teacher import calibration_tokens, eta, log_probs, token_kl
+from teacher import calibration_tokens, eta, kl_backward, kl_sum
 
 
 
@@ -115,36 +117,12 @@ def run_from(model, x, first):
     return x
 
 
-def kl_backward(model, h, teacher, teacher_h, chunk):
-    """Mean KL(p_teacher || p_student) over the tokens of h, back-propagated one chunk of tokens at a time.
-
-    Only a chunk's (tokens, V) logits live at once: each chunk's loss goes back into a detached copy of h,
-    and the summed gradient then goes through the tuned layers in one pass.
-    """
-    hd = h.detach().reshape(-1, h.shape[-1]).requires_grad_()
-    th = teacher_h.reshape(-1, teacher_h.shape[-1])
-    n, total = len(hd), 0.0
-    for j in range(0, n, chunk):
-        with torch.no_grad():
-            tl = log_probs(teacher, th[j: j + chunk])  # (chunk, V)
-        loss = token_kl(model, hd[j: j + chunk], tl).sum() / n
-        loss.backward()
-        total += float(loss.detach())
-    h.backward(hd.grad.view_as(h))
-    return total
-
-
 @torch.no_grad()
 def mean_kl(model, prefix, teacher, teacher_h, first, batch, chunk):
     """Mean KL of the student to the teacher over all cached windows (no gradients)."""
-    total, n = 0.0, 0
-    for j in range(0, len(prefix), batch):
-        h = run_from(model, prefix[j: j + batch], first).reshape(-1, prefix.shape[-1])
-        th = teacher_h[j: j + batch].reshape(-1, prefix.shape[-1])
-        for c in range(0, len(h), chunk):
-            total += float(token_kl(model, h[c: c + chunk], log_probs(teacher, th[c: c + chunk])).sum())
-        n += len(h)
-    return total / n
+    total = sum(kl_sum(model, run_from(model, prefix[j: j + batch], first), teacher_h[j: j + batch], chunk, teacher)
+                for j in range(0, len(prefix), batch))
+    return total / (prefix.shape[0] * prefix.shape[1])
 
 
 # ---------------------------------------------------------------- the loop
@@ -166,7 +144,7 @@ def train(model, params, prefix, teacher, teacher_h, first, steps, batch_size, l
         idx = torch.randint(0, len(prefix), (batch_size,), generator=g)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup)
-        loss = kl_backward(model, run_from(model, prefix[idx], first), teacher, teacher_h[idx], chunk)
+        loss = kl_backward(model, run_from(model, prefix[idx], first), teacher_h[idx], chunk, head=teacher)
         if not math.isfinite(loss):
             raise FloatingPointError(f"the loss became {loss} at step {step + 1}: nothing was written; "
                                      f"try a smaller --lr (now {lr:g})")
@@ -192,12 +170,13 @@ def read_pruning(path):
     return pruning
 
 
-def load_teacher(teacher, pruning, student, dtype, device):
+def load_teacher(teacher, pruning, student, place):
     """The dense model: --teacher, else pruning.json's source; it must share the student's vocabulary and width."""
     name = teacher or (pruning or {}).get("source")
     if name is None:
         raise ValueError("no teacher: the checkpoint has no pruning.json naming its source; give --teacher")
-    dense, _ = load_weights.load(name, dtype=dtype, device=device)
+    refuse_random(name, "teacher")
+    dense = placement.load(name, **place)[0]
     for key in ("vocab_size", "hidden_size", "model_type"):
         if getattr(dense.cfg, key) != getattr(student.cfg, key):
             raise ValueError(f"teacher {name} has {key}={getattr(dense.cfg, key)!r}, "
@@ -231,9 +210,11 @@ def tuned_parameters(model, layers, method, rank, alpha):
 
 def tune(ckpt, out, teacher=None, layers="endpoints", method="full", steps=100, lr=1e-3, batch_size=4,
          nsamples=64, val_samples=8, seqlen=256, calib="wikitext2", seed=0, rank=8, alpha=16.0, warmup=5,
-         clip=1.0, chunk=1024, dtype="float32", device="cpu", log_every=10):
+         clip=1.0, chunk=1024, device=None, dtype=None, devices=None, log_every=10):
     """tune.py as a function: load, cache teacher and frozen prefix, train the chosen layers, write `out`."""
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
+    refuse_random(ckpt, "checkpoint")
+    place = dict(device=device, dtype=dtype, devices_=devices)
     if min(steps, batch_size, nsamples, val_samples) < 1 or not lr > 0:
         raise ValueError("--steps, --batch-size, --nsamples and --val-samples must be at least 1, --lr positive")
     t0 = time.perf_counter()
@@ -241,11 +222,11 @@ def tune(ckpt, out, teacher=None, layers="endpoints", method="full", steps=100, 
     if load_weights.read_config_dict(source).get("quantization_config"):
         raise ValueError(f"{source} is quantized: tune the pruned checkpoint first, then quantize it")
     pruning = read_pruning(source)
-    model, tokenizer = load_weights.load(source, dtype=getattr(torch, dtype), device=device)
+    model, tokenizer, devs, _ = placement.load(source, **place)
     chosen = choose_layers(layers, pruning, model.cfg.num_layers)
     train_t, val_t, desc = split_text_tokens(tokenizer, calib, nsamples, val_samples, seqlen, seed, model.cfg.vocab_size)
-    head, teacher_name, (teacher_h, val_teacher_h) = teacher_cache(teacher, pruning, model, (train_t, val_t), dtype, device)
-    prefix, val_prefix = (frozen_prefix(model, t.to(device), chosen[0]) for t in (train_t, val_t))
+    head, teacher_name, (teacher_h, val_teacher_h) = teacher_cache(teacher, pruning, model, (train_t, val_t), place)
+    prefix, val_prefix = (frozen_prefix(model, t, chosen[0]) for t in (train_t, val_t))
     kl_before = mean_kl(model, val_prefix, head, val_teacher_h, chosen[0], batch_size, chunk)
     t1 = time.perf_counter()
     print(f"tuning pruned layers {chosen} ({method}) of {model.cfg.num_layers} against {teacher_name}; "
@@ -274,13 +255,20 @@ def tune(ckpt, out, teacher=None, layers="endpoints", method="full", steps=100, 
     return report
 
 
-def teacher_cache(teacher, pruning, student, token_sets, dtype, device):
+def teacher_cache(teacher, pruning, student, token_sets, place):
     """(head, name, last hidden states per token set) of the dense teacher. `head` is the teacher without its
-    layers: its own final norm and output head turn the cached states into its log-probs."""
-    dense, name = load_teacher(teacher, pruning, student, getattr(torch, dtype), device)
-    states = [teacher_states(dense, t.to(device)) for t in token_sets]
+    layers: its own final norm and output head turn the cached states into its log-probs.
+    Bytes: (N + N_val) * T * C * bytes(dtype) for the states, plus the teacher's norm and head."""
+    dense, name = load_teacher(teacher, pruning, student, place)
+    states = [teacher_states(dense, t) for t in token_sets]
     dense.layers = nn.ModuleList()  # the layers are done with; keep norm, head (and the tied embedding)
     return dense, name, states
+
+
+def refuse_random(ckpt, what):
+    if placement.is_random(ckpt):
+        raise ValueError(f"{what} {ckpt} has random weights: tuning needs a real model (random: is for memory "
+                         f"and speed runs of search, baselines, quantize and eval)")
 
 
 def write_tuned(model, source, out, report):
@@ -318,8 +306,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=5, help="linear warm-up steps before the cosine decay")
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
     p.add_argument("--chunk", type=int, default=1024, help="tokens per chunk of the KL (bounds the tokens x vocab memory)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of weights and training")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device to run on")
+    devices.add_arguments(p, offload=False)
     p.add_argument("--log-every", type=int, default=10, help="print the mean loss every this many steps")
     a = p.parse_args(argv)
     tune(**vars(a))

@@ -8,7 +8,7 @@ import baselines
 import load_weights
 import search
 from conftest import FIXTURES
-from teacher import build_teacher, kl_backward, removed_kl, token_kl
+from teacher import build_teacher, kl_backward, log_probs, removed_kl, token_kl
 
 
 def teacher_for(model, n=4, T=32, seed=0):
@@ -40,12 +40,13 @@ def test_chunked_kl_gradient_equals_plain_autograd():
     teacher = teacher_for(model, n=2, T=24)
     keep = torch.tensor([1.0, 0.9, 0.3, 0.5, 1.0, 0.8], requires_grad=True)
     h = search.run_layers(model, teacher.hidden[0], 0, keep=keep)
-    loss = kl_backward(model, h, teacher.logp, chunk=7)
+    loss = kl_backward(model, h, teacher.final, chunk=7)
     grad_chunked = keep.grad.clone()
     keep.grad = None
-    # the same loss in one piece, straight through model.forward
+    # the same loss in one piece, straight through model.forward, the teacher's log-probs from its logits
     logq = model(teacher.tokens, keep=keep).float().log_softmax(-1)
-    plain = (teacher.logp.exp() * (teacher.logp - logq)).sum(-1).mean()
+    logp = model(teacher.tokens).float().log_softmax(-1)
+    plain = (logp.exp() * (logp - logq)).sum(-1).mean()
     plain.backward()
     assert loss == pytest.approx(float(plain.detach()), rel=1e-5)
     torch.testing.assert_close(grad_chunked, keep.grad, rtol=1e-4, atol=1e-6)
@@ -114,7 +115,7 @@ def test_token_kl_is_zero_for_the_teacher_itself():
     model, _ = load_weights.load(FIXTURES / "tiny-llama2")
     teacher = teacher_for(model, n=1, T=8)
     h = teacher.hidden[-1].reshape(-1, model.cfg.hidden_size)
-    kl = token_kl(model, h, teacher.logp.reshape(h.shape[0], -1))
+    kl = token_kl(model, h, log_probs(model, h))
     assert kl.abs().max() < 1e-5
 
 

@@ -1,0 +1,70 @@
+"""Where and in what precision the tools compute: the --device, --dtype, --devices and --offload flags.
+
+Every CLI adds these flags with `add_arguments(parser)` and turns them into a list of torch devices and a
+dtype with `resolve(...)`. Defaults: CUDA when it is visible, else the CPU; bfloat16 on a GPU, float32 on
+the CPU. The gate, the KL and GPTQ's Hessian stay in float32 whatever the weights' dtype (the callers cast).
+"""
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_arguments(p, dtype_flag="--dtype", several=True, offload=True):
+    """The device flags of one CLI; `dtype_flag` names the compute dtype flag where --dtype means something else."""
+    p.add_argument("--device", default=None, help="device to compute on (cpu, cuda, cuda:1); None: cuda when visible, else cpu")
+    p.add_argument(dtype_flag, default=None, choices=list(DTYPES), dest="compute_dtype" if dtype_flag != "--dtype" else "dtype",
+                   help="dtype of the weights and activations; None: bfloat16 on a GPU, float32 on the CPU")
+    if several:
+        p.add_argument("--devices", default=None,
+                       help="several devices, e.g. cuda:0,cuda:1, or auto (every visible GPU): contiguous slices of layers "
+                            "on each, balanced by memory")
+    if offload:
+        p.add_argument("--offload", action="store_true",
+                       help="keep the weights in CPU memory and bring one layer at a time to the device")
+
+
+def parse_device(name):
+    """A torch.device for `name`, or a one-line error when it names a CUDA device that is not there."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}, "
+                             f"no visible GPU); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+        dev = torch.device("cuda", dev.index or 0)
+    elif dev.type != "cpu":
+        raise ValueError(f"device {name!r} is not supported: use cpu, cuda or cuda:N")
+    return dev
+
+
+def resolve(device=None, dtype=None, devices=None, offload=False):
+    """(list of devices, dtype) from the flags; one device unless --devices names several."""
+    if devices is not None and device is not None:
+        raise ValueError("give --device or --devices, not both")
+    if devices == "auto":
+        if not torch.cuda.is_available():
+            raise ValueError("--devices auto: CUDA is not available on this machine; use --device cpu")
+        devs = [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    elif devices is not None:
+        devs = [parse_device(d.strip()) for d in devices.split(",") if d.strip()]
+        if not devs:
+            raise ValueError(f"--devices {devices!r} names no device")
+    else:
+        devs = [parse_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))]
+    if offload and len(devs) > 1:
+        raise ValueError("--offload streams layers to one device: give one --device, not several --devices")
+    if dtype is None:
+        dtype = "bfloat16" if devs[0].type == "cuda" else "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    return devs, DTYPES[dtype]
+
+
+def describe(devs, dtype, offload=False):
+    """'cuda:0,cuda:1 bfloat16' (+ ', weights streamed from CPU memory')."""
+    text = ",".join(str(d) for d in devs) + " " + str(dtype).removeprefix("torch.")
+    return text + (", weights streamed from CPU memory one layer at a time" if offload else "")
