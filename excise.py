@@ -146,6 +146,8 @@ def info_from_report(report, path=None):
 
 def excise(ckpt, out, layers=None, report=None):
     """Load `ckpt`, remove `layers` (a spec like '17-22') or the block of a search `report`, write `out`."""
+    if str(ckpt).startswith("random:"):
+        raise ValueError(f"{ckpt} has random weights: there is nothing to excise (random: is for memory and speed runs)")
     source = load_weights.resolve(ckpt)
     # load in the stored dtype: no up-cast copy of a large bf16 checkpoint
     model, _ = load_weights.load(source, dtype=source_dtype(load_weights.read_config_dict(source)))

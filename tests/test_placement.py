@@ -1,0 +1,157 @@
+"""Devices, slices of layers over several devices, streamed (offloaded) layers, random: models.
+
+There is no GPU here, so "several devices" is cpu,cpu and streaming is CPU -> CPU: the same code path
+(pinned forwards, hidden states following their layers, fresh layer copies, checkpointed backward) as
+on GPUs, checked against the plain in-memory model.
+"""
+import json
+
+import pytest
+import torch
+
+import devices
+import excise
+import load_weights
+import placement
+import quantize
+import search
+import tune
+from conftest import FIXTURES, need
+from teacher import build_teacher, kl_backward, removed_kl, run_layers
+
+TINY = "tiny-llama3"
+MODES = {"cpu,cpu": dict(devices_="cpu,cpu"), "offload": dict(device="cpu", offload=True)}
+
+
+def placed(mode, name=TINY, **kw):
+    return placement.load(need(FIXTURES / name), **MODES[mode], **kw)[0]
+
+
+def tokens(n=3, T=20, seed=0):
+    return torch.randint(0, 512, (n, T), generator=torch.Generator().manual_seed(seed))
+
+
+def gate_grad(model, ids):
+    """Gradient of the chunked KL with respect to a soft keep vector, as one gate step computes it."""
+    teacher = build_teacher(model, ids)
+    keep = torch.tensor([1.0, 0.9, 0.3, 0.5, 1.0, 0.8], requires_grad=True)
+    h = run_layers(model, teacher.hidden[1], 1, keep=keep)
+    loss = kl_backward(model, h, teacher.final, chunk=16)
+    return loss, keep.grad
+
+
+def test_split_layers_balances_bytes_and_keeps_slices_contiguous():
+    # 8 layers of 10 bytes, embedding 20 on the first device, head 20 on the last: 120 bytes, 60 each
+    assert placement.split_layers(8, 10, 20, 20, [1, 1]) == [0, 0, 0, 0, 1, 1, 1, 1]
+    # a device with three times the free memory takes three times the share
+    assert placement.split_layers(8, 10, 0, 0, [1, 3]) == [0, 0, 1, 1, 1, 1, 1, 1]
+    # the embedding's weight pushes layers off the first device
+    assert placement.split_layers(4, 10, 30, 0, [1, 1]) == [0, 1, 1, 1]
+    split = placement.split_layers(80, 1, 2, 2, [1, 1, 1, 1])
+    assert split == sorted(split) and set(split) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_logits_and_gate_gradients_equal_the_plain_model(mode):
+    plain, _ = load_weights.load(need(FIXTURES / TINY))
+    model = placed(mode)
+    ids = tokens()
+    assert torch.equal(model(ids), plain(ids))
+    keep = torch.tensor([1.0, 0.2, 0.7, 0.0, 1.0, 0.5])
+    assert torch.equal(model(ids, keep=keep), plain(ids, keep=keep))
+    loss, grad = gate_grad(model, ids)
+    want_loss, want_grad = gate_grad(plain, ids)
+    assert loss == want_loss and grad.abs().sum() > 0
+    torch.testing.assert_close(grad, want_grad, rtol=0, atol=0)
+    assert removed_kl(model, build_teacher(model, ids), [2, 3]) == removed_kl(plain, build_teacher(plain, ids), [2, 3])
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_offload_keeps_the_stored_weights_and_streams_the_compute_dtype():
+    model = placed("offload", dtype="bfloat16")
+    # the layers stay as stored (fp32 safetensors, memory-mapped), the resident parts are in bf16
+    assert model.layers[0].mlp.up_proj.weight.dtype == torch.float32
+    assert model.embed_tokens.weight.dtype == torch.bfloat16
+    fresh = placement.on_device(model, 0)
+    assert fresh.mlp.up_proj.weight.dtype == torch.bfloat16
+    assert fresh.mlp.up_proj.weight.data_ptr() != model.layers[0].mlp.up_proj.weight.data_ptr()
+    assert model(tokens()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_gptq_codes_equal_the_plain_model(mode):
+    settings = dict(method="gptq", bits=4, group_size=32, sym=False, act_order=False, blocksize=128, percdamp=0.01)
+    ids = tokens(4, 32, seed=1)
+    plain, _ = load_weights.load(need(FIXTURES / TINY))
+    model = placed(mode)
+    want, _ = quantize.quantize_model(plain, ids, settings)
+    got, _ = quantize.quantize_model(model, ids, settings)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name].codes, want[name].codes), name
+        assert torch.equal(got[name].scales, want[name].scales), name
+
+
+def test_tuned_weights_equal_on_two_slices(tmp_path):
+    src = need(FIXTURES / TINY)
+    excise.excise(src, tmp_path / "pruned", layers="2-3")
+    kw = dict(steps=3, lr=3e-3, batch_size=2, nsamples=4, val_samples=2, seqlen=16, log_every=100)
+    one = tune.tune(tmp_path / "pruned", tmp_path / "one", device="cpu", **kw)
+    two = tune.tune(tmp_path / "pruned", tmp_path / "two", devices="cpu,cpu", **kw)
+    assert one["losses"] == two["losses"]
+    a, b = load_weights.load(tmp_path / "one")[0], load_weights.load(tmp_path / "two")[0]
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_bf16_search_picks_the_fp32_block():
+    """On a fixture (the embedded model's bf16-vs-fp32 search is measured in docs/scale-devices.md)."""
+    blocks = []
+    for dtype in ("float32", "bfloat16"):
+        model = placement.load(need(FIXTURES / "tiny-qwen2"), device="cpu", dtype=dtype)[0]
+        teacher = build_teacher(model, tokens(8, 32, seed=2))
+        res = search.search(model, teacher, 2, starts=2, steps=6, log_every=100)
+        blocks.append(res["removed_layers"])
+    assert blocks[0] == blocks[1]
+
+
+def test_random_models_are_seeded_marked_and_refused_where_quality_matters(tmp_path, capsys):
+    name = f"random:{need(FIXTURES / TINY)}"
+    a = placement.load(name, device="cpu", seed=3)[0]
+    b = placement.load(name, device="cpu", offload=True, seed=3)[0]
+    c = placement.load(name, device="cpu", seed=4)[0]
+    ids = tokens()
+    assert torch.equal(a(ids), b(ids)) and not torch.equal(a(ids), c(ids))
+    assert "random weights" in capsys.readouterr().out
+    rep = search.run(name, tmp_path / "s", prune_layers=2, nsamples=2, seqlen=8, device="cpu", steps=2, starts=1)
+    assert "random weights" in rep["random_weights"]
+    assert "random_weights" in json.loads((tmp_path / "s" / "report.json").read_text())
+    with pytest.raises(ValueError, match="random weights"):
+        excise.excise(name, tmp_path / "e", layers="1")
+    with pytest.raises(ValueError, match="random weights"):
+        tune.tune(name, tmp_path / "t")
+    with pytest.raises(ValueError, match="random weights"):
+        search.run(name, tmp_path / "s2", prune_layers=2, excise_to=tmp_path / "e")
+    with pytest.raises(FileNotFoundError, match="configs/no-such-model"):
+        placement.load("random:no-such-model", device="cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_cuda_is_a_one_line_error(capsys):
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        devices.resolve("cuda")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        devices.resolve(devices="auto")
+    with pytest.raises(SystemExit):
+        search.main(["--ckpt", str(FIXTURES / TINY), "--prune-layers", "2", "--device", "cuda"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "CUDA is not available" in err
+    with pytest.raises(ValueError, match="not both"):
+        devices.resolve("cpu", devices="cpu,cpu")
+    with pytest.raises(ValueError, match="one device"):
+        devices.resolve(devices="cpu,cpu", offload=True)
+
+
+def test_defaults_follow_the_device():
+    assert devices.resolve("cpu") == ([torch.device("cpu")], torch.float32)
+    assert devices.resolve("cpu", "bfloat16")[1] == torch.bfloat16
