@@ -155,3 +155,11 @@ def test_cuda_without_cuda_is_a_one_line_error(capsys):
 def test_defaults_follow_the_device():
     assert devices.resolve("cpu") == ([torch.device("cpu")], torch.float32)
     assert devices.resolve("cpu", "bfloat16")[1] == torch.bfloat16
+
+
+def test_gpu_check_runs_in_smoke_mode():
+    import benchmarks.gpu_check as gc
+
+    text = gc.report(smoke=True, device=torch.device("cpu"))
+    assert "| tiny-qwen3 |" in text and "teacher pass, --offload" in text and "GPTQ of layer 0" in text
+    assert text.count("-> 4 |") == 2  # both latency rows: 6 layers, 30% excised
