@@ -94,6 +94,14 @@ def copy_weight(name, p, device, dtype):
     return p.to(device, dtype)
 
 
+def move(module, device, dtype):
+    """Module to `device`, its parameters to `dtype`; buffers keep theirs (a quantized Linear's fp16 scales)."""
+    module.to(device)
+    for p in module.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
 def move_inputs(module, args):
     return (args[0].to(module.weight.device),) + args[1:]
 
@@ -113,20 +121,20 @@ def place(model, devs, dtype, offload=False, fetch=copy_weight, where=None):
     """Put `model` (any device, weights in any dtype) on `devs` in `dtype`; see the module docstring."""
     where = where or layer_devices(model, devs, dtype, offload)
     first, last = devs[0], where[-1]
-    model.embed_tokens.to(first, dtype)
-    model.norm.to(last, dtype)
+    move(model.embed_tokens, first, dtype)
+    move(model.norm, last, dtype)
     if model.cfg.tie_word_embeddings and first != last:
         # the head sits on the last device: it needs its own copy of the tied embedding there
         model.lm_head.weight = torch.nn.Parameter(model.embed_tokens.weight.detach().to(last), requires_grad=False)
     else:
-        model.lm_head.to(last, dtype)
+        move(model.lm_head, last, dtype)
     model.embed_tokens.register_forward_pre_hook(move_inputs)
     model.inv_freq = rope_frequencies(model.cfg).to(first)
     for i, (layer, dev) in enumerate(zip(model.layers, where)):
         if offload:
             stream(layer, i, dev, dtype, fetch)
         else:
-            layer.to(dev, dtype)
+            move(layer, dev, dtype)
             pin(layer, dev)
     model.devices = where
     return model
@@ -209,11 +217,13 @@ def load(ckpt, device=None, dtype=None, devices_=None, offload=False, seed=0):
         print(f"note: {ckpt} has seeded random weights (seed {seed}): for memory and speed only, "
               f"no quality figure means anything")
     else:
+        quantized = bool(load_weights.read_config_dict(load_weights.resolve(ckpt)).get("quantization_config"))
+        if offload and quantized:
+            raise ValueError(f"{ckpt} is quantized: --offload streams plain layers only; use --device or --devices")
         # several devices or streaming: the weights first stay as stored (memory-mapped, no copy)
         simple = len(devs) == 1 and not offload
-        model, tok = load_weights.load(ckpt, dtype=dt if simple else None, device=devs[0] if simple else "cpu")
-        if offload and load_weights.read_config_dict(load_weights.resolve(ckpt)).get("quantization_config"):
-            raise ValueError(f"{ckpt} is quantized: --offload streams plain layers only; use --device or --devices")
+        model, tok = load_weights.load(ckpt, dtype=dt if simple or quantized else None,
+                                       device=devs[0] if simple else "cpu")
         place(model, devs, dt, offload)
     print(f"placement: {describe_split(model)}, {str(dt).removeprefix('torch.')}")
     return model, tok, devs, dt
