@@ -30,6 +30,7 @@ import excise
 import load_weights
 import placement
 from gates import budget
+from devices import peak_memory
 from errors import cli
 from load_weights import write_json
 from search import make_teacher, random_note, span
@@ -111,6 +112,7 @@ def run(ckpt, method, out, prune_layers=None, prune_ratio=None, calib="wikitext2
               "wall_time_s": {"load_and_teacher": round(t1 - t0, 2), "method": round(t2 - t1, 2)},
               "command": " ".join(["python"] + sys.argv),
               "versions": {"python": platform.python_version(), "torch": torch.__version__}}
+    report["peak_memory_bytes"] = peak_memory(devs)
     write_json(Path(out) / "report.json", random_note(ckpt, report))
     return report
 

@@ -68,3 +68,15 @@ def describe(devs, dtype, offload=False):
     """'cuda:0,cuda:1 bfloat16' (+ ', weights streamed from CPU memory')."""
     text = ",".join(str(d) for d in devs) + " " + str(dtype).removeprefix("torch.")
     return text + (", weights streamed from CPU memory one layer at a time" if offload else "")
+
+
+def peak_memory(devs):
+    """{device: peak bytes}: CUDA's max_memory_allocated per GPU, the process's peak RSS for the CPU."""
+    out = {}
+    for d in dict.fromkeys(devs):
+        if d.type == "cuda":
+            out[str(d)] = torch.cuda.max_memory_allocated(d)
+        else:
+            import resource
+            out["cpu (peak RSS)"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return out

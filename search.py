@@ -28,6 +28,7 @@ import devices
 import excise
 import load_weights
 import placement
+from devices import peak_memory
 from errors import cli
 from load_weights import write_json
 from gates import ContiguousGate, blocks_to_layers, budget, initial_centres, neighbours, segment_widths, strip, tau_at
@@ -216,7 +217,9 @@ def run(ckpt, out, prune_layers=None, prune_ratio=None, calib="wikitext2", nsamp
                               "total": round(time.perf_counter() - t0, 2)},
               "command": " ".join(["python"] + sys.argv), "seed": seed,
               "versions": {"python": platform.python_version(), "torch": torch.__version__}}
+    report["peak_memory_bytes"] = peak_memory(devs)
     write_json(Path(out) / "report.json", random_note(ckpt, report))
+    print("peak memory: " + ", ".join(f"{d} {b / 2**30:,.2f} GiB" for d, b in report["peak_memory_bytes"].items()))
     print(f"report: {Path(out) / 'report.json'}  (search {report['wall_time_s']['total']:.0f} s in all)")
     if excise_to is not None:
         excise.write_pruned(model, source, removed, excise_to, excise.info_from_report(report, Path(out) / "report.json"))
