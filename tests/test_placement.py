@@ -163,3 +163,17 @@ def test_gpu_check_runs_in_smoke_mode():
     text = gc.report(smoke=True, device=torch.device("cpu"))
     assert "| tiny-qwen3 |" in text and "teacher pass, --offload" in text and "GPTQ of layer 0" in text
     assert text.count("-> 4 |") == 2  # both latency rows: 6 layers, 30% excised
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_kv_cache_decoding_and_eval_run_through_the_placement(mode, tmp_path):
+    import eval as ev
+
+    plain, _ = load_weights.load(need(FIXTURES / TINY))
+    model = placed(mode)
+    prompt = tokens(1, 8)
+    assert torch.equal(model.generate(prompt, 6), plain.generate(prompt, 6))
+    res = ev.run(str(FIXTURES / TINY), latency=True, seqlen=16, new_tokens=2, json_out=tmp_path / "e.json",
+                 **{"devices": MODES[mode].get("devices_"), "device": MODES[mode].get("device"),
+                    "offload": MODES[mode].get("offload", False)})
+    assert res["latency"]["decode_tok_s"] > 0 and res["settings"]["offload"] == (mode == "offload")
