@@ -25,7 +25,6 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import eval as ev  # noqa: E402
 import placement  # noqa: E402
 import quantize  # noqa: E402
 import search  # noqa: E402
@@ -45,6 +44,37 @@ SMOKE = dict(latency_models=[str(FIXTURES / "tiny-llama2"), str(FIXTURES / "tiny
 
 def gib(n):
     return f"{n / 2**30:,.2f} GiB"
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif Path("/proc/self/clear_refs").exists():
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: peak RSS (VmHWM) restarts from the current RSS
+
+
+def peak(device):
+    """(bytes, what was measured)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024, "process peak RSS"
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
 
 
 # ---------------------------------------------------------------- 1. fixture logits in bf16
@@ -93,8 +123,10 @@ def latency_row(name, device, s):
     times = {m: {"pre": [], "dec": []} for m in ("dense", "pruned")}
     for r in range(s["runs"] + 1):  # run 0 warms up
         for m, net in (("dense", model), ("pruned", pruned)):
-            pre = ev.prefill_seconds(net, x, device)
-            dec = ev.greedy_decode(net, prompt, s["decode"], device)[1]
+            pre = seconds(lambda: net(x), device)
+            # decode alone: generating n tokens minus generating 1 (the prompt's prefill and first token)
+            dec = (seconds(lambda: net.generate(prompt, s["decode"] + 1), device)
+                   - seconds(lambda: net.generate(prompt, 1), device))
             if r:
                 times[m]["pre"].append(pre)
                 times[m]["dec"].append(dec)
@@ -120,9 +152,9 @@ def free(device):
 
 def measured(device, fn):
     """(result, peak bytes during fn, what was measured)."""
-    ev.reset_peak_memory(device)
+    reset_peak(device)
     out = fn()
-    return (out, *ev.peak_memory(device))
+    return (out, *peak(device))
 
 
 def search_memory(s, device):
@@ -175,16 +207,16 @@ def offload_row(s, device):
     n, T = s["offload_tokens"]
     ids = torch.randint(model.cfg.vocab_size, (n, T), generator=torch.Generator().manual_seed(0))
     t0 = time.perf_counter()
-    teacher, peak, kind = measured(device, lambda: build_teacher(model, ids, cache_device="cpu"))
-    ev.sync(device)
-    seconds = time.perf_counter() - t0
+    teacher, peak_b, kind = measured(device, lambda: build_teacher(model, ids, cache_device="cpu"))
+    sync(device)
+    took = time.perf_counter() - t0
     layer_bytes = sum(t.numel() * t.element_size() for t in cpu.values())
     L = model.cfg.num_layers
     del model, teacher
     free(device)
     return (f"| {Path(s['offload_model']).name} teacher pass, --offload, {n} x {T} tokens, cache in CPU memory | "
-            f"{gib(peak)} | {seconds:.1f} s, {L} layers x {gib(layer_bytes)} streamed "
-            f"({L * layer_bytes / seconds / 2**30:.1f} GiB/s) |")
+            f"{gib(peak_b)} | {took:.1f} s, {L} layers x {gib(layer_bytes)} streamed "
+            f"({L * layer_bytes / took / 2**30:.1f} GiB/s) |")
 
 
 # ---------------------------------------------------------------- report
