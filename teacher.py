@@ -138,13 +138,20 @@ def kl_backward(model, h, teacher_h, chunk, head=None):
 
 @torch.no_grad()
 def removed_kl(model, teacher, removed, batch=4, chunk=1024):
-    """Mean calibration KL of the model with the layers in `removed` skipped (keep = 0 there)."""
+    """Mean calibration KL of the model with the layers in `removed` skipped (keep = 0 there).
+
+    Layers are the outer loop (all windows through one layer, then the next), so a streamed layer is
+    fetched once per block scored; the windows' states in flight take as much memory as one cached h[i].
+    """
     removed = set(removed)
     first = min(removed)
-    total = 0.0
-    for j in range(0, len(teacher.tokens), batch):
-        x = run_layers(model, teacher.hidden[first][j: j + batch], first, removed=removed)
-        total += kl_sum(model, x, teacher.final[j: j + batch], chunk)
+    cos, sin = model.rope(0, teacher.tokens.shape[1])
+    xs = teacher.hidden[first].split(batch)
+    for i in range(first, model.cfg.num_layers):
+        if i not in removed:
+            layer = placement.on_device(model, i)
+            xs = [layer(follow(x, layer), cos, sin) for x in xs]
+    total = sum(kl_sum(model, x, th, chunk) for x, th in zip(xs, teacher.final.split(batch)))
     return total / teacher.num_tokens
 
 
