@@ -409,7 +409,7 @@ def run(ckpt, compare=None, teacher=None, ppl=(), ppl_windows=None, tasks=(), li
         offload=False, data_dir=None, json_out=None):
     """Evaluate `ckpt` (and `compare` against it); print the table; write the JSON result. Returns the result."""
     t0 = time.perf_counter()
-    place = dict(device=device, dtype=dtype, devices_=devices, offload=offload)
+    place = dict(device=device, dtype=dtype, devices=devices, offload=offload)
     model, tok, device, dtype = load_model(ckpt, place)
     opts = dict(tasks=tasks, limit=limit, latency_runs=runs if latency else 0, seqlen=seqlen, new_tokens=new_tokens,
                 batch_size=batch_size, kl_chunk=kl_chunk, bos=bos, data_dir=data_dir, device=device)

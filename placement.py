@@ -13,12 +13,13 @@ first moves its inputs there; the decoder loops move the hidden state to the nex
   its forward instead of keeping its weights and activations alive.
 """
 import zlib
+from pathlib import Path
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-import devices
 import load_weights
+from devices import resolve as resolve_flags
 from model import Block, Transformer, rope_frequencies
 
 
@@ -163,8 +164,6 @@ def is_random(ckpt):
 
 def random_config(ckpt):
     """config.json of `random:NAME` (configs/NAME/config.json in the repository) or `random:DIR`."""
-    from pathlib import Path
-
     name = str(ckpt)[len(RANDOM):]
     here = Path(__file__).resolve().parent / "configs" / name
     path = Path(name).expanduser() if Path(name).expanduser().is_dir() else here
@@ -209,9 +208,9 @@ def random_model(ckpt, devs, dtype, offload=False, seed=0):
 
 # ---------------------------------------------------------------- loading for the CLIs
 
-def load(ckpt, device=None, dtype=None, devices_=None, offload=False, seed=0):
+def load(ckpt, device=None, dtype=None, devices=None, offload=False, seed=0):
     """(model, tokenizer, devices, dtype) for a checkpoint or random:NAME, placed as the flags say."""
-    devs, dt = devices.resolve(device, dtype, devices_, offload)
+    devs, dt = resolve_flags(device, dtype, devices, offload)
     if is_random(ckpt):
         model, tok = random_model(ckpt, devs, dt, offload, seed)
         print(f"note: {ckpt} has seeded random weights (seed {seed}): for memory and speed only, "

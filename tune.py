@@ -214,7 +214,7 @@ def tune(ckpt, out, teacher=None, layers="endpoints", method="full", steps=100, 
     """tune.py as a function: load, cache teacher and frozen prefix, train the chosen layers, write `out`."""
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
     refuse_random(ckpt, "checkpoint")
-    place = dict(device=device, dtype=dtype, devices_=devices)
+    place = dict(device=device, dtype=dtype, devices=devices)
     if min(steps, batch_size, nsamples, val_samples) < 1 or not lr > 0:
         raise ValueError("--steps, --batch-size, --nsamples and --val-samples must be at least 1, --lr positive")
     t0 = time.perf_counter()

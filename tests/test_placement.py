@@ -20,7 +20,7 @@ from conftest import FIXTURES, need
 from teacher import build_teacher, kl_backward, removed_kl, run_layers
 
 TINY = "tiny-llama3"
-MODES = {"cpu,cpu": dict(devices_="cpu,cpu"), "offload": dict(device="cpu", offload=True)}
+MODES = {"cpu,cpu": dict(devices="cpu,cpu"), "offload": dict(device="cpu", offload=True)}
 
 
 def placed(mode, name=TINY, **kw):
@@ -174,6 +174,6 @@ def test_kv_cache_decoding_and_eval_run_through_the_placement(mode, tmp_path):
     prompt = tokens(1, 8)
     assert torch.equal(model.generate(prompt, 6), plain.generate(prompt, 6))
     res = ev.run(str(FIXTURES / TINY), latency=True, seqlen=16, new_tokens=2, json_out=tmp_path / "e.json",
-                 **{"devices": MODES[mode].get("devices_"), "device": MODES[mode].get("device"),
+                 **{"devices": MODES[mode].get("devices"), "device": MODES[mode].get("device"),
                     "offload": MODES[mode].get("offload", False)})
     assert res["latency"]["decode_tok_s"] > 0 and res["settings"]["offload"] == (mode == "offload")
