@@ -53,7 +53,8 @@ def exhaustive(model, teacher, k, quiet=False):
 
 def mean_cosine(x, y):
     """Mean over tokens of cos(x_t, y_t), in fp32, for (N, T, C) hidden states."""
-    return float(F.cosine_similarity(x.float(), y.float(), dim=-1).mean())
+    # on several devices h[i] and h[i+1] can sit on two of them
+    return float(F.cosine_similarity(x.float(), y.to(x.device).float(), dim=-1).mean())
 
 
 def block_influence(teacher):
