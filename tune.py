@@ -268,7 +268,7 @@ def teacher_cache(teacher, pruning, student, token_sets, place):
 def refuse_random(ckpt, what):
     if placement.is_random(ckpt):
         raise ValueError(f"{what} {ckpt} has random weights: tuning needs a real model (random: is for memory "
-                         f"and speed runs of search, baselines, quantize and eval)")
+                         f"and speed runs of search, baselines and eval)")
 
 
 def write_tuned(model, source, out, report):
