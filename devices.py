@@ -6,6 +6,8 @@ the CPU. The gate, the KL and GPTQ's Hessian stay in float32 whatever the weight
 """
 import torch
 
+from errors import UserError, check_device
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -24,43 +26,35 @@ def add_arguments(p, dtype_flag="--dtype", several=True, offload=True):
 
 
 def parse_device(name):
-    """A torch.device for `name`, or a one-line error when it names a CUDA device that is not there."""
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+    """A torch.device for `name`, or a one-line error when this machine lacks it (errors.check_device)."""
+    dev = check_device(name)
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}, "
-                             f"no visible GPU); use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-        dev = torch.device("cuda", dev.index or 0)
-    elif dev.type != "cpu":
-        raise ValueError(f"device {name!r} is not supported: use cpu, cuda or cuda:N")
+        return torch.device("cuda", dev.index or 0)
+    if dev.type != "cpu":
+        raise UserError(f"--device {name}: only cpu and cuda devices are supported")
     return dev
 
 
 def resolve(device=None, dtype=None, devices=None, offload=False):
     """(list of devices, dtype) from the flags; one device unless --devices names several."""
     if devices is not None and device is not None:
-        raise ValueError("give --device or --devices, not both")
+        raise UserError("give --device or --devices, not both")
     if devices == "auto":
         if not torch.cuda.is_available():
-            raise ValueError("--devices auto: CUDA is not available on this machine; use --device cpu")
+            raise UserError("--devices auto: CUDA is not available on this machine; use --device cpu")
         devs = [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
     elif devices is not None:
         devs = [parse_device(d.strip()) for d in devices.split(",") if d.strip()]
         if not devs:
-            raise ValueError(f"--devices {devices!r} names no device")
+            raise UserError(f"--devices {devices!r} names no device")
     else:
         devs = [parse_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))]
     if offload and len(devs) > 1:
-        raise ValueError("--offload streams layers to one device: give one --device, not several --devices")
+        raise UserError("--offload streams layers to one device: give one --device, not several --devices")
     if dtype is None:
         dtype = "bfloat16" if devs[0].type == "cuda" else "float32"
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+        raise UserError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
     return devs, DTYPES[dtype]
 
 
