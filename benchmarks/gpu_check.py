@@ -15,6 +15,7 @@ Random weights: speed and memory only, no quality figure.
 """
 import argparse
 import dataclasses
+import gc
 import os
 import statistics
 import sys
@@ -144,6 +145,8 @@ def random(name, device, **kw):
 
 
 def free(device):
+    # a placed layer's forward refers back to the layer: only the cycle collector frees a dropped model
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -155,6 +158,16 @@ def measured(device, fn):
     reset_peak(device)
     out = fn()
     return (out, *peak(device))
+
+
+def planned(task, **flags):
+    """The --dry-run peak of the same run from plan.py, where this checkout has it; else why there is none."""
+    try:
+        import plan
+
+        return gib(max(r.peak for r in plan.plan_for(task, flags).rows))
+    except Exception as e:  # the plan is optional here: its absence must not cost the GPU run
+        return f"no plan ({type(e).__name__}: {' '.join(str(e).split())[:60]})"
 
 
 def search_memory(s, device):
@@ -169,8 +182,11 @@ def search_memory(s, device):
                                                              s["gate_steps"], 1, 1.0, 2.0, 0.05, 0, 1024, 100, False))
     step = (time.perf_counter() - t1) / s["gate_steps"]
     cache = sum(h.numel() * h.element_size() for h in teacher.hidden)
-    rows = [f"| gate search, teacher pass ({n} x {T} tokens) | {gib(peak_t)} | cache {gib(cache)}, {t1 - t0:.1f} s |",
-            f"| gate search, {s['gate_steps']} gate steps (batch 1, k = {k}) | {gib(peak_s)} | {step:.2f} s/step |"]
+    plan = planned("search", ckpt=f"random:{s['search_model']}", device=str(device), nsamples=n, seqlen=T, prune_layers=k,
+                   batch_size=1, chunk=1024, steps=s["gate_steps"], starts=1, halving=False, radius=0)
+    rows = [f"| gate search, teacher pass ({n} x {T} tokens) | {gib(peak_t)} | | cache {gib(cache)}, {t1 - t0:.1f} s |",
+            f"| gate search, {s['gate_steps']} gate steps (batch 1, k = {k}) | {gib(peak_s)} | {plan} | "
+            f"{step:.2f} s/step |"]
     layer = model.layers[0]
     del teacher
     n, T = s["gptq"]
@@ -184,7 +200,8 @@ def search_memory(s, device):
             return quantize.quantize_block(layer, X, cos, sin, settings, max(1, 4096 // T))
     t0 = time.perf_counter()
     _, peak_q, _ = measured(device, one_layer)
-    rows.append(f"| GPTQ of layer 0 ({n} x {T} calibration tokens, 4 bit, g128) | {gib(peak_q)} | "
+    plan = planned("quantize", ckpt=f"random:{s['search_model']}", device=str(device), nsamples=n, seqlen=T, bits=4)
+    rows.append(f"| GPTQ of layer 0 ({n} x {T} calibration tokens, 4 bit, g128) | {gib(peak_q)} | {plan} | "
                 f"{time.perf_counter() - t0:.1f} s |")
     del model, layer
     free(device)
@@ -215,7 +232,7 @@ def offload_row(s, device):
     del model, teacher
     free(device)
     return (f"| {Path(s['offload_model']).name} teacher pass, --offload, {n} x {T} tokens, cache in CPU memory | "
-            f"{gib(peak_b)} | {took:.1f} s, {L} layers x {gib(layer_bytes)} streamed "
+            f"{gib(peak_b)} | | {took:.1f} s, {L} layers x {gib(layer_bytes)} streamed "
             f"({L * layer_bytes / took / 2**30:.1f} GiB/s) |")
 
 
@@ -240,10 +257,9 @@ def report(smoke, device):
     rows, kind = search_memory(s, device)
     rows.append(offload_row(s, device))
     out += ["", f"Peak memory ({kind}), {Path(s['search_model']).name} unless named:", "",
-            "| what | peak | notes |", "|---|---|---|"] + rows
-    out += ["", f"The plan before loading (`--dry-run`) for the same runs is printed by "
-            f"`python search.py --ckpt {Path(s['search_model']).name} --prune-ratio {s['ratio']} --nsamples "
-            f"{s['search'][0]} --seqlen {s['search'][1]} --dry-run`; compare it with the measured peaks above.",
+            "| what | peak | dry-run peak | notes |", "|---|---|---|---|"] + rows
+    out += ["", "The dry-run column is plan.py's peak for the same run where this checkout has it (a whole search or "
+            "quantize run; the measured rows are its teacher pass and gate steps, and one GPTQ layer).",
             f"Whole check: {time.perf_counter() - t0:.0f} s."]
     return "\n".join(out)
 
