@@ -97,10 +97,10 @@ def copy_weight(name, p, device, dtype):
 
 def move(module, device, dtype):
     """Module to `device`, its parameters to `dtype`; buffers keep theirs (a quantized Linear's fp16 scales)."""
-    module.to(device)
     for p in module.parameters():
-        if p.is_floating_point() and p.dtype != dtype:
-            p.data = p.data.to(dtype)
+        # cast on the way: a layer stored in fp32 never lands on the GPU in fp32
+        p.data = p.data.to(device, dtype if p.is_floating_point() else p.dtype)
+    module.to(device)
 
 
 def move_inputs(module, args):
