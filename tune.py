@@ -98,7 +98,8 @@ def teacher_states(dense, tokens):
 
 @torch.no_grad()
 def frozen_prefix(model, tokens, first, batch=4):
-    """The hidden state (N, T, C) at the input of layer `first`: everything below it stays frozen."""
+    """The hidden state (N, T, C) at the input of layer `first`: everything below it stays frozen.
+    Bytes: N * T * C * bytes(weights' dtype), on the device of layer `first`."""
     cos, sin = model.rope(0, tokens.shape[1])
     out = []
     for chunk in tokens.split(batch):
