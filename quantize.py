@@ -28,6 +28,7 @@ import torch
 from errors import check_finite, cli
 import devices
 import placement
+from devices import peak_memory
 from load_weights import write_json
 from gptq_format import (LINEARS, SUPPORTED_BITS, QuantLinear, check_packable, load_quantized_model,  # noqa: F401
                          n_groups, pack, quantization_config)
@@ -362,7 +363,7 @@ def quantize_checkpoint(ckpt, out, method="gptq", bits=4, group_size=128, sym=Fa
                          f"(benchmarks/gpu_check.py measures GPTQ's memory on random: models)")
     src = resolve(ckpt)
     raw = read_config_dict(src)
-    model, tok, _, _ = placement.load(src, device, compute_dtype, devices, offload)
+    model, tok, devs, _ = placement.load(src, device, compute_dtype, devices, offload)
     check_settings(model, raw, bits, group_size, blocksize, percdamp, method, nsamples)
     ram_dense = ram_bytes(model)
     tokens, calib_desc = None, None
@@ -379,6 +380,7 @@ def quantize_checkpoint(ckpt, out, method="gptq", bits=4, group_size=128, sym=Fa
     t0 = time.perf_counter()
     results, rows = quantize_model(model, tokens, settings)
     quant_seconds = time.perf_counter() - t0
+    peak = peak_memory(devs)
     config = dict(raw, quantization_config=quantization_config(bits, group_size, sym, act_order, percdamp, method),
                   torch_dtype=dtype)
     save_checkpoint(out, config, packed_tensors(model, results, bits, DTYPES[dtype]), source_dir=src)
@@ -389,6 +391,7 @@ def quantize_checkpoint(ckpt, out, method="gptq", bits=4, group_size=128, sym=Fa
            "calibration": None if tokens is None else {"text": calib_desc, "nsamples": tokens.shape[0],
                                                        "seqlen": tokens.shape[1], "tokens": tokens.numel()},
            "quantize_seconds": quant_seconds, "wall_seconds": time.perf_counter() - t_start,
+           "placement": placement.describe_split(model), "peak_memory_bytes": peak,
            "bytes": {"disk_source": dir_bytes(src), "disk_quantized": dir_bytes(out),
                      "ram_source": ram_dense, "ram_quantized": ram_quant},
            "proxy_error_total": sum(r["proxy_error"] for r in rows) if rows else None,

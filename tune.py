@@ -30,6 +30,7 @@ import devices
 import excise
 import load_weights
 import placement
+from devices import peak_memory
 from errors import cli, read_json
 from gptq_format import LINEARS
 from teacher import calibration_tokens, eta, kl_backward, kl_sum
@@ -224,6 +225,7 @@ def tune(ckpt, out, teacher=None, layers="endpoints", method="full", steps=100, 
         raise ValueError(f"{source} is quantized: tune the pruned checkpoint first, then quantize it")
     pruning = read_pruning(source)
     model, tokenizer, devs, _ = placement.load(source, **place)
+    settings["placement"] = placement.describe_split(model)
     chosen = choose_layers(layers, pruning, model.cfg.num_layers)
     train_t, val_t, desc = split_text_tokens(tokenizer, calib, nsamples, val_samples, seqlen, seed, model.cfg.vocab_size)
     head, teacher_name, (teacher_h, val_teacher_h) = teacher_cache(teacher, pruning, model, (train_t, val_t), place)
@@ -249,7 +251,7 @@ def tune(ckpt, out, teacher=None, layers="endpoints", method="full", steps=100, 
               "trainable_parameters": sum(p.numel() for p in params),
               "heldout_kl": {"before": kl_before, "after": kl_after}, "losses": losses,
               "wall_time_s": {"setup": round(t1 - t0, 2), "tuning": round(t2 - t1, 2)},
-              "command": " ".join(["python"] + sys.argv), "seed": seed,
+              "peak_memory_bytes": peak_memory(devs), "command": " ".join(["python"] + sys.argv), "seed": seed,
               "versions": {"python": platform.python_version(), "torch": torch.__version__}}
     write_tuned(model, source, out, report)
     print(f"tuned checkpoint: {out}")
