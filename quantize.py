@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from errors import check_finite, cli
 import devices
 import placement
 from devices import peak_memory
+from errors import check_finite, cli
 from load_weights import write_json
 from gptq_format import (LINEARS, SUPPORTED_BITS, QuantLinear, check_packable, load_quantized_model,  # noqa: F401
                          n_groups, pack, quantization_config)
