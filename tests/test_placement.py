@@ -177,3 +177,23 @@ def test_kv_cache_decoding_and_eval_run_through_the_placement(mode, tmp_path):
                  **{"devices": MODES[mode].get("devices"), "device": MODES[mode].get("device"),
                     "offload": MODES[mode].get("offload", False)})
     assert res["latency"]["decode_tok_s"] > 0 and res["settings"]["offload"] == (mode == "offload")
+
+
+def mapped_files(ptr):
+    """The files whose memory mapping holds address ptr (Linux /proc/self/maps)."""
+    out = []
+    for line in open("/proc/self/maps"):
+        parts = line.split()
+        lo, hi = (int(a, 16) for a in parts[0].split("-"))
+        if lo <= ptr < hi and len(parts) >= 6:
+            out.append(parts[5])
+    return out
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs Linux /proc/self/maps")
+def test_offloaded_layers_are_the_memory_mapped_safetensors():
+    model = placed("offload", dtype="bfloat16")
+    for p in model.layers[3].parameters():
+        assert any(f.endswith("model.safetensors") for f in mapped_files(p.data_ptr())), "a copy, not the file"
+    # the resident parts were cast to bf16: those are copies, as they should be
+    assert not any(f.endswith(".safetensors") for f in mapped_files(model.embed_tokens.weight.data_ptr()))
