@@ -197,3 +197,21 @@ def test_offloaded_layers_are_the_memory_mapped_safetensors():
         assert any(f.endswith("model.safetensors") for f in mapped_files(p.data_ptr())), "a copy, not the file"
     # the resident parts were cast to bf16: those are copies, as they should be
     assert not any(f.endswith(".safetensors") for f in mapped_files(model.embed_tokens.weight.data_ptr()))
+
+
+def test_llama2_70b_in_bf16_splits_over_two_80gb_gpus():
+    from model import Config, Transformer
+
+    # LLaMA-2-70B's architecture (public config.json facts); meta tensors: no memory
+    cfg = Config("llama", vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64,
+                 num_kv_heads=8)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    b = torch.bfloat16
+    split = placement.split_layers(80, placement.nbytes(model.layers[0], b), placement.nbytes(model.embed_tokens, b),
+                                   placement.nbytes(model.norm, b) + placement.nbytes(model.lm_head, b), [80, 80])
+    assert split == [0] * 40 + [1] * 40
+    per_device = [placement.nbytes(model.layers[0], b) * split.count(d) + placement.nbytes(model.lm_head, b)
+                  for d in (0, 1)]
+    # 138 GB in all: about 64 GiB of weights per 80 GB GPU, the rest free for caches and activations
+    assert 64 * 2**30 < max(per_device) < 66 * 2**30
