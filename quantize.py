@@ -140,6 +140,7 @@ def gptq(W, H, bits, group_size=-1, sym=False, act_order=False, blocksize=128, p
         for g, g0 in enumerate(range(0, I, gs)):
             scales[g], zeros[g] = grid(W[:, g0:g0 + gs], bits, sym)
     perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(I, device=W.device)
+    order = perm.tolist()  # column indices read on the host: no device sync per column on a GPU
     W, H = W[:, perm], H[perm][:, perm]
     Hinv = inverse_cholesky(H, percdamp)
     codes = torch.zeros(O, I, dtype=torch.long, device=W.device)
@@ -147,8 +148,8 @@ def gptq(W, H, bits, group_size=-1, sym=False, act_order=False, blocksize=128, p
         i2 = min(i + blocksize, I)
         Err = torch.zeros(O, i2 - i, dtype=W.dtype, device=W.device)
         for j in range(i, i2):
-            g = int(perm[j]) // gs
-            if not static and int(perm[j]) % gs == 0:
+            g = order[j] // gs
+            if not static and order[j] % gs == 0:
                 scales[g], zeros[g] = grid(current_columns(W, Err, Hinv, i, j, i2, gs), bits, sym)
             w, d = W[:, j], Hinv[j, j]
             c = quantize_codes(w, scales[g], zeros[g], bits)
