@@ -29,22 +29,26 @@ import devices
 import excise
 import load_weights
 import placement
+import plan
 from gates import budget
 from devices import peak_memory
 from errors import cli
 from load_weights import write_json
+from resume import Scores
 from search import make_teacher, random_note, span
 from teacher import eta, removed_kl
 
 METHODS = ["exhaustive", "block-influence", "angular", "tail", "random"]
 
 
-def exhaustive(model, teacher, k, quiet=False):
-    """Calibration KL of every contiguous block of k layers: [{"removed_layers", "kl"}], best first."""
+def exhaustive(model, teacher, k, quiet=False, done=None):
+    """Calibration KL of every contiguous block of k layers: [{"removed_layers", "kl"}], best first.
+    `done` (resume.Scores) keeps each finished block's KL, and gives back those an interrupted run left."""
     L = model.cfg.num_layers
     scores, t0 = [], time.perf_counter()
     for s in range(L - k + 1):
-        kl = removed_kl(model, teacher, range(s, s + k))
+        exact = lambda: removed_kl(model, teacher, range(s, s + k))  # noqa: E731
+        kl = done.get(f"{s}-{s + k - 1}", exact) if done is not None else exact()
         scores.append({"removed_layers": list(range(s, s + k)), "kl": kl})
         if not quiet:
             print(f"  block {s:3d}-{s + k - 1:<3d} kl {kl:.5f}   ({s + 1}/{L - k + 1}, {eta(t0, s + 1, L - k + 1)})", flush=True)
@@ -69,11 +73,11 @@ def angular_distance(teacher, k):
     return [math.acos(max(-1.0, min(1.0, mean_cosine(h[s], h[s + k])))) / math.pi for s in range(len(h) - k)]
 
 
-def choose(method, model, teacher, k, seed=0):
+def choose(method, model, teacher, k, seed=0, done=None):
     """(removed layers, scores) for one method."""
     L = model.cfg.num_layers
     if method == "exhaustive":
-        ranked = exhaustive(model, teacher, k)
+        ranked = exhaustive(model, teacher, k, done=done)
         return ranked[0]["removed_layers"], ranked
     if method == "block-influence":
         bi = block_influence(teacher)
@@ -99,7 +103,9 @@ def run(ckpt, method, out, prune_layers=None, prune_ratio=None, calib="wikitext2
     k = budget(L, prune_layers, prune_ratio)
     teacher = make_teacher(model, tokenizer, calib, nsamples, seqlen, seed, "cpu" if cache_on_cpu else None)
     t1 = time.perf_counter()
-    removed, scores = choose(method, model, teacher, k, seed)
+    done = Scores(Path(out) / "scores.json", {"method": method, "layers": k, "calibration": teacher.description,
+                                               "model": excise.fingerprint(model)})
+    removed, scores = choose(method, model, teacher, k, seed, done)
     kl = scores[0]["kl"] if method == "exhaustive" else removed_kl(model, teacher, removed)
     t2 = time.perf_counter()
     print(f"{method}: layers {span(removed)}  calibration KL {kl:.5f}  ({t2 - t1:.1f} s)")
@@ -133,8 +139,12 @@ def main(argv=None):
     devices.add_arguments(p)
     p.add_argument("--cache-on-cpu", action="store_true", help="keep the teacher's cached states in CPU memory (pinned) while computing on a GPU")
     p.add_argument("--out", type=Path, default=Path("runs/baseline"), help="directory for report.json")
+    plan.add_args(p)
     a = p.parse_args(argv)
-    if (a.prune_layers is None) == (a.prune_ratio is None):
+    if a.prune_layers is not None and a.prune_ratio is not None:
+        p.error("give exactly one of --prune-ratio and --prune-layers")
+    plan.check(a, "baselines")  # a dry-run needs no budget
+    if a.prune_layers is None and a.prune_ratio is None:
         p.error("give exactly one of --prune-ratio and --prune-layers")
     run(**vars(a))
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import devices
+import plan
 import tasks as task_files
 from data import eval_windows, find_data_dir, load_text
 from errors import cli
@@ -464,6 +465,7 @@ def parse_args(argv=None):
     devices.add_arguments(p)
     p.add_argument("--data-dir", type=Path, default=None, help="data directory; None: $CLP_DATA, then ./data")
     p.add_argument("--json", type=Path, default=None, dest="json_out", metavar="OUT", help="write the results to this JSON file")
+    plan.add_args(p)
     a = p.parse_args(argv)
     a.tasks = task_files.TASKS if a.tasks == "all" else [t for t in (a.tasks or "").split(",") if t]
     unknown = [t for t in a.tasks if t not in task_files.TASKS]
@@ -487,6 +489,7 @@ def parse_args(argv=None):
 @cli(memory="--batch-size, --kl-chunk or --seqlen")
 def main(argv=None):
     args = parse_args(argv)
+    plan.check(args, "eval")
     torch.set_num_threads(args.threads)
     run(**vars(args))
 

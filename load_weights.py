@@ -41,6 +41,8 @@ NAMES = {
     DEFAULT: "HuggingFaceTB/SmolLM2-135M-Instruct",
 }
 SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
+# the architecture (config.json, no weights) of every short name: enough for a --dry-run memory plan
+CONFIGS = Path(__file__).resolve().parent / "configs"
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "vocab.json", "merges.txt", "LICENSE", "README.md"]
 
@@ -82,9 +84,28 @@ def resolve(ckpt):
     if found:
         return found[-1]
     where = "\n  ".join(looked)
-    raise FileNotFoundError(f"checkpoint {ckpt!r} ({repo}) not found. Looked in:\n  {where}\n"
+    shipped = (f"Only its architecture ships with this project (configs/{ckpt}/config.json: enough for --dry-run); "
+               f"the weights are missing.\n" if (CONFIGS / str(ckpt) / "config.json").is_file() else "")
+    raise FileNotFoundError(f"checkpoint {ckpt!r} ({repo}) not found. Looked in:\n  {where}\n{shipped}"
                             f"Download it (this project never does) with:\n  huggingface-cli download {repo}\n"
                             f"or put an HF-layout copy under $CLP_MODELS/{Path(repo).name}")
+
+
+def config_dir(ckpt):
+    """A directory with the config.json of `ckpt`, weights or not: the checkpoint itself when it is found, else
+    the shipped architecture of a short name (configs/NAME); `random:NAME` always reads configs/NAME."""
+    name = str(ckpt).removeprefix("random:")
+    shipped = CONFIGS / name
+    if str(ckpt).startswith("random:") or str(ckpt) == DEFAULT:  # the default: never convert just to plan
+        if not (shipped / "config.json").is_file():
+            raise FileNotFoundError(f"no shipped config for {name!r} (known: {', '.join(sorted(NAMES))})")
+        return shipped
+    try:
+        return resolve(ckpt)
+    except FileNotFoundError:
+        if (shipped / "config.json").is_file():
+            return shipped
+        raise
 
 
 # ---------------------------------------------------------------- config.json -> Config

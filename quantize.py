@@ -29,6 +29,8 @@ import devices
 import placement
 from devices import peak_memory
 from errors import check_finite, cli
+import plan
+import resume
 from load_weights import write_json
 from gptq_format import (LINEARS, SUPPORTED_BITS, QuantLinear, check_packable, load_quantized_model,  # noqa: F401
                          n_groups, pack, quantization_config)
@@ -46,6 +48,10 @@ class Quantized:
     scales: torch.Tensor
     zeros: torch.Tensor
     g_idx: torch.Tensor
+
+    def __post_init__(self):
+        # codes are < 2^bits <= 256: one byte each while every layer's results wait for the save
+        self.codes = self.codes.to(torch.uint8)
 
     def cpu(self):
         return Quantized(self.codes.cpu(), self.scales.cpu(), self.zeros.cpu(), self.g_idx.cpu())
@@ -226,10 +232,11 @@ def quantize_block(layer, X, cos, sin, settings, rows):
 
 
 @torch.no_grad()
-def quantize_model(model, tokens, settings, rows=None):
+def quantize_model(model, tokens, settings, rows=None, work=None):
     """Quantize every Block of `model` in place, sequentially; tokens (N, T) calibration, or None for data-free RTN.
 
-    Returns ({"layers.i.<linear>": Quantized}, [per-sublayer report rows]).
+    Returns ({"layers.i.<linear>": Quantized}, [per-sublayer report rows]). `work` (resume.LayerStore) keeps
+    each finished layer and gives back the ones an interrupted run already wrote.
     """
     results, report = {}, []
     L = len(model.layers)
@@ -254,17 +261,36 @@ def quantize_model(model, tokens, settings, rows=None):
         # the layer on its device (a fresh copy when streamed: quantized in place, then let go)
         layer = placement.on_device(model, i)
         X = X.to(layer.device)
-        for name, (res, stats) in quantize_block(layer, X, cos, sin, settings, rows).items():
-            results[f"layers.{i}.{name}"] = res
-            report.append({"layer": i, "sublayer": name, **stats})
-            print(f"layer {i:3d}/{L}  {name:<17} proxy {stats['proxy_error']:10.4e}  "
-                  f"(rtn {stats['proxy_error_rtn']:10.4e})  {stats['seconds']:6.2f}s", flush=True)
+        if work is not None and work.has(i):
+            block, block_rows = load_block(layer, work, i)
+        else:
+            block, block_rows = {}, []
+            for name, (res, stats) in quantize_block(layer, X, cos, sin, settings, rows).items():
+                block[name] = res
+                block_rows.append({"layer": i, "sublayer": name, **stats})
+                print(f"layer {i:3d}/{L}  {name:<17} proxy {stats['proxy_error']:10.4e}  "
+                      f"(rtn {stats['proxy_error_rtn']:10.4e})  {stats['seconds']:6.2f}s", flush=True)
+            if work is not None:
+                work.save(i, block, block_rows)
+        results.update({f"layers.{i}.{name}": res for name, res in block.items()})
+        report += block_rows
         # the quantized Block's output is the next Block's input
         X = torch.cat([layer(xb, cos, sin) for xb in X.split(rows)])
         elapsed = time.perf_counter() - t_start
         print(f"layer {i:3d}/{L} done in {time.perf_counter() - t0:,.1f}s; elapsed {elapsed:,.0f}s, "
               f"about {elapsed / (i + 1) * (L - i - 1):,.0f}s left", flush=True)
     return results, report
+
+
+@torch.no_grad()
+def load_block(layer, work, i):
+    """A layer an interrupted run finished: its weights become its dequantized Q, as they were then."""
+    block, block_rows = work.load(i, Quantized)
+    for name, res in block.items():
+        lin = layer.get_submodule(name)
+        lin.weight.copy_(res.dequantize().to(lin.weight.dtype))
+    print(f"layer {i:3d}: quantized by the interrupted run, read back from {work.work}")
+    return block, block_rows
 
 
 # ---------------------------------------------------------------- checks, calibration data, saving
@@ -379,13 +405,20 @@ def quantize_checkpoint(ckpt, out, method="gptq", bits=4, group_size=128, sym=Fa
     print(f"quantizing {src} with {method}: {bits} bits, group size {group_size}, "
           f"{'symmetric' if sym else 'asymmetric'}{', act-order (static groups)' if act_order else ''}")
     t0 = time.perf_counter()
-    results, rows = quantize_model(model, tokens, settings)
+    work = None
+    if tokens is not None:
+        # finished layers wait beside the output: a rerun with the same settings continues from them
+        work = resume.LayerStore(resume.gptq_work_dir(out), dict(settings, source=str(src), calib=calib_desc,
+                                                                 nsamples=nsamples, seqlen=seqlen, seed=seed))
+    results, rows = quantize_model(model, tokens, settings, work=work)
     quant_seconds = time.perf_counter() - t0
     peak = peak_memory(devs)
     config = dict(raw, quantization_config=quantization_config(bits, group_size, sym, act_order, percdamp, method),
                   torch_dtype=dtype)
     save_checkpoint(out, config, packed_tensors(model, results, bits, DTYPES[dtype]), source_dir=src)
     ram_quant = verify_reload(out, results)
+    if work is not None:
+        work.remove()
     rep = {"command": "python " + " ".join(sys.argv), "versions": {"python": sys.version.split()[0],
                                                                    "torch": torch.__version__},
            "seed": seed, "source": str(src), "out": str(out), "settings": settings, "dtype_unquantized": dtype,
@@ -427,6 +460,7 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", type=Path, default=None, help="data directory; None: $CLP_DATA, then ./data")
     p.add_argument("--report", type=Path, default=None, help="JSON report path; None: OUT/quantize_report.json")
     devices.add_arguments(p, dtype_flag="--compute-dtype")
+    plan.add_args(p)
     a = p.parse_args(argv)
     if a.act_order and a.method == "rtn":
         p.error("--act-order only changes GPTQ; RTN has no column order")
@@ -437,7 +471,9 @@ def parse_args(argv=None):
 
 @cli(memory="--nsamples or --seqlen")
 def main(argv=None):
-    quantize_checkpoint(**vars(parse_args(argv)))
+    a = parse_args(argv)
+    plan.check(a, "quantize")
+    quantize_checkpoint(**vars(a))
 
 
 if __name__ == "__main__":

@@ -29,9 +29,11 @@ import devices
 import excise
 import load_weights
 import placement
+import plan
 from devices import peak_memory
 from errors import cli
 from load_weights import write_json
+from resume import GateState
 from gates import ContiguousGate, blocks_to_layers, budget, initial_centres, neighbours, segment_widths, strip, tau_at
 from teacher import build_teacher, calibration_tokens, eta, kl_backward, removed_kl, run_layers
 
@@ -63,15 +65,18 @@ def make_gates(L, k, segments, starts):
     return [ContiguousGate(L, k, segments, initial_centres(L, widths, r, starts)) for r in range(starts)]
 
 
-def train_gates(model, teacher, gates, steps, batch_size, lr, tau0, tau1, seed, chunk, log_every, halving):
-    """Adam on the centres of every start, same minibatch for all; returns (trajectory, surviving starts)."""
+def train_gates(model, teacher, gates, steps, batch_size, lr, tau0, tau1, seed, chunk, log_every, halving, state=None):
+    """Adam on the centres of every start, same minibatch for all; returns (trajectory, surviving starts).
+    `state` (resume.GateState) saves the loop every few steps and restores it on --resume."""
     opt = torch.optim.Adam([g.mu for g in gates], lr=lr)
     batches = minibatches(len(teacher.tokens), steps, batch_size, seed)
     cuts = {steps // 3, 2 * steps // 3} if halving else set()
     active, since = list(range(len(gates))), 0
     work = planned_work(len(gates), steps, cuts)  # start-steps done after each step, for an honest time left
-    trajectory, t0 = [], time.perf_counter()
-    for step in range(steps):
+    trajectory, t0, first = [], time.perf_counter(), 0
+    if state is not None:
+        first, active, since, trajectory = state.restore(gates, opt)
+    for step in range(first, steps):
         tau = tau_at(step, steps, tau0, tau1)
         # the step in layers shrinks with the softness of the window
         for group in opt.param_groups:
@@ -91,6 +96,8 @@ def train_gates(model, teacher, gates, steps, batch_size, lr, tau0, tau1, seed, 
             log_step(step, steps, tau, losses, gates, eta(t0, work[step], work[-1], 'start-step'))
         if step + 1 in cuts and len(active) > 1:
             active, since = halve(trajectory[since:], active), step + 1
+        if state is not None:
+            state.after_step(step, steps, gates, opt, active, since, trajectory)
     return trajectory, active
 
 
@@ -119,7 +126,7 @@ def log_step(step, steps, tau, losses, gates, time_left):
     sys.stdout.flush()
 
 
-def choose_block(model, teacher, gates, L, radius=1):
+def choose_block(model, teacher, gates, L, radius=1, state=None):
     """Discrete read-off: score each surviving start's block and its neighbours by the exact calibration KL
     with the layers removed, then keep stepping to the best block's neighbours until the best one has all
     its neighbours scored (a local minimum of the discrete KL). `gates` is {start: gate}."""
@@ -128,7 +135,8 @@ def choose_block(model, teacher, gates, L, radius=1):
     scored, expanded, frontier = {}, set(), set(read)
     while frontier:
         for blocks in sorted(set().union(*(neighbours(b, L, radius) for b in frontier)) - set(scored)):
-            scored[blocks] = removed_kl(model, teacher, blocks_to_layers(blocks))
+            exact = lambda: removed_kl(model, teacher, blocks_to_layers(blocks))  # noqa: E731
+            scored[blocks] = state.score(blocks, exact) if state is not None else exact()
             note = f"read off by start(s) {read[blocks]}" if blocks in read else "neighbour"
             print(f"  {span(blocks_to_layers(blocks)):>12s}  kl {scored[blocks]:.5f}  ({note})", flush=True)
         expanded |= frontier
@@ -150,15 +158,15 @@ def span(layers):
 
 
 def search(model, teacher, k, segments=1, starts=4, steps=30, batch_size=1, lr=1.0, tau0=2.0, tau1=0.05,
-           radius=1, halving=True, seed=0, chunk=1024, log_every=1):
+           radius=1, halving=True, seed=0, chunk=1024, log_every=1, state=None):
     """The CLP gate search on a cached teacher; returns a dict with the chosen block and how it was found."""
     torch.manual_seed(seed)
     gates = make_gates(model.cfg.num_layers, k, segments, starts)
     t0 = time.perf_counter()
     trajectory, active = train_gates(model, teacher, gates, steps, batch_size, lr, tau0, tau1, seed, chunk,
-                                     log_every, halving)
+                                     log_every, halving, state)
     t1 = time.perf_counter()
-    candidates = choose_block(model, teacher, {r: gates[r] for r in active}, model.cfg.num_layers, radius)
+    candidates = choose_block(model, teacher, {r: gates[r] for r in active}, model.cfg.num_layers, radius, state)
     t2 = time.perf_counter()
     best = candidates[0]
     return {"removed_layers": best["removed_layers"], "kl": best["kl"], "candidates": candidates,
@@ -188,12 +196,14 @@ def random_note(ckpt, report):
 
 
 def run(ckpt, out, prune_layers=None, prune_ratio=None, calib="wikitext2", nsamples=16, seqlen=256, seed=0,
-        device=None, dtype=None, devices=None, offload=False, cache_on_cpu=False, excise_to=None, **gate):
+        device=None, dtype=None, devices=None, offload=False, cache_on_cpu=False, excise_to=None, save_every=0,
+        resume=False, **gate):
     """search.py as a function: load, cache the teacher, search, write report.json (and the pruned checkpoint).
 
     `gate` holds search()'s settings (segments, starts, steps, batch_size, lr, tau0, tau1, radius, halving, ...).
     """
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k != "gate"} | gate
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()
+                if k not in ("gate", "save_every", "resume")} | gate
     t0 = time.perf_counter()
     if excise_to is not None and placement.is_random(ckpt):
         raise ValueError(f"{ckpt} has random weights: there is nothing to excise (random: is for memory and speed runs)")
@@ -205,7 +215,12 @@ def run(ckpt, out, prune_layers=None, prune_ratio=None, calib="wikitext2", nsamp
     teacher = make_teacher(model, tokenizer, calib, nsamples, seqlen, seed, "cpu" if cache_on_cpu else None)
     print(f"searching for {k} of {L} layers to remove with the gate ({gate})")
     t1 = time.perf_counter()
-    result = search(model, teacher, k, seed=seed, **gate)
+    state = None
+    if save_every or resume:
+        same = {key: v for key, v in settings.items() if key not in ("out", "excise_to", "log_every")}
+        same |= {"model": excise.fingerprint(model)}
+        state = GateState(Path(out) / "search_state.safetensors", save_every, same, resume)
+    result = search(model, teacher, k, seed=seed, state=state, **gate)
     removed = result["removed_layers"]
     print(f"chosen block: layers {span(removed)}  (calibration KL {result['kl']:.5f})")
     report = {"method": "clp-gate", "removed_layers": removed, "kept_layers": [i for i in range(L) if i not in removed],
@@ -255,8 +270,14 @@ def main(argv=None):
     p.add_argument("--cache-on-cpu", action="store_true", help="keep the teacher's cached states in CPU memory (pinned) while computing on a GPU")
     p.add_argument("--out", type=Path, default=Path("runs/search"), help="directory for report.json")
     p.add_argument("--excise", type=Path, default=None, help="also write the pruned checkpoint to this directory")
+    p.add_argument("--save-every", type=int, default=0, help="save the search state into --out every this many steps; 0: never")
+    p.add_argument("--resume", action="store_true", help="continue from the state a run with --save-every left in --out")
+    plan.add_args(p)
     a = p.parse_args(argv)
-    if (a.prune_layers is None) == (a.prune_ratio is None):
+    if a.prune_layers is not None and a.prune_ratio is not None:
+        p.error("give exactly one of --prune-ratio and --prune-layers")
+    plan.check(a, "search")  # a dry-run needs no budget
+    if a.prune_layers is None and a.prune_ratio is None:
         p.error("give exactly one of --prune-ratio and --prune-layers")
     kwargs = vars(a)
     kwargs["excise_to"] = kwargs.pop("excise")

@@ -30,6 +30,7 @@ import devices
 import excise
 import load_weights
 import placement
+import plan
 from devices import peak_memory
 from errors import cli, read_json
 from gptq_format import LINEARS
@@ -311,7 +312,9 @@ def main(argv=None):
     p.add_argument("--chunk", type=int, default=1024, help="tokens per chunk of the KL (bounds the tokens x vocab memory)")
     devices.add_arguments(p, offload=False)
     p.add_argument("--log-every", type=int, default=10, help="print the mean loss every this many steps")
+    plan.add_args(p)
     a = p.parse_args(argv)
+    plan.check(a, "tune")
     tune(**vars(a))
 
 

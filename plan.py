@@ -1,0 +1,207 @@
+"""A memory plan before loading anything: bytes per device and layer passes, from config.json alone.
+
+    python search.py --ckpt llama2-70b --prune-ratio 0.3 --dry-run --devices cuda:0,cuda:1 --device-memory 80GB
+
+Every CLI that computes (search, baselines, tune, quantize, eval) calls `add_args` and `check`: with --dry-run
+it prints the plan (memory.py's formulas) and exits 0 when it fits; a run that cannot fit is refused (exit 2,
+one line) before any weight is read, naming a flag that would make it fit (--offload, more --devices, fewer
+--nsamples). Device memory: free GPU memory (torch.cuda.mem_get_info), available RAM for the CPU, or
+--device-memory to plan for another machine.
+"""
+import argparse
+import os
+import re
+import sys
+
+from errors import UserError
+from memory import COLUMNS, DTYPE_BYTES, GiB, plan_eval, plan_gptq, plan_search, plan_tune
+
+# ---------------------------------------------------------------- devices, the CLI hook, the table
+
+def parse_bytes(text):
+    """'80GB', '80GiB', '24g', '512MB' -> bytes (GB and GiB both mean 2^30: what GPU makers call 80 GB is 80 GiB)."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?)(i?b)?\s*", str(text).lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 80GB or 512MB")
+    return float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " ")
+
+
+def available_ram():
+    """MemAvailable from /proc/meminfo (what a new allocation can use without swapping); total RAM elsewhere."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def device_list(device, devices):
+    """--devices (a comma list, or auto = every visible GPU) else --device, else cuda when present, else cpu."""
+    import torch
+    if devices == "auto":
+        if not torch.cuda.is_available():
+            raise ValueError("--devices auto: no CUDA device is visible")
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if devices:
+        return [d.strip() for d in devices.split(",") if d.strip()]
+    return [device or ("cuda" if torch.cuda.is_available() else "cpu")]
+
+
+def capacity_fn(device_memory, devices):
+    """Bytes a device can use: --device-memory for each device (the host then unchecked unless it is the only
+    device), else free GPU memory (torch.cuda.mem_get_info) or available RAM."""
+    import torch
+
+    def capacity(d):
+        if device_memory is not None:
+            return device_memory if d != "cpu" or devices == ["cpu"] else None
+        if d == "cpu":
+            return available_ram()
+        if not torch.cuda.is_available():
+            raise ValueError(f"{d}: no CUDA device here; plan for another machine with --device-memory (e.g. 80GB)")
+        return torch.cuda.mem_get_info(torch.device(d))[0]
+    return capacity
+
+
+def config(ckpt):
+    import load_weights
+    path = load_weights.config_dir(ckpt)
+    return load_weights.config_from_dict(load_weights.read_config_dict(path), str(path / "config.json")), path
+
+
+def shipped_only(ckpt):
+    """True when only the shipped architecture of `ckpt` is here: a real run then reports the missing weights."""
+    import load_weights
+    return not str(ckpt).startswith("random:") and load_weights.config_dir(ckpt).parent == load_weights.CONFIGS \
+        and str(ckpt) != load_weights.DEFAULT
+
+
+def weight_bytes(task, dtype, devices):
+    """b: the compute dtype's bytes; by default bf16 on a GPU, fp32 on the CPU."""
+    if dtype is None or dtype not in DTYPE_BYTES:
+        return 4 if devices == ["cpu"] else 2
+    return DTYPE_BYTES[dtype]
+
+
+def plan_for(task, a, **override):
+    """The Plan of `task` ("search", "baselines", "tune", "quantize", "eval") for a CLI's flags `a` (a dict)."""
+    a = {**a, **override}
+    cfg, path = config(a["ckpt"])
+    devices = device_list(a.get("device"), a.get("devices"))
+    # quantize.py's --dtype is the storage dtype; its compute dtype has its own flag (or is the default)
+    dtype = a["compute_dtype"] if "compute_dtype" in a else None if task == "quantize" else a.get("dtype")
+    run = (cfg, weight_bytes(task, dtype, devices), devices, capacity_fn(a.get("device_memory"), devices),
+           bool(a.get("offload")))
+    p = task_plan(task, a, cfg, path, run)
+    p.bytes_per_weight = run[1]
+    return p
+
+
+def task_plan(task, a, cfg, path, run):
+    if task in ("search", "baselines"):
+        from gates import budget
+        # memory does not depend on the budget, only the passes do: a dry-run may leave it out
+        ratio = 0.3 if a.get("prune_layers") is None and a.get("prune_ratio") is None else a.get("prune_ratio")
+        k = budget(cfg.num_layers, a.get("prune_layers"), ratio)
+        if task == "baselines":
+            p = plan_search(*run, a["nsamples"], a["seqlen"], k, gate=False, method=a["method"],
+                            cache_on_cpu=bool(a.get("cache_on_cpu")))
+        else:
+            p = plan_search(*run, a["nsamples"], a["seqlen"], k, batch_size=a["batch_size"], chunk=a["chunk"],
+                            steps=a["steps"], starts=a["starts"], halving=a["halving"], radius=a["radius"],
+                            cache_on_cpu=bool(a.get("cache_on_cpu")))
+        if ratio != a.get("prune_ratio"):
+            p.notes.append(f"no budget given: layer passes counted for k = {k} (30% of the layers)")
+        return p
+    if task == "tune":
+        import tune
+        pruning = tune.read_pruning(path)
+        teacher = a.get("teacher") or (pruning or {}).get("source")
+        if teacher is None:
+            raise ValueError("no teacher: the checkpoint has no pruning.json naming its source; give --teacher")
+        tuned = tune.choose_layers(a["layers"], pruning, cfg.num_layers)
+        return plan_tune(cfg, config(teacher)[0], *run[1:], tuned, a["nsamples"], a["val_samples"], a["seqlen"],
+                         a["batch_size"], a["chunk"], a["steps"], a["method"], a["rank"])
+    if task == "quantize":
+        return plan_gptq(*run, a["nsamples"], min(a["seqlen"], cfg.max_position_embeddings), a["bits"])
+    if task == "eval":
+        cfgs = [cfg] + [config(a[key])[0] for key in ("compare", "teacher") if a.get(key)]
+        return plan_eval(cfgs, *run[1:], min(a["seqlen"], cfg.max_position_embeddings))
+    raise ValueError(f"no plan for {task!r}")
+
+
+def add_args(p):
+    """The plan's own flags; the placement flags it reads (--device, --devices, --dtype or --compute-dtype,
+    --offload, --cache-on-cpu) are each CLI's, from devices.add_arguments."""
+    g = p.add_argument_group("memory plan")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the memory plan from config.json alone and exit (0: it fits, 2: it does not)")
+    g.add_argument("--device-memory", type=parse_bytes, default=None,
+                   help="memory per device to plan for, e.g. 80GB; None: free GPU memory, or available RAM on CPU")
+
+
+def check(args, task):
+    """Plan `task` from the parsed flags before anything is loaded: print it and exit 0 under --dry-run; refuse
+    a run that cannot fit (exit 2, one line naming a flag that fits). Then drop the plan's own flags."""
+    a = vars(args)
+    try:
+        p = None if not a["dry_run"] and shipped_only(a["ckpt"]) else plan_for(task, a)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        if a["dry_run"]:
+            raise UserError(f"plan: {str(e).splitlines()[0]}") from None
+        p = None  # the run reports a bad checkpoint or setting itself, with its full message
+    if a["dry_run"]:
+        print_plan(p, a)
+    if p is not None and not p.fits:
+        raise UserError(refusal(task, p, a))  # errors.cli: one line, exit status 2
+    if a["dry_run"]:
+        sys.exit(0)
+    del args.dry_run, args.device_memory
+
+
+def refusal(task, p, a):
+    """One line: which device overflows by how much, and the flags that would make the plan fit."""
+    worst = max((r for r in p.rows if not r.fits), key=lambda r: r.peak / r.capacity)
+    line = f"plan: {task} does not fit: {worst.device} needs {gib(worst.peak)} of {gib(worst.capacity)}"
+    devices = device_list(a.get("device"), a.get("devices"))
+    per_device = capacity_fn(a.get("device_memory"), devices)(devices[0])
+    tries = [] if a.get("offload") else [("--offload", {"offload": True})]
+    if a.get("cache_on_cpu") is False:  # the CLI has the flag and it is off
+        tries += [("--cache-on-cpu", {"cache_on_cpu": True})]
+        tries += [] if a.get("offload") else [("--offload --cache-on-cpu", {"offload": True, "cache_on_cpu": True})]
+    if devices[0] != "cpu":
+        tries += [(f"--devices {names}", {"devices": names, "device_memory": per_device})
+                  for names in (",".join(f"cuda:{i}" for i in range(n)) for n in range(len(devices) + 1, 17))]
+    if a.get("nsamples"):
+        tries += [(f"--nsamples {n}", {"nsamples": n}) for n in (a["nsamples"] // 2 ** j for j in range(1, 12)) if n >= 1]
+    if not a.get("offload") and a.get("nsamples"):  # weights and cache both too big: stream and shrink
+        tries += [(f"--offload --nsamples {n}", {"offload": True, "nsamples": n})
+                  for n in (a["nsamples"] // 2 ** j for j in range(1, 12)) if n >= 1]
+    fixes = []
+    for flag, override in tries:
+        kind = flag.split()[0]
+        if kind not in (f.split()[0] for f in fixes) and plan_for(task, a, **override).fits:
+            fixes.append(flag)
+    return line + (f"; it fits with {' or '.join(fixes)}" if fixes else "; no single flag makes it fit (see --dry-run)")
+
+
+def gib(n):
+    return "-" if n is None else f"{n / GiB:,.1f} GiB"
+
+
+def print_plan(p, a):
+    """The table: one row per device, bytes at the peak phase per column, then the layer passes."""
+    cfg, _ = config(a["ckpt"])
+    print(f"plan: {p.task}, {a['ckpt']} ({cfg.num_layers} layers, C {cfg.hidden_size}, V {cfg.vocab_size:,}), "
+          f"{'offload, ' if a.get('offload') else ''}{p.bytes_per_weight} bytes per weight")
+    head = ["device", "capacity"] + [c.replace("_", " ") for c in COLUMNS] + ["runtime", "peak", "peak phase", "fits"]
+    table = [[r.device, gib(r.capacity)] + [gib(r.parts[c]) for c in COLUMNS] +
+             [gib(r.runtime), gib(r.peak), r.phase or "-", "yes" if r.fits else "NO"] for r in p.rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *table)]
+    for line in [head] + table:
+        print("  ".join(str(x).rjust(w) for x, w in zip(line, widths)))
+    print(f"layer passes (one layer over one window): {p.forward:,} forward, {p.backward:,} backward")
+    for note in p.notes:
+        print(f"note: {note}")
