@@ -167,16 +167,18 @@ def refusal(task, p, a):
     line = f"plan: {task} does not fit: {worst.device} needs {gib(worst.peak)} of {gib(worst.capacity)}"
     devices = device_list(a.get("device"), a.get("devices"))
     per_device = capacity_fn(a.get("device_memory"), devices)(devices[0])
-    tries = [] if a.get("offload") else [("--offload", {"offload": True})]
+    # only the flags this CLI has (tune.py has no --offload, only search and baselines have --cache-on-cpu)
+    streams = "offload" in a and not a["offload"]
+    tries = [("--offload", {"offload": True})] if streams else []
     if a.get("cache_on_cpu") is False:  # the CLI has the flag and it is off
         tries += [("--cache-on-cpu", {"cache_on_cpu": True})]
-        tries += [] if a.get("offload") else [("--offload --cache-on-cpu", {"offload": True, "cache_on_cpu": True})]
-    if devices[0] != "cpu":
+        tries += [("--offload --cache-on-cpu", {"offload": True, "cache_on_cpu": True})] if streams else []
+    if devices[0] != "cpu" and "devices" in a:
         tries += [(f"--devices {names}", {"devices": names, "device_memory": per_device})
                   for names in (",".join(f"cuda:{i}" for i in range(n)) for n in range(len(devices) + 1, 17))]
     if a.get("nsamples"):
         tries += [(f"--nsamples {n}", {"nsamples": n}) for n in (a["nsamples"] // 2 ** j for j in range(1, 12)) if n >= 1]
-    if not a.get("offload") and a.get("nsamples"):  # weights and cache both too big: stream and shrink
+    if streams and a.get("nsamples"):  # weights and cache both too big: stream and shrink
         tries += [(f"--offload --nsamples {n}", {"offload": True, "nsamples": n})
                   for n in (a["nsamples"] // 2 ** j for j in range(1, 12)) if n >= 1]
     fixes = []

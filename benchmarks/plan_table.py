@@ -5,7 +5,8 @@
 
 Every cell is plan.py's estimate from the shipped configs/NAME/config.json (no weights read), with the
 CLIs' default settings, bf16 weights on the GPUs: the peak of the fullest GPU, and whether it fits; a run
-that does not fit is planned again with --offload (one GPU) and the host memory it then needs is given.
+that does not fit is planned again with --offload (one GPU; search and GPTQ, tune.py has no --offload) and
+the host memory it then needs is given.
 """
 import argparse
 import os
@@ -54,7 +55,7 @@ def cell(task, name, n, gb):
     peak = max(r.peak for r in p.rows if r.device != "cpu")
     if p.fits:
         return f"{peak / memory.GiB:,.0f} GiB, fits"
-    if n == 1:
+    if n == 1 and task != "tune":  # tune.py has no --offload
         q = cell_plan(task, name, n, gb, offload=True)
         host = [r.peak for r in q.rows if r.device == "cpu"][0]
         gpu = max(r.peak for r in q.rows if r.device != "cpu")
