@@ -8,9 +8,9 @@ a device holds its resident bytes (weights, caches, optimizer state) plus the la
 Placement (our assumption, which --devices follows): contiguous slices of layers, balanced by weight bytes,
 embeddings on the first device, final norm + head on the last (a tied head is counted on both); the teacher
 cache h[i] lives with layer i. --offload keeps the weights in the memory-mapped checkpoint on the CPU and
-holds two layers on the device (the one computing and the next, prefetched) plus norm + head, and the
-backward recomputes each layer's forward from its saved input. The teacher cache stays on the computing
-devices unless --cache-on-cpu puts it in host memory.
+holds two layers on the device (the one computing and room for the next: an upper bound) plus norm + head,
+and the backward recomputes each layer's forward from its saved input. The teacher cache stays on the
+computing devices unless --cache-on-cpu puts it in host memory.
 """
 from dataclasses import dataclass, field
 
@@ -60,21 +60,13 @@ def lean_teacher():
 # ---------------------------------------------------------------- placement
 
 def slices(cfg, n_devices):
-    """Contiguous layer ranges, one per device, balanced by weight bytes (the embedding counts on the first
-    device and norm + head on the last, so their slices are shorter)."""
-    L, per = cfg.num_layers, layer_params(cfg)
+    """Contiguous layer ranges, one per device of equal memory: placement.split_layers, the rule the runtime
+    uses (balanced by weight bytes, the embedding on the first device, norm + head on the last)."""
+    import placement
     head = cfg.vocab_size * cfg.hidden_size
-    cost = [per + (head if i == 0 else 0) + (head if i == L - 1 else 0) for i in range(L)]
-    total, out, start, acc = sum(cost), [], 0, 0
-    for d in range(n_devices - 1):
-        end = start
-        # close this slice once it holds its share of the total, keeping a layer for every later device
-        while end < L - (n_devices - 1 - d) and (acc + cost[end] / 2) < total * (d + 1) / n_devices:
-            acc += cost[end]
-            end += 1
-        out.append(range(start, end))
-        start = end
-    return out + [range(start, L)]
+    where = placement.split_layers(cfg.num_layers, layer_params(cfg), head, head + cfg.hidden_size, [1] * n_devices)
+    return [range(where.index(d), len(where) - where[::-1].index(d)) if d in where else range(0)
+            for d in range(n_devices)]
 
 
 @dataclass
