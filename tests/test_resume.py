@@ -109,3 +109,32 @@ def test_exhaustive_keeps_finished_scores(tmp_path, monkeypatch):
     monkeypatch.setattr(baselines, "removed_kl", lambda *a, **k: calls.append(1) or real(*a, **k))
     got = quiet(baselines.exhaustive, model, teacher, 2, done=resume.Scores(path, {"k": 2}))
     assert got == want and len(calls) == 5 - 3  # 5 blocks of 2 in 6 layers, 3 kept from the first run
+
+
+def test_quantize_cli_leaves_no_checkpoint_until_done_and_resumes(tmp_path, monkeypatch):
+    """quantize.py killed in its second layer: no OUT, OUT.partial holds layer 0; the same command finishes it
+    with the tensors of an uninterrupted run and removes OUT.partial."""
+    from safetensors.torch import load_file
+
+    from badinputs import packable
+
+    ckpt = packable(tmp_path)
+    text = tmp_path / "text.txt"
+    text.write_text("calibration text for a tiny model, long enough for a few windows. " * 60)
+
+    def cli(out):
+        quiet(quantize.main, ["--ckpt", str(ckpt), "--out", str(out), "--nsamples", "4", "--seqlen", "32",
+                              "--group-size", "32", "--calib", str(text), "--device", "cpu"])
+
+    cli(tmp_path / "want")
+    out = tmp_path / "q"
+    restore = interrupt_after(monkeypatch, quantize, "quantize_block", 1)
+    with pytest.raises(Interrupt):
+        cli(out)
+    restore()
+    work = resume.gptq_work_dir(out)
+    assert not out.exists() and sorted(f.name for f in work.glob("layer-*")) == ["layer-00000.safetensors"]
+    cli(out)
+    assert not work.exists()
+    want, got = load_file(tmp_path / "want" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
