@@ -288,13 +288,15 @@ def plan_gptq(cfg, b, devices, capacity, offload, nsamples=128, seqlen=2048, bit
                 ["forward passes count the 4 partial passes that capture each Linear group's inputs"])
 
 
-def plan_eval(cfgs, b, devices, capacity, offload, seqlen=2048):
+def plan_eval(cfgs, b, devices, capacity, offload, seqlen=2048, chunk=256):
     """Evaluation: every model it loads (checkpoint, --compare, --teacher) resident; one window of T tokens at a
-    time: a layer's forward transient and full (T, V) logits with fp32 log-softmax per model."""
+    time: a layer's forward transient with the attention matrix nh T^2 fp32 (the CPU kernel forms it; a GPU's
+    flash kernel does not), each model's full (T, V) logits, and the NLL / KL chunks: chunk V fp32, 4 of them."""
     rows = make_rows(devices, capacity, offload)
     hd = rows[0] if offload else rows[len(devices) - 1]
     for cfg in cfgs:
         place_model(rows, cfg, b, devices, offload)
-        add(rows[0], "activations", forward_bytes(cfg, b, seqlen), "window")
-        add(hd, "kl_chunk", seqlen * cfg.vocab_size * (b + 12), "window")
+        add(rows[0], "activations", forward_bytes(cfg, b, seqlen) + 4 * cfg.num_heads * seqlen ** 2, "window")
+        add(hd, "kl_chunk", seqlen * cfg.vocab_size * b, "window")
+    add(hd, "kl_chunk", 16 * min(chunk, seqlen) * max(c.vocab_size for c in cfgs), "window")
     return Plan("eval", rows, sum(c.num_layers for c in cfgs), 0, ["layer passes per evaluation window"])

@@ -128,7 +128,7 @@ def task_plan(task, a, cfg, path, run):
         return plan_gptq(*run, a["nsamples"], min(a["seqlen"], cfg.max_position_embeddings), a["bits"])
     if task == "eval":
         cfgs = [cfg] + [config(a[key])[0] for key in ("compare", "teacher") if a.get(key)]
-        return plan_eval(cfgs, *run[1:], min(a["seqlen"], cfg.max_position_embeddings))
+        return plan_eval(cfgs, *run[1:], min(a["seqlen"], cfg.max_position_embeddings), a.get("kl_chunk", 256))
     raise ValueError(f"no plan for {task!r}")
 
 
