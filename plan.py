@@ -16,7 +16,8 @@ import sys
 from errors import UserError
 from memory import COLUMNS, DTYPE_BYTES, GiB, plan_eval, plan_gptq, plan_search, plan_tune
 
-# ---------------------------------------------------------------- devices, the CLI hook, the table
+
+# ---------------------------------------------------------------- devices and their memory
 
 def parse_bytes(text):
     """'80GB', '80GiB', '24g', '512MB' -> bytes (GB and GiB both mean 2^30: what GPU makers call 80 GB is 80 GiB)."""
@@ -78,7 +79,9 @@ def shipped_only(ckpt):
         and str(ckpt) != load_weights.DEFAULT
 
 
-def weight_bytes(task, dtype, devices):
+# ---------------------------------------------------------------- a CLI's flags -> Plan
+
+def weight_bytes(dtype, devices):
     """b: the compute dtype's bytes; by default bf16 on a GPU, fp32 on the CPU."""
     if dtype is None or dtype not in DTYPE_BYTES:
         return 4 if devices == ["cpu"] else 2
@@ -92,7 +95,7 @@ def plan_for(task, a, **override):
     devices = device_list(a.get("device"), a.get("devices"))
     # quantize.py's --dtype is the storage dtype; its compute dtype has its own flag (or is the default)
     dtype = a["compute_dtype"] if "compute_dtype" in a else None if task == "quantize" else a.get("dtype")
-    run = (cfg, weight_bytes(task, dtype, devices), devices, capacity_fn(a.get("device_memory"), devices),
+    run = (cfg, weight_bytes(dtype, devices), devices, capacity_fn(a.get("device_memory"), devices),
            bool(a.get("offload")))
     p = task_plan(task, a, cfg, path, run)
     p.bytes_per_weight = run[1]
@@ -132,6 +135,8 @@ def task_plan(task, a, cfg, path, run):
     raise ValueError(f"no plan for {task!r}")
 
 
+# ---------------------------------------------------------------- the CLI hook and the table
+
 def add_args(p):
     """The plan's own flags; the placement flags it reads (--device, --devices, --dtype or --compute-dtype,
     --offload, --cache-on-cpu) are each CLI's, from devices.add_arguments."""
@@ -168,7 +173,7 @@ def refusal(task, p, a):
     devices = device_list(a.get("device"), a.get("devices"))
     per_device = capacity_fn(a.get("device_memory"), devices)(devices[0])
     # only the flags this CLI has (tune.py has no --offload, only search and baselines have --cache-on-cpu)
-    streams = "offload" in a and not a["offload"]
+    streams = "offload" in a and not a["offload"] and len(devices) == 1  # the runtime streams to one device
     tries = [("--offload", {"offload": True})] if streams else []
     if a.get("cache_on_cpu") is False:  # the CLI has the flag and it is off
         tries += [("--cache-on-cpu", {"cache_on_cpu": True})]
