@@ -186,16 +186,15 @@ def plan_search(cfg, b, devices, capacity, offload, nsamples, seqlen, k, gate=Tr
     N, T, L, C, V = nsamples, seqlen, cfg.num_layers, cfg.hidden_size, cfg.vocab_size
     rows = make_rows(devices, capacity, offload)
     parts = place_model(rows, cfg, b, devices, offload)
-    hd, last = rows[0] if offload else rows[len(devices) - 1], len(devices) - 1
+    hd = rows[0] if offload else rows[len(devices) - 1]  # where the norm and head compute
     logp = 0 if lean else N * T * V * 4
-    on_host = cache_on_cpu
-    place_cache(rows, parts, devices, on_host, N * T * C * b, logp)
+    place_cache(rows, parts, devices, cache_on_cpu, N * T * C * b, logp)
     for j in range(len(devices)):
         add(rows[j], "activations", forward_bytes(cfg, b, 4 * T), "teacher")
         if lean:
             add(rows[j], "teacher_cache", 2 * N * T * C * b, "teacher")
     if not lean:  # the old pass concatenates all its pieces at the end: a second copy of the cache
-        place_cache(rows, parts, devices, on_host, N * T * C * b, logp, phase="teacher")
+        place_cache(rows, parts, devices, cache_on_cpu, N * T * C * b, logp, phase="teacher")
         add(hd, "kl_chunk", 4 * T * V * (b + 4), "teacher")
     if gate:
         gate_activations(rows, parts, cfg, b, batch_size * T, offload)
