@@ -12,6 +12,10 @@
   tokens, which is steadier with few windows.
 - tail: the k layers just before the last one (the final layer is kept, as in Gromov et al.'s heuristic).
 - random: a seeded random contiguous block.
+- sleb, shortened-ppl, shortened-taylor: SLEB (Song et al. 2024) and Shortened-LLaMA's perplexity and
+  Taylor importance (Kim et al. 2024), single layers scored on the calibration windows (importance.py).
+- exhaustive_segments (no CLI method; bench_gate.py): every placement of S non-overlapping blocks with the
+  gate's widths, the oracle for --segments 2.
 Every method reports the calibration KL of its choice, so all are compared on one scale.
 """
 import argparse
@@ -22,15 +26,18 @@ import sys
 import time
 from pathlib import Path
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
 import devices
 import excise
+import importance
 import load_weights
 import placement
 import plan
-from gates import budget
+from gates import blocks_to_layers, budget, segment_widths
 from devices import peak_memory
 from errors import cli
 from load_weights import write_json
@@ -38,7 +45,7 @@ from resume import Scores
 from search import make_teacher, random_note, span
 from teacher import eta, removed_kl
 
-METHODS = ["exhaustive", "block-influence", "angular", "tail", "random"]
+METHODS = ["exhaustive", "block-influence", "angular", "tail", "random", "sleb", "shortened-ppl", "shortened-taylor"]
 
 
 def exhaustive(model, teacher, k, quiet=False, done=None):
@@ -52,6 +59,37 @@ def exhaustive(model, teacher, k, quiet=False, done=None):
         scores.append({"removed_layers": list(range(s, s + k)), "kl": kl})
         if not quiet:
             print(f"  block {s:3d}-{s + k - 1:<3d} kl {kl:.5f}   ({s + 1}/{L - k + 1}, {eta(t0, s + 1, L - k + 1)})", flush=True)
+    return sorted(scores, key=lambda c: c["kl"])
+
+
+def placements(L, widths):
+    """Every distinct removed-layer set made of blocks of these widths, in any order, not overlapping, inside [0, L).
+
+    Blocks may touch; touching blocks make one longer block, and a layer set reached by several orders counts once.
+    For two widths summing to k: m * C(L-k+1, 2) sets with a gap plus L-k+1 contiguous ones, m = 2 for unequal
+    widths and 1 for equal ones.
+    """
+    out = set()
+    for order in set(itertools.permutations(widths)):
+        free = L - sum(order)  # layers left over, shared among the gaps before, between and after the blocks
+        for gaps in itertools.product(range(free + 1), repeat=len(order)):
+            if sum(gaps) <= free:
+                s, blocks = 0, []
+                for g, w in zip(gaps, order):
+                    blocks.append((s + g, w))
+                    s += g + w
+                out.add(tuple(blocks_to_layers(blocks)))
+    return sorted(out)
+
+
+def exhaustive_segments(model, teacher, k, segments=2, quiet=False):
+    """Calibration KL of every placement of `segments` blocks with the gate's widths: the S-segment oracle."""
+    sets = placements(model.cfg.num_layers, segment_widths(k, segments))
+    scores, t0 = [], time.perf_counter()
+    for n, layers in enumerate(sets):
+        scores.append({"removed_layers": list(layers), "kl": removed_kl(model, teacher, layers)})
+        if not quiet and (n + 1) % 25 == 0:
+            print(f"  {n + 1}/{len(sets)} placements  ({eta(t0, n + 1, len(sets))})", flush=True)
     return sorted(scores, key=lambda c: c["kl"])
 
 
@@ -91,6 +129,14 @@ def choose(method, model, teacher, k, seed=0, done=None):
     if method == "random":
         s = random.Random(seed).randrange(L - k + 1)
         return list(range(s, s + k)), None
+    if method == "sleb":
+        order, trace = importance.sleb(model, teacher, k)
+        return sorted(order), {"order": order, "nll": trace}
+    if method == "shortened-ppl":
+        return importance.shortened_ppl(model, teacher, k)
+    if method == "shortened-taylor":
+        scores = importance.taylor_importance(model, teacher)
+        return importance.lowest(scores, k), scores
     raise ValueError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
 
 

@@ -37,6 +37,9 @@ from resume import GateState
 from gates import ContiguousGate, blocks_to_layers, budget, initial_centres, neighbours, segment_widths, strip, tau_at
 from teacher import build_teacher, calibration_tokens, eta, kl_backward, removed_kl, run_layers
 
+# names the search algorithm in benchmark rows, so a change of it is measured as before/after
+VARIANT = "v1"
+
 
 def first_gated_layer(keep, eps=1e-4):
     """The first layer whose keep weight differs from 1 by more than eps: earlier layers are the dense ones."""

@@ -1,0 +1,119 @@
+"""The gate against exact enumeration at every budget and calibration seed: rank, KL regret, wall time.
+
+    CLP_DATA=../shared/data OMP_NUM_THREADS=1 python benchmarks/bench_gate.py --budgets 3,6,9,12,15 --seeds 0,1
+    CLP_DATA=../shared/data OMP_NUM_THREADS=1 python benchmarks/bench_gate.py --budgets 6,9 --seeds 0 --segments 2
+
+For S = 1 the oracle is baselines.exhaustive (every contiguous block); for S = 2 it is
+baselines.exhaustive_segments (every placement of two non-overlapping blocks with the gate's widths).
+Both score placements by the calibration KL on the same cached dense pass as the gate. Every finished
+cell (one oracle ranking, or one gate run) is kept in --results under a key naming the model
+fingerprint, the calibration draw, the budget and the settings, so a rerun only computes what is
+missing, and a change of the search (--variant) reruns the gate against the stored rankings.
+Rewrites the "gate" section of BENCHMARKS.md from every stored row.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import baselines  # noqa: E402
+import excise  # noqa: E402
+import load_weights  # noqa: E402
+import search  # noqa: E402
+from benchmarks.common import ROOT, command, update_section  # noqa: E402
+from load_weights import write_json  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "gate.json"
+
+
+def key(*parts):
+    return "|".join(str(p) for p in parts)
+
+
+def oracle(model, teacher, k, segments):
+    """The exact ranking of every placement, best first, and its wall time."""
+    t0 = time.perf_counter()
+    ranked = baselines.exhaustive(model, teacher, k) if segments == 1 else \
+        baselines.exhaustive_segments(model, teacher, k, segments)
+    return {"ranked": [[r["removed_layers"], r["kl"]] for r in ranked], "seconds": time.perf_counter() - t0}
+
+
+def gate_run(model, teacher, k, segments, seed):
+    t0 = time.perf_counter()
+    g = search.search(model, teacher, k, segments=segments, seed=seed, log_every=10)
+    return {"removed_layers": g["removed_layers"], "kl": g["kl"], "seconds": time.perf_counter() - t0,
+            "scored": len(g["candidates"]), "time_s": g["time_s"]}
+
+
+def regret_row(gate, orc):
+    """Rank of the gate's choice among all placements and its KL above the optimum."""
+    layers = [r[0] for r in orc["ranked"]]
+    rank = layers.index(gate["removed_layers"]) + 1 if gate["removed_layers"] in layers else None
+    best = orc["ranked"][0]
+    return {"rank": rank, "of": len(layers), "best": best[0], "best_kl": best[1],
+            "regret": gate["kl"] - best[1], "rel": gate["kl"] / best[1] - 1}
+
+
+def section(res, a, L):
+    lines = [f"## Search: the gate against exact enumeration at every budget ({a.ckpt}, {L} layers)", "",
+             f"Command: `CLP_DATA=../shared/data OMP_NUM_THREADS=1 {command()}`", "",
+             f"Calibration: WikiText-2 valid, {a.nsamples} random windows x {a.seqlen} tokens drawn with each seed; the "
+             "gate runs with search.py's defaults (4 starts, successive halving, 30 steps of one window, tau 2 -> 0.05, "
+             "radius 1); the oracle scores every placement (S = 1: every contiguous block; S = 2: every pair of "
+             "non-overlapping blocks with the gate's widths) by the calibration KL on the same cached dense pass. "
+             "*Regret*: gate KL minus the optimum's. Times are wall times on a 2-core machine shared with other jobs, "
+             "1 thread: compare them within a row, not across rows. Rows: every cell stored in "
+             "`benchmarks/results/gate.json`.", "",
+             "| S | k | seed | variant | gate block | gate KL | optimum | optimum KL | rank | regret | gate s | oracle s | gate / oracle |",
+             "|---:|---:|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    rows = sorted((v for v in res.values() if v.get("kind") == "gate"), key=lambda v: (v["S"], v["k"], v["seed"], v["variant"]))
+    for g in rows:
+        orc = res.get(g["oracle_key"])
+        if orc is None:
+            continue
+        r = regret_row(g, orc)
+        lines.append(f"| {g['S']} | {g['k']} | {g['seed']} | {g['variant']} | {search.span(g['removed_layers'])} "
+                     f"| {g['kl']:.4f} | {search.span(r['best'])} | {r['best_kl']:.4f} | {r['rank']} of {r['of']} "
+                     f"| {r['regret']:.4f} | {g['seconds']:,.0f} | {orc['seconds']:,.0f} | {g['seconds'] / orc['seconds']:.2f} |")
+    update_section("gate", "\n".join(lines))
+    return lines
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", default=load_weights.DEFAULT, help="checkpoint to prune")
+    p.add_argument("--budgets", default="3,6,9,12,15", help="comma-separated numbers of layers to remove")
+    p.add_argument("--seeds", default="0,1", help="calibration seeds")
+    p.add_argument("--segments", type=int, default=1, help="segments of the gate (and of the oracle's placements)")
+    p.add_argument("--nsamples", type=int, default=16, help="calibration windows (WikiText-2 valid)")
+    p.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window")
+    p.add_argument("--variant", default=search.VARIANT, help="name of the search version in the rows (before/after a change)")
+    p.add_argument("--results", type=Path, default=RESULTS, help="JSON of finished cells (resumed, never recomputed)")
+    p.add_argument("--write-only", action="store_true", help="run nothing: rewrite the section from the stored cells")
+    a = p.parse_args(argv)
+    res = json.loads(a.results.read_text()) if a.results.is_file() else {}
+    model, tok = load_weights.load(a.ckpt)
+    fp = excise.fingerprint(model)["embed_sha256"]
+    for seed in ([] if a.write_only else map(int, a.seeds.split(","))):
+        teacher = None
+        for k in map(int, a.budgets.split(",")):
+            base = key(fp, f"{a.nsamples}x{a.seqlen}", seed, k, a.segments)
+            ok, gk = key(base, "oracle"), key(base, "gate", a.variant)
+            if ok in res and gk in res:
+                continue
+            teacher = teacher or search.make_teacher(model, tok, "wikitext2", a.nsamples, a.seqlen, seed)
+            if gk not in res:
+                res[gk] = dict(gate_run(model, teacher, k, a.segments, seed), kind="gate", S=a.segments, k=k,
+                               seed=seed, variant=a.variant, oracle_key=ok)
+                write_json(a.results, res)
+            if ok not in res:
+                res[ok] = dict(oracle(model, teacher, k, a.segments), kind="oracle")
+                write_json(a.results, res)
+            print("\n".join(section(res, a, model.cfg.num_layers)[-1:]), flush=True)
+    print("\n".join(section(res, a, model.cfg.num_layers)))
+
+
+if __name__ == "__main__":
+    main()
