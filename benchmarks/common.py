@@ -34,13 +34,14 @@ def command():
     return "python " + shlex.join(sys.argv)
 
 
-def update_section(name, body):
-    """Replace (or append) the section between <!-- BEGIN name --> and <!-- END name --> atomically; the lock
-    keeps two scripts that finish at once from each writing back a file without the other's section."""
+def update_section(name, body, path=BENCHMARKS):
+    """Replace (or append) the section between <!-- BEGIN name --> and <!-- END name --> of `path` atomically; the
+    lock keeps two scripts that finish at once from each writing back a file without the other's section."""
+    path = Path(path)
     stamp = time.strftime("%Y-%m-%d")
     block = f"<!-- BEGIN {name} -->\n{body.rstrip()}\n\n_Measured {stamp} on: {machine()}._\n<!-- END {name} -->"
     pat = re.compile(rf"<!-- BEGIN {re.escape(name)} -->.*?<!-- END {re.escape(name)} -->", re.S)
-    with atomic.locked(BENCHMARKS):
-        text = BENCHMARKS.read_text() if BENCHMARKS.exists() else HEADER
+    with atomic.locked(path):
+        text = path.read_text() if path.exists() else HEADER
         text = pat.sub(lambda _: block, text) if pat.search(text) else text.rstrip() + "\n\n" + block + "\n"
-        atomic.write_text(BENCHMARKS, text)
+        atomic.write_text(path, text)

@@ -1,0 +1,542 @@
+"""CLP against every layer-pruning baseline at the same pruning ratios, untuned and tuned the same way: one table.
+
+    CLP_DATA=../shared/data OMP_NUM_THREADS=1 python benchmarks/bench_compare.py --ckpt smollm2-135m --ratios 0.1 0.2 0.3 0.4
+
+For each ratio and method: the removed layers, their calibration KL and search time; WikiText-2 test
+perplexity and KL to the dense model (the first --ppl-windows windows of 2048 tokens, the same for
+every row); zero-shot accuracy on the first --limit items of each task with the mean retention; the
+prefill / decode speedup against the ideal L/(L-k) (one measurement per ratio: every method's pruned
+model has the same architecture). Then the same after repair, one budget for every method: --steps
+AdamW steps of tune.py on the cut's endpoints (every cut's, for a method that leaves several), and for
+the non-contiguous methods also LoRA on all layers with the trainable parameters of two full layers
+(what CLP tunes); each at every --lrs, the lowest held-out KL kept, as bench_tune.py does.
+
+Resumable: every finished cell (a method's choice, a SLEB step, an evaluation, a tuning run, a latency
+measurement) is stored in --results under a key naming the checkpoint's fingerprint and the settings
+that produced it, and never recomputed; the same command continues where a run stopped. The gate's and
+the exhaustive oracle's runs are bench_gate.py's cells (--gate-results), shared with that script.
+Writes the "compare" section of BENCHMARKS.md and a picture (--plot) from every stored cell.
+"""
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import baselines  # noqa: E402
+import eval as ev  # noqa: E402
+import excise  # noqa: E402
+import importance  # noqa: E402
+import load_weights  # noqa: E402
+import search  # noqa: E402
+import tune  # noqa: E402
+from benchmarks import bench_gate  # noqa: E402
+from benchmarks.common import BENCHMARKS, ROOT, command, update_section  # noqa: E402
+from data import find_data_dir  # noqa: E402
+from gates import budget  # noqa: E402
+from load_weights import write_json  # noqa: E402
+from tasks import PRIMARY  # noqa: E402
+from teacher import removed_kl, run_layers  # noqa: E402
+
+METHODS = ["clp-gate", "exhaustive", "sleb", "shortened-ppl", "shortened-taylor", "block-influence", "angular",
+           "tail", "random-0", "random-1", "random-2"]
+CHEAP_FIRST = ["tail", "random-0", "random-1", "random-2", "block-influence", "angular", "shortened-taylor",
+               "clp-gate", "exhaustive", "shortened-ppl", "sleb"]
+TASKS = "piqa,arc_easy,openbookqa,winogrande,arc_challenge,boolq"
+
+
+def key(*parts):
+    return "|".join(str(p) for p in parts)
+
+
+class Missing(Exception):
+    """A cell that is not stored, asked for while writing the report (nothing is computed then)."""
+
+
+def contiguous(layers):
+    return layers == list(range(layers[0], layers[0] + len(layers)))
+
+
+# ---------------------------------------------------------------- choosing the layers (cached)
+
+class Bench:
+    """The dense model, lazily its calibration teacher, and the two result stores."""
+
+    def __init__(self, a):
+        self.a = a
+        self.model, self.tok = load_weights.load(a.ckpt)
+        self.L = self.model.cfg.num_layers
+        self.fp = excise.fingerprint(self.model)["embed_sha256"]
+        self.calib = f"{a.nsamples}x{a.seqlen}"
+        self.res = json.loads(a.results.read_text()) if a.results.is_file() else {}
+        self.gates = json.loads(a.gate_results.read_text()) if a.gate_results.is_file() else {}
+        self._teacher = None
+        self.readonly = False
+
+    @property
+    def teacher(self):
+        if self._teacher is None:
+            self._teacher = search.make_teacher(self.model, self.tok, "wikitext2", self.a.nsamples, self.a.seqlen, self.a.seed)
+        return self._teacher
+
+    def cell(self, k, compute, store=None):
+        """The stored value under key k, or compute() stored at once (atomically) and returned."""
+        store = self.res if store is None else store
+        if k not in store and self.readonly:
+            raise Missing(k)
+        if k not in store:
+            store[k] = compute()
+            write_json(self.a.results if store is self.res else self.a.gate_results, store)
+        return store[k]
+
+
+def choose(b, method, k):
+    """{removed_layers, kl, seconds}: the method's choice at budget k with its calibration KL and search time."""
+    m, t = b.model, lambda: b.teacher
+    if method in ("clp-gate", "exhaustive"):
+        base = bench_gate.key(b.fp, b.calib, b.a.seed, k, 1)
+        g = b.cell(key(base, "gate", search.VARIANT), lambda: dict(
+            bench_gate.gate_run(m, t(), k, 1, b.a.seed), kind="gate", S=1, k=k, seed=b.a.seed,
+            variant=search.VARIANT, oracle_key=key(base, "oracle")), b.gates)
+        if method == "clp-gate":
+            return {"removed_layers": g["removed_layers"], "kl": g["kl"], "seconds": g["seconds"]}
+        o = b.cell(key(base, "oracle"), lambda: dict(bench_gate.oracle(m, t(), k, 1), kind="oracle"), b.gates)
+        return {"removed_layers": o["ranked"][0][0], "kl": o["ranked"][0][1], "seconds": o["seconds"]}
+    if method == "sleb":
+        layers, seconds = sleb_prefix(b, k)
+    elif method in ("shortened-ppl", "shortened-taylor"):
+        s = b.cell(key(b.fp, b.calib, b.a.seed, method), lambda: timed_scores(method, m, t()))
+        layers, seconds = importance.lowest(s["scores"], k), s["seconds"]
+    else:
+        c = b.cell(key(b.fp, b.calib, b.a.seed, k, method, "layers"), lambda: cheap_choice(method, m, t, k))
+        layers, seconds = c["layers"], c["seconds"]
+    kl = b.cell(key(b.fp, b.calib, b.a.seed, "kl", search.span(layers)), lambda: removed_kl(m, t(), layers))
+    return {"removed_layers": layers, "kl": kl, "seconds": seconds}
+
+
+def cheap_choice(method, model, teacher, k):
+    """Block influence, angular, tail, random-N: no model runs beyond the cached dense pass."""
+    t0 = time.perf_counter()
+    name, seed = (method[:6], int(method[7:])) if method.startswith("random-") else (method, 0)
+    layers = baselines.choose(name, model, teacher() if name in ("block-influence", "angular") else None, k, seed)[0]
+    return {"layers": layers, "seconds": time.perf_counter() - t0}
+
+
+def timed_scores(method, model, teacher):
+    t0 = time.perf_counter()
+    if method == "shortened-ppl":
+        nll = importance.single_removal_nll(model, teacher, quiet=False)
+        scores = [nll[i] for i in range(model.cfg.num_layers)]
+    else:
+        scores = importance.taylor_importance(model, teacher)
+    return {"scores": scores, "seconds": time.perf_counter() - t0}
+
+
+def sleb_prefix(b, k):
+    """SLEB's first k removals (greedy, so every budget shares a prefix), one stored step at a time."""
+    kk = key(b.fp, b.calib, b.a.seed, "sleb")
+    run = b.res.get(kk, {"order": [], "nll": [], "seconds": []})
+    if b.readonly and len(run["order"]) < k:
+        raise Missing(kk)
+    b.res[kk] = run
+    while len(run["order"]) < k:
+        t0 = time.perf_counter()
+        order, nll = importance.sleb(b.model, b.teacher, len(run["order"]) + 1, start=run["order"])
+        run["order"], run["nll"] = order, run["nll"] + nll
+        run["seconds"].append(time.perf_counter() - t0)
+        write_json(b.a.results, b.res)
+    return sorted(run["order"][:k]), sum(run["seconds"][:k])
+
+
+# ---------------------------------------------------------------- measuring (cached)
+
+def pruned_view(model, removed):
+    """The model without the layers in `removed`, sharing every weight with it (nothing copied)."""
+    view = copy.copy(model)
+    view._modules = dict(model._modules)
+    view.layers = torch.nn.ModuleList(l for i, l in enumerate(model.layers) if i not in set(removed))
+    view.cfg = dataclasses.replace(model.cfg, num_layers=len(view.layers))
+    return view
+
+
+class DenseLogits:
+    """eval.text_metrics' teacher: the dense logits of a ppl window from its cached last hidden state,
+    so that every row's KL does not rerun the dense layers."""
+
+    def __init__(self, dense, windows):
+        self.dense = dense
+        with torch.no_grad():
+            self.h = {w.numpy().tobytes(): run_layers(dense, dense.embed_tokens(w[None]), 0) for w in windows}
+
+    @torch.no_grad()
+    def __call__(self, x):
+        return self.dense.lm_head(self.dense.norm(self.h[x[0].numpy().tobytes()]))
+
+
+def measure(b, model, teacher):
+    """WikiText-2 ppl (and KL to the dense model) on the stated windows, zero-shot scores on the first --limit items."""
+    m = ev.text_metrics(model, b.windows, teacher=teacher, label="ppl")
+    row = {"ppl": m["ppl"], "kl": m.get("kl")}
+    root = find_data_dir(b.a.data_dir)
+    row["tasks"] = {t: ev.run_task(model, b.tok, t, root, limit=b.a.limit) for t in b.tasks}
+    return row
+
+
+def eval_settings(b):
+    return f"wt2[:{b.a.ppl_windows}]|{','.join(b.tasks)}|limit{b.a.limit}"
+
+
+def evaluate(b, removed, tuned=None):
+    """The evaluation cell of the dense model (removed = []), a pruned one, or a tuned checkpoint."""
+    k = key(b.fp, eval_settings(b), search.span(removed) if removed else "dense", tuned or "untuned")
+    if k in b.res:
+        return b.res[k]
+    if b.readonly:
+        raise Missing(k)
+    print(f"== evaluating {search.span(removed) if removed else 'dense'} ({tuned or 'untuned'})", flush=True)
+    if not removed:
+        return b.cell(k, lambda: measure(b, b.model, None))
+    model = pruned_view(b.model, removed) if tuned is None else load_weights.load(tuned_path(b, removed, tuned))[0]
+    return b.cell(k, lambda: measure(b, model, b.dense_logits))
+
+
+def speed(b, n_layers):
+    """Prefill and decode tokens/s of a model with n_layers of the dense model's layers (which ones does not matter)."""
+    k = key(b.fp, f"latency{b.a.latency_seqlen}x{b.a.latency_runs}", n_layers)
+    return b.cell(k, lambda: ev.latency(pruned_view(b.model, range(n_layers, b.L)), b.a.latency_seqlen,
+                                        new_tokens=32, runs=b.a.latency_runs))
+
+
+# ---------------------------------------------------------------- repair (cached)
+
+def variants(layers):
+    """Repairs for a choice: endpoint tuning of every cut; for a non-contiguous choice also LoRA on all layers."""
+    return ["endpoints"] if contiguous(layers) else ["endpoints", "lora-all"]
+
+
+def tune_settings(b):
+    return f"steps{b.a.steps}|bs{b.a.batch_size}|n{b.a.tune_nsamples}x{b.a.seqlen}"
+
+
+def lora_rank(b, n_layers):
+    """LoRA rank whose adapters on all n_layers hold as many parameters as two full layers (CLP's endpoints)."""
+    layer = b.model.layers[0]
+    full = sum(p.numel() for p in layer.parameters())
+    per_rank = sum(lin.in_features + lin.out_features for lin in layer.modules() if isinstance(lin, torch.nn.Linear))
+    return max(1, round(2 * full / (n_layers * per_rank)))
+
+
+def work_dir(b, removed, variant=None, lr=None):
+    name = f"pruned-{search.span(removed).replace(',', '_')}"
+    return b.a.work / (name if variant is None else f"{name}-{variant}-lr{lr:g}")
+
+
+def tuned_path(b, removed, tag):
+    variant, lr = tag.split("@")
+    return work_dir(b, removed, variant, float(lr))
+
+
+def tune_one(b, removed, variant, lr):
+    """One tune.py run on the pruned checkpoint; its checkpoint stays in --work until the chosen one is evaluated."""
+    pruned = work_dir(b, removed)
+    if not (pruned / "config.json").is_file():
+        excise.write_pruned(b.model, load_weights.resolve(b.a.ckpt), removed, pruned, {"method": "bench_compare"})
+    out = work_dir(b, removed, variant, lr)
+    rank = lora_rank(b, b.L - len(removed))
+    rep = tune.tune(pruned, out, layers="endpoints" if variant == "endpoints" else "all",
+                    method="full" if variant == "endpoints" else "lora", rank=rank, alpha=2.0 * rank, steps=b.a.steps,
+                    lr=lr, batch_size=b.a.batch_size, nsamples=b.a.tune_nsamples, seqlen=b.a.seqlen, log_every=10)
+    return {"heldout_kl": rep["heldout_kl"], "trainable": rep["trainable_parameters"], "lr": lr,
+            "tuned_layers": rep["tuned_source_layers"], "seconds": rep["wall_time_s"]["tuning"], "rank": rank}
+
+
+def repaired(b, removed, variant):
+    """The best-lr tuning run (lowest held-out KL) of one variant and its evaluation."""
+    runs = {}
+    for lr in map(float, b.a.lrs.split(",")):
+        k = key(b.fp, tune_settings(b), search.span(removed), variant, f"lr{lr:g}")
+        if k in b.res and not b.readonly and not (work_dir(b, removed, variant, lr) / "config.json").is_file():
+            ek = key(b.fp, eval_settings(b), search.span(removed), f"{variant}@{lr:g}")
+            if ek not in b.res:
+                del b.res[k]  # its checkpoint is gone (another machine) and was never evaluated: tune again
+        runs[lr] = b.cell(k, lambda: tune_one(b, removed, variant, lr))
+    lr = min(runs, key=lambda x: runs[x]["heldout_kl"]["after"])
+    row = dict(evaluate(b, removed, f"{variant}@{lr:g}"), tune=runs[lr], heldout_by_lr={f"{x:g}": r["heldout_kl"]["after"] for x, r in runs.items()})
+    for x in runs:  # evaluated: the checkpoints can go
+        shutil.rmtree(work_dir(b, removed, variant, x), ignore_errors=True)
+    return dict(row, variant=variant, lr=lr)
+
+
+# ---------------------------------------------------------------- the loop
+
+def run_all(b):
+    a = b.a
+    ks = {r: budget(b.L, prune_ratio=r) for r in a.ratios}
+    order = [m for m in CHEAP_FIRST if m in a.methods]
+    b.rows = {}
+    evaluate(b, [])
+    for stage in a.stages:
+        for r in a.ratios:
+            k = ks[r]
+            if stage == "untuned":
+                speed(b, b.L)
+                speed(b, b.L - k)
+            for method in order:
+                ch = choose(b, method, k)
+                print(f"-- {r:.0%} {method}: layers {search.span(ch['removed_layers'])}  calib KL {ch['kl']:.4f}", flush=True)
+                if stage == "untuned":
+                    evaluate(b, ch["removed_layers"])
+                else:
+                    for v in variants(ch["removed_layers"]):
+                        repaired(b, ch["removed_layers"], v)
+                        shutil.rmtree(work_dir(b, ch["removed_layers"]), ignore_errors=True)
+            write_outputs(b, picture=False)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", default=load_weights.DEFAULT, help="dense checkpoint to prune")
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4], help="pruning ratios, k = round(ratio * L)")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods (random-N: the random contiguous block of seed N)")
+    p.add_argument("--stages", default="untuned,tuned", help="untuned, tuned or both (all untuned cells run first)")
+    p.add_argument("--nsamples", type=int, default=16, help="calibration windows of WikiText-2 valid, shared by every method")
+    p.add_argument("--seqlen", type=int, default=256, help="tokens per calibration and tuning window")
+    p.add_argument("--seed", type=int, default=0, help="calibration seed")
+    p.add_argument("--ppl-windows", type=int, default=4, help="first N WikiText-2 test windows for ppl and KL")
+    p.add_argument("--ppl-seqlen", type=int, default=2048, help="tokens per WikiText-2 test window")
+    p.add_argument("--tasks", default=TASKS, help="zero-shot tasks (comma-separated)")
+    p.add_argument("--limit", type=int, default=100, help="first N items of each task")
+    p.add_argument("--steps", type=int, default=30, help="tuning steps of every repair")
+    p.add_argument("--lrs", default="1e-3,3e-3", help="peak learning rates tried per method and repair; lowest held-out KL kept")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per tuning step")
+    p.add_argument("--tune-nsamples", type=int, default=32, help="tuning windows (first 90%% of WikiText-2 valid)")
+    p.add_argument("--latency-seqlen", type=int, default=512, help="prefill tokens of the latency measurement")
+    p.add_argument("--latency-runs", type=int, default=3, help="timed runs (median) after one warm-up")
+    p.add_argument("--data-dir", type=Path, default=None, help="data directory; None: $CLP_DATA, then ./data")
+    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "compare.json", help="finished cells")
+    p.add_argument("--gate-results", type=Path, default=bench_gate.RESULTS, help="bench_gate.py's cells (gate and oracle runs)")
+    p.add_argument("--work", type=Path, default=Path("runs/bench_compare"), help="pruned and tuned checkpoints (deleted once evaluated)")
+    p.add_argument("--markdown", type=Path, default=BENCHMARKS, help="file whose 'compare' section is rewritten")
+    p.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "compare.png", help="picture of ppl and retention vs ratio")
+    p.add_argument("--write-only", action="store_true", help="run nothing: rewrite the section and the picture from stored cells")
+    a = p.parse_args(argv)
+    a.methods, a.stages = a.methods.split(","), a.stages.split(",")
+    bad = [m for m in a.methods if m not in METHODS and not m.startswith("random-")] + \
+          [s for s in a.stages if s not in ("untuned", "tuned")]
+    if bad:
+        p.error(f"unknown method or stage {bad[0]!r}: methods are {', '.join(METHODS)}; stages untuned, tuned")
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    b = Bench(a)
+    b.tasks = a.tasks.split(",") if a.tasks else []
+    (w, b.ppl_desc), = ev.text_windows(b.tok, ["wikitext2"], a.ppl_seqlen, a.data_dir, bos=False).values()
+    b.ppl_total, b.windows = w.shape[0], w[: a.ppl_windows]
+    b.dense_logits = None if a.write_only else DenseLogits(b.model, b.windows)
+    if not a.write_only:
+        run_all(b)
+    write_outputs(b)
+
+
+# ---------------------------------------------------------------- the table and the picture
+
+def lookup(b, f, *args):
+    """f(b, *args) from the stored cells only; None when a cell is missing."""
+    b.readonly = True
+    try:
+        return f(b, *args)
+    except Missing:
+        return None
+    finally:
+        b.readonly = False
+
+
+def retention(b, row):
+    """Mean over tasks of pruned / dense primary metric, and its standard error from the pruned scores' binomial errors."""
+    dense = lookup(b, evaluate, [])
+    if row is None or dense is None or not b.tasks:
+        return None, None
+    ret, var = [], 0.0
+    for t in b.tasks:
+        p, d, n = row["tasks"][t][PRIMARY[t]], dense["tasks"][t][PRIMARY[t]], row["tasks"][t]["n"]
+        ret.append(p / d)
+        var += p * (1 - p) / max(n - 1, 1) / d ** 2
+    return statistics.mean(ret), math.sqrt(var) / len(ret)
+
+
+def results(b):
+    """{(ratio, method): {"choice", "untuned", "tuned": {variant: row}, "best_tuned"}} for every stored cell."""
+    out = {}
+    for r in b.a.ratios:
+        k = budget(b.L, prune_ratio=r)
+        for method in b.a.methods:
+            ch = lookup(b, choose, method, k)
+            if ch is None:
+                continue
+            rem = ch["removed_layers"]
+            tuned = {v: x for v in variants(rem) if (x := lookup(b, repaired, rem, v)) is not None}
+            best = min(tuned.values(), key=lambda x: x["tune"]["heldout_kl"]["after"]) if tuned else None
+            out[r, method] = {"choice": ch, "untuned": lookup(b, evaluate, rem), "tuned": tuned, "best_tuned": best}
+    return out
+
+
+def fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def row_cells(b, row, tasks):
+    if row is None:
+        return ["not run"] + [""] * (len(tasks) + 2)
+    m, se = retention(b, row)
+    return [f"{row['ppl']:,.2f}", fmt(row.get("kl"), ".3f")] + \
+           [f"{100 * row['tasks'][t][PRIMARY[t]]:.0f}" for t in tasks] + [f"{100 * m:.1f} ± {100 * se:.1f}" if m is not None else "-"]
+
+
+def summary_of(values):
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None
+    return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def table(b, res):
+    tasks = b.tasks
+    head = ("| ratio | method | removed layers | calib. KL | search s | repair | ppl | KL | "
+            + " | ".join(tasks) + " | mean retention % |")
+    lines = [head, "|---|---|---|---:|---:|---|---:|---:|" + "---:|" * len(tasks) + "---:|"]
+    dense = lookup(b, evaluate, [])
+    if dense:
+        lines.append(f"| 0 | dense | - | 0 | - | - | {dense['ppl']:,.2f} | 0 | "
+                     + " | ".join(f"{100 * dense['tasks'][t][PRIMARY[t]]:.0f}" for t in tasks) + " | 100 |")
+    for (r, method), x in res.items():
+        ch = x["choice"]
+        first = [f"{r:.0%}", method, search.span(ch["removed_layers"]), f"{ch['kl']:.3f}", f"{ch['seconds']:,.0f}"]
+        lines.append("| " + " | ".join(first + ["none"] + row_cells(b, x["untuned"], tasks)) + " |")
+        for v, t in x["tuned"].items():
+            what = "endpoints" if v == "endpoints" else f"LoRA r{t['tune']['rank']} all"
+            rep = f"{what}, {t['tune']['trainable'] / 1e6:.1f}M, lr {t['lr']:g}"
+            lines.append("| " + " | ".join(["", "", "", "", "", rep] + row_cells(b, t, tasks)) + " |")
+    return lines
+
+
+def margins(b, res):
+    """One sentence per ratio and stage: CLP against the best other method on ppl and on mean retention."""
+    out = []
+    for r in b.a.ratios:
+        for stage in ("untuned", "best_tuned"):
+            val = {}
+            for m in b.a.methods:
+                row = res.get((r, m), {}).get(stage)
+                if row is not None:
+                    val[m] = (row["ppl"], retention(b, row)[0])
+            rnd = [val.pop(m) for m in list(val) if m.startswith("random-")]
+            if rnd:
+                val["random (mean)"] = (statistics.mean(v[0] for v in rnd), summary_of([v[1] for v in rnd])[0])
+            others = {m: v for m, v in val.items() if m not in ("clp-gate", "exhaustive")}
+            if "clp-gate" not in val or not others:
+                continue
+            (p, q), name = val["clp-gate"], "untuned" if stage == "untuned" else "tuned (each method's repair with the lower held-out KL)"
+            bp = min(others, key=lambda m: others[m][0])
+            txt = (f"- {r:.0%}, {name}: CLP ppl {p:,.2f} vs best other {bp} {others[bp][0]:,.2f} "
+                   f"({100 * (others[bp][0] / p - 1):+.1f}% for the other)")
+            if q is not None and any(v[1] is not None for v in others.values()):
+                br = max((m for m in others if others[m][1] is not None), key=lambda m: others[m][1])
+                txt += (f"; mean retention {100 * q:.1f}% vs best other {br} {100 * others[br][1]:.1f}% "
+                        f"({100 * (q - others[br][1]):+.1f} points for CLP)")
+            out.append(txt + ".")
+    return out
+
+
+def speed_lines(b):
+    dense = lookup(b, speed, b.L)
+    lines = ["| ratio | layers | prefill tok/s | decode tok/s | prefill speedup | decode speedup | ideal L/(L-k) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in b.a.ratios:
+        n = b.L - budget(b.L, prune_ratio=r)
+        s = lookup(b, speed, n)
+        if s is None or dense is None:
+            continue
+        lines.append(f"| {r:.0%} | {n} | {s['prefill_tok_s']:,.0f} | {s['decode_tok_s']:,.1f} | "
+                     f"{s['prefill_tok_s'] / dense['prefill_tok_s']:.2f} | {s['decode_tok_s'] / dense['decode_tok_s']:.2f} | {b.L / n:.2f} |")
+    return lines
+
+
+def write_outputs(b, picture=True):
+    a, res = b.a, results(b)
+    lines = [f"## CLP against layer-pruning baselines, untuned and repaired ({a.ckpt}, {b.L} layers)", "",
+             f"Command: `CLP_DATA=../shared/data OMP_NUM_THREADS=1 {command()}` (the same command resumes; "
+             f"cells: `{a.results.name}`, gate and oracle cells: `{a.gate_results.name}` in benchmarks/results/).", "",
+             f"Calibration for every method: WikiText-2 valid, {a.nsamples} random windows x {a.seqlen} tokens (seed {a.seed}); "
+             "*calib. KL* is the KL to the dense model on them with the layers removed; *search s* the wall time of the "
+             "method's choice (gate: search.py defaults; exhaustive: every contiguous block; SLEB: k greedy steps; "
+             "times on a shared 2-core machine, 1 thread). "
+             f"*ppl*, *KL*: WikiText-2 test, first {a.ppl_windows} of {getattr(b, 'ppl_total', '?')} windows of {a.ppl_seqlen} tokens "
+             "(a subset, the same for every row). Zero-shot: lm-eval formats, primary metric per task (acc_norm; acc for "
+             f"BoolQ and WinoGrande) in %, on the first {a.limit} items of each task: one standard error is about "
+             f"{100 * math.sqrt(0.25 / max(a.limit - 1, 1)):.0f} points per task; *mean retention* = mean over tasks of "
+             "pruned / dense, ± its standard error from the pruned scores. "
+             f"*Repair*: {a.steps} AdamW steps of tune.py ({a.batch_size} windows x {a.seqlen} tokens from {a.tune_nsamples} "
+             "windows of the first 90% of WikiText-2 valid, KL to the dense model), at each peak lr in "
+             f"{{{a.lrs}}}, the lowest held-out KL kept; *endpoints* = the kept layers next to every cut (tune.py's "
+             "default); non-contiguous methods also get *LoRA on all layers* with as many trainable parameters as two "
+             "full layers. random: three seeded random contiguous blocks.", "", *table(b, res), "",
+             "Where CLP stands (best other method excludes the exhaustive oracle, which is CLP's own objective "
+             "enumerated; random = mean of its seeds):", "", *(margins(b, res) or ["- no ratio has both CLP and a baseline yet."]), "",
+             "Speed (every method's pruned model at a ratio has the same architecture, so one measurement per ratio; "
+             f"batch 1, prefill {a.latency_seqlen} tokens, decode 32 tokens, median of {a.latency_runs}):", "", *speed_lines(b), "",
+             f"![ppl and mean retention against the pruning ratio](docs/img/{a.plot.name})"]
+    update_section("compare", "\n".join(lines), a.markdown)
+    if picture:
+        plot(b, res, a.plot)
+    print("\n".join(lines))
+
+
+def plot(b, res, path):
+    """Perplexity and mean retention against the ratio, one line per method, solid untuned, dashed repaired."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return print("no picture: matplotlib is missing (pip install matplotlib)")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = [m for m in b.a.methods if not m.startswith("random-")] + ["random"]
+    for i, name in enumerate(names):
+        color = f"C{i % 10}"
+        for stage, style in (("untuned", "-"), ("best_tuned", "--")):
+            xs, ppl, ret = [], [], []
+            for r in b.a.ratios:
+                rows = [x[stage] for (rr, m), x in res.items() if rr == r and (m == name or
+                        (name == "random" and m.startswith("random-"))) and x[stage] is not None]
+                if rows:
+                    xs.append(r)
+                    ppl.append(statistics.mean(x["ppl"] for x in rows))
+                    ret.append(summary_of([retention(b, x)[0] for x in rows])[0])
+            if xs:
+                label = f"{name} ({'untuned' if stage == 'untuned' else 'repaired'})"
+                ax1.plot(xs, ppl, style, color=color, marker="o", label=label)
+                if any(v is not None for v in ret):
+                    ax2.plot(xs, [v if v is not None else float("nan") for v in ret], style, color=color, marker="o")
+    ax1.set(yscale="log", xlabel="pruning ratio", ylabel="WikiText-2 ppl (subset)", title="perplexity (lower is better)")
+    ax2.set(xlabel="pruning ratio", ylabel="mean zero-shot retention", title="retention (higher is better)")
+    fig.legend(*ax1.get_legend_handles_labels(), loc="center right", fontsize=7)
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    print(f"picture: {path}")
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""bench_compare.py end to end on a tiny model with a real tokenizer: the table, the picture, and a resume
+that recomputes nothing."""
+import json
+
+import pytest
+import torch
+
+import load_weights
+from benchmarks import bench_compare
+from conftest import DATA, need
+from model import Config, Transformer
+
+
+@pytest.fixture(scope="module")
+def tiny_with_tokenizer(tmp_path_factory):
+    """A seeded random 4-layer, 64-wide llama with the embedded model's tokenizer (its vocabulary of 49,152)."""
+    src = load_weights.resolve(load_weights.DEFAULT)
+    config = json.loads((src / "config.json").read_text()) | {
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 2048}
+    torch.manual_seed(0)
+    model = Transformer(load_weights.config_from_dict(config))
+    with torch.no_grad():  # GPT-2's init: finite perplexities on a 49k vocabulary
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.02)
+    out = tmp_path_factory.mktemp("tiny") / "ckpt"
+    tensors = {k: v.detach().clone() for k, v in load_weights.hf_state_dict(model).items()}
+    load_weights.save_checkpoint(out, config, tensors, source_dir=src)
+    return out
+
+
+@pytest.fixture
+def small_data(tmp_path, monkeypatch):
+    """$CLP_DATA with the first 30,000 characters of WikiText-2 test and valid (tokenizing all of it takes long)
+    and the real PIQA and BoolQ files."""
+    root = tmp_path / "data"
+    (root / "wikitext-2-raw").mkdir(parents=True)
+    for f in ("wiki.test.raw", "wiki.valid.raw"):
+        text = (need(DATA / "wikitext-2-raw" / f)).read_text(encoding="utf-8")[:30000]
+        (root / "wikitext-2-raw" / f).write_text(text, encoding="utf-8")
+    for task in ("piqa", "boolq"):
+        (root / task).symlink_to(need(DATA / task))
+    monkeypatch.setenv("CLP_DATA", str(root))
+    return root
+
+
+def test_runs_end_to_end_and_resumes_without_recomputing(tiny_with_tokenizer, small_data, tmp_path, monkeypatch):
+    argv = ["--ckpt", str(tiny_with_tokenizer), "--ratios", "0.5", "--methods", "clp-gate,exhaustive,sleb,random-0",
+            "--nsamples", "2", "--seqlen", "32", "--ppl-windows", "1", "--ppl-seqlen", "128", "--tasks", "piqa,boolq", "--limit", "3",
+            "--steps", "2", "--lrs", "1e-3", "--batch-size", "1", "--tune-nsamples", "2", "--latency-seqlen", "16",
+            "--latency-runs", "1", "--results", str(tmp_path / "compare.json"), "--gate-results", str(tmp_path / "gate.json"),
+            "--work", str(tmp_path / "work"), "--markdown", str(tmp_path / "BENCH.md"), "--plot", str(tmp_path / "compare.png")]
+    bench_compare.main(argv)
+    text = (tmp_path / "BENCH.md").read_text()
+    assert "<!-- BEGIN compare -->" in text and "| 50% | sleb |" in text and "not run" not in text
+    assert "endpoints, " in text and "CLP ppl" in text
+    res = json.loads((tmp_path / "compare.json").read_text())
+    # a non-contiguous choice also gets LoRA on all layers
+    sleb = next(v["order"] for k, v in res.items() if k.endswith("|sleb"))
+    assert ("LoRA r" in text) == (max(sleb) - min(sleb) > 1)
+    gate = json.loads((tmp_path / "gate.json").read_text())
+    assert sum(v.get("kind") == "gate" for v in gate.values()) == 1 and sum(v.get("kind") == "oracle" for v in gate.values()) == 1
+    # SLEB ran its greedy steps once, to the largest budget
+    assert [len(v["order"]) for k, v in res.items() if k.endswith("|sleb")] == [2]
+    assert not list((tmp_path / "work").glob("*/config.json"))  # evaluated checkpoints are removed
+    if (tmp_path / "compare.png").exists():
+        assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    # the same command again computes nothing
+    for name in ("tune_one", "measure", "cheap_choice", "timed_scores"):
+        monkeypatch.setattr(bench_compare, name, lambda *a, **k: pytest.fail("recomputed a stored cell"))
+    monkeypatch.setattr(bench_compare.importance, "sleb", lambda *a, **k: pytest.fail("recomputed SLEB"))
+    monkeypatch.setattr(bench_compare.bench_gate, "gate_run", lambda *a, **k: pytest.fail("recomputed the gate"))
+    monkeypatch.setattr(bench_compare.ev, "latency", lambda *a, **k: pytest.fail("recomputed a latency"))
+    bench_compare.main(argv)
+    assert json.loads((tmp_path / "compare.json").read_text()) == res
+
+
+def test_bad_method_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        bench_compare.parse_args(["--methods", "clp-gate,magic"])
+    assert "unknown method or stage 'magic'" in capsys.readouterr().err
