@@ -104,7 +104,7 @@ def choose(b, method, k):
     if method in ("clp-gate", "exhaustive"):
         base = bench_gate.key(b.fp, b.calib, b.a.seed, k, 1)
         g = b.cell(key(base, "gate", search.VARIANT), lambda: dict(
-            bench_gate.gate_run(m, t(), k, 1, b.a.seed), kind="gate", S=1, k=k, seed=b.a.seed,
+            bench_gate.gate_run(m, t(), k, 1, b.a.seed, search.VARIANT), kind="gate", S=1, k=k, seed=b.a.seed,
             variant=search.VARIANT, oracle_key=key(base, "oracle")), b.gates)
         if method == "clp-gate":
             return {"removed_layers": g["removed_layers"], "kl": g["kl"], "seconds": g["seconds"]}

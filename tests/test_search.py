@@ -159,3 +159,19 @@ def test_calibration_windows_come_from_the_tokenized_text(tmp_path):
     assert tokens.shape == (5, 64) and torch.equal(tokens, again) and "calib.txt" in desc
     for row in tokens.tolist():
         assert "".join(map(chr, row)) in text
+
+
+def test_read_off_also_scores_the_blocks_the_starts_visited(monkeypatch):
+    # the landscape above: the walk from 3-4 ends in the valley at 7; the deeper narrow one at 1 sits behind a bump
+    landscape = {s: abs(s - 7) + 1.0 for s in range(11)} | {1: 0.5, 2: 6.0}
+    monkeypatch.setattr(search, "removed_kl", lambda model, teacher, layers: landscape[layers[0]])
+    gate = search.ContiguousGate(12, 2, mu=[4.0])
+    # start 1's centre went 2.4 -> 3.4 -> 3.6 -> 4.1: it visited blocks 1-2, 2-3, 3-4 (twice), then was stopped
+    trajectory = [{"mu": {0: [4.0], 1: [m]}} for m in (2.4, 3.4, 3.6, 4.1)]
+    seeds = search.visited_blocks(trajectory, [2], 12)
+    assert seeds == {((3, 2),), ((2, 2),), ((1, 2),)}
+    cands = search.choose_block(type("M", (), {})(), None, {0: gate}, 12, radius=1, seeds=seeds)
+    assert cands[0]["removed_layers"] == [1, 2] and cands[0]["kl"] == 0.5
+    # without the seeds (v1) the same walk stops in the shallower valley
+    v1 = search.choose_block(type("M", (), {})(), None, {0: gate}, 12, radius=1)
+    assert v1[0]["removed_layers"] == [7, 8]
