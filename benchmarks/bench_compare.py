@@ -18,262 +18,22 @@ the exhaustive oracle's runs are bench_gate.py's cells (--gate-results), shared 
 Writes the "compare" section of BENCHMARKS.md and a picture (--plot) from every stored cell.
 """
 import argparse
-import copy
-import dataclasses
-import json
 import math
 import shutil
 import statistics
 import sys
-import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import baselines  # noqa: E402
 import eval as ev  # noqa: E402
-import excise  # noqa: E402
-import importance  # noqa: E402
 import load_weights  # noqa: E402
 import search  # noqa: E402
-import tune  # noqa: E402
 from benchmarks import bench_gate  # noqa: E402
 from benchmarks.common import BENCHMARKS, ROOT, command, update_section  # noqa: E402
-from data import find_data_dir  # noqa: E402
+from benchmarks.compare_cells import (CHEAP_FIRST, METHODS, TASKS, Bench, DenseLogits, Missing, choose,  # noqa: E402
+                                      evaluate, repaired, speed, variants, work_dir)
 from gates import budget  # noqa: E402
-from load_weights import write_json  # noqa: E402
 from tasks import PRIMARY  # noqa: E402
-from teacher import removed_kl, run_layers  # noqa: E402
-
-METHODS = ["clp-gate", "exhaustive", "sleb", "shortened-ppl", "shortened-taylor", "block-influence", "angular",
-           "tail", "random-0", "random-1", "random-2"]
-CHEAP_FIRST = ["tail", "random-0", "random-1", "random-2", "block-influence", "angular", "shortened-taylor",
-               "clp-gate", "exhaustive", "shortened-ppl", "sleb"]
-TASKS = "piqa,arc_easy,openbookqa,winogrande,arc_challenge,boolq"
-
-
-def key(*parts):
-    return "|".join(str(p) for p in parts)
-
-
-class Missing(Exception):
-    """A cell that is not stored, asked for while writing the report (nothing is computed then)."""
-
-
-def contiguous(layers):
-    return layers == list(range(layers[0], layers[0] + len(layers)))
-
-
-# ---------------------------------------------------------------- choosing the layers (cached)
-
-class Bench:
-    """The dense model, lazily its calibration teacher, and the two result stores."""
-
-    def __init__(self, a):
-        self.a = a
-        self.model, self.tok = load_weights.load(a.ckpt)
-        self.L = self.model.cfg.num_layers
-        self.fp = excise.fingerprint(self.model)["embed_sha256"]
-        self.calib = f"{a.nsamples}x{a.seqlen}"
-        self.res = json.loads(a.results.read_text()) if a.results.is_file() else {}
-        self.gates = json.loads(a.gate_results.read_text()) if a.gate_results.is_file() else {}
-        self._teacher = None
-        self.readonly = False
-
-    @property
-    def teacher(self):
-        if self._teacher is None:
-            self._teacher = search.make_teacher(self.model, self.tok, "wikitext2", self.a.nsamples, self.a.seqlen, self.a.seed)
-        return self._teacher
-
-    def cell(self, k, compute, store=None):
-        """The stored value under key k, or compute() stored at once (atomically) and returned."""
-        store = self.res if store is None else store
-        if k not in store and self.readonly:
-            raise Missing(k)
-        if k not in store:
-            store[k] = compute()
-            write_json(self.a.results if store is self.res else self.a.gate_results, store)
-        return store[k]
-
-
-def choose(b, method, k):
-    """{removed_layers, kl, seconds}: the method's choice at budget k with its calibration KL and search time."""
-    m, t = b.model, lambda: b.teacher
-    if method in ("clp-gate", "exhaustive"):
-        base = bench_gate.key(b.fp, b.calib, b.a.seed, k, 1)
-        g = b.cell(key(base, "gate", search.VARIANT), lambda: dict(
-            bench_gate.gate_run(m, t(), k, 1, b.a.seed, search.VARIANT), kind="gate", S=1, k=k, seed=b.a.seed,
-            variant=search.VARIANT, oracle_key=key(base, "oracle")), b.gates)
-        if method == "clp-gate":
-            return {"removed_layers": g["removed_layers"], "kl": g["kl"], "seconds": g["seconds"]}
-        o = b.cell(key(base, "oracle"), lambda: dict(bench_gate.oracle(m, t(), k, 1), kind="oracle"), b.gates)
-        return {"removed_layers": o["ranked"][0][0], "kl": o["ranked"][0][1], "seconds": o["seconds"]}
-    if method == "sleb":
-        layers, seconds = sleb_prefix(b, k)
-    elif method in ("shortened-ppl", "shortened-taylor"):
-        s = b.cell(key(b.fp, b.calib, b.a.seed, method), lambda: timed_scores(method, m, t()))
-        layers, seconds = importance.lowest(s["scores"], k), s["seconds"]
-    else:
-        c = b.cell(key(b.fp, b.calib, b.a.seed, k, method, "layers"), lambda: cheap_choice(method, m, t, k))
-        layers, seconds = c["layers"], c["seconds"]
-    kl = b.cell(key(b.fp, b.calib, b.a.seed, "kl", search.span(layers)), lambda: removed_kl(m, t(), layers))
-    return {"removed_layers": layers, "kl": kl, "seconds": seconds}
-
-
-def cheap_choice(method, model, teacher, k):
-    """Block influence, angular, tail, random-N: no model runs beyond the cached dense pass."""
-    t0 = time.perf_counter()
-    name, seed = (method[:6], int(method[7:])) if method.startswith("random-") else (method, 0)
-    layers = baselines.choose(name, model, teacher() if name in ("block-influence", "angular") else None, k, seed)[0]
-    return {"layers": layers, "seconds": time.perf_counter() - t0}
-
-
-def timed_scores(method, model, teacher):
-    t0 = time.perf_counter()
-    if method == "shortened-ppl":
-        nll = importance.single_removal_nll(model, teacher, quiet=False)
-        scores = [nll[i] for i in range(model.cfg.num_layers)]
-    else:
-        scores = importance.taylor_importance(model, teacher)
-    return {"scores": scores, "seconds": time.perf_counter() - t0}
-
-
-def sleb_prefix(b, k):
-    """SLEB's first k removals (greedy, so every budget shares a prefix), one stored step at a time."""
-    kk = key(b.fp, b.calib, b.a.seed, "sleb")
-    run = b.res.get(kk, {"order": [], "nll": [], "seconds": []})
-    if b.readonly and len(run["order"]) < k:
-        raise Missing(kk)
-    b.res[kk] = run
-    while len(run["order"]) < k:
-        t0 = time.perf_counter()
-        order, nll = importance.sleb(b.model, b.teacher, len(run["order"]) + 1, start=run["order"])
-        run["order"], run["nll"] = order, run["nll"] + nll
-        run["seconds"].append(time.perf_counter() - t0)
-        write_json(b.a.results, b.res)
-    return sorted(run["order"][:k]), sum(run["seconds"][:k])
-
-
-# ---------------------------------------------------------------- measuring (cached)
-
-def pruned_view(model, removed):
-    """The model without the layers in `removed`, sharing every weight with it (nothing copied)."""
-    view = copy.copy(model)
-    view._modules = dict(model._modules)
-    view.layers = torch.nn.ModuleList(l for i, l in enumerate(model.layers) if i not in set(removed))
-    view.cfg = dataclasses.replace(model.cfg, num_layers=len(view.layers))
-    return view
-
-
-class DenseLogits:
-    """eval.text_metrics' teacher: the dense logits of a ppl window from its cached last hidden state,
-    so that every row's KL does not rerun the dense layers."""
-
-    def __init__(self, dense, windows):
-        self.dense = dense
-        with torch.no_grad():
-            self.h = {w.numpy().tobytes(): run_layers(dense, dense.embed_tokens(w[None]), 0) for w in windows}
-
-    @torch.no_grad()
-    def __call__(self, x):
-        return self.dense.lm_head(self.dense.norm(self.h[x[0].numpy().tobytes()]))
-
-
-def measure(b, model, teacher):
-    """WikiText-2 ppl (and KL to the dense model) on the stated windows, zero-shot scores on the first --limit items."""
-    m = ev.text_metrics(model, b.windows, teacher=teacher, label="ppl")
-    row = {"ppl": m["ppl"], "kl": m.get("kl")}
-    root = find_data_dir(b.a.data_dir)
-    row["tasks"] = {t: ev.run_task(model, b.tok, t, root, limit=b.a.limit) for t in b.tasks}
-    return row
-
-
-def eval_settings(b):
-    return f"wt2[:{b.a.ppl_windows}]|{','.join(b.tasks)}|limit{b.a.limit}"
-
-
-def evaluate(b, removed, tuned=None):
-    """The evaluation cell of the dense model (removed = []), a pruned one, or a tuned checkpoint."""
-    k = key(b.fp, eval_settings(b), search.span(removed) if removed else "dense", tuned or "untuned")
-    if k in b.res:
-        return b.res[k]
-    if b.readonly:
-        raise Missing(k)
-    print(f"== evaluating {search.span(removed) if removed else 'dense'} ({tuned or 'untuned'})", flush=True)
-    if not removed:
-        return b.cell(k, lambda: measure(b, b.model, None))
-    model = pruned_view(b.model, removed) if tuned is None else load_weights.load(tuned_path(b, removed, tuned))[0]
-    return b.cell(k, lambda: measure(b, model, b.dense_logits))
-
-
-def speed(b, n_layers):
-    """Prefill and decode tokens/s of a model with n_layers of the dense model's layers (which ones does not matter)."""
-    k = key(b.fp, f"latency{b.a.latency_seqlen}x{b.a.latency_runs}", n_layers)
-    return b.cell(k, lambda: ev.latency(pruned_view(b.model, range(n_layers, b.L)), b.a.latency_seqlen,
-                                        new_tokens=32, runs=b.a.latency_runs))
-
-
-# ---------------------------------------------------------------- repair (cached)
-
-def variants(layers):
-    """Repairs for a choice: endpoint tuning of every cut; for a non-contiguous choice also LoRA on all layers."""
-    return ["endpoints"] if contiguous(layers) else ["endpoints", "lora-all"]
-
-
-def tune_settings(b):
-    return f"steps{b.a.steps}|bs{b.a.batch_size}|n{b.a.tune_nsamples}x{b.a.seqlen}"
-
-
-def lora_rank(b, n_layers):
-    """LoRA rank whose adapters on all n_layers hold as many parameters as two full layers (CLP's endpoints)."""
-    layer = b.model.layers[0]
-    full = sum(p.numel() for p in layer.parameters())
-    per_rank = sum(lin.in_features + lin.out_features for lin in layer.modules() if isinstance(lin, torch.nn.Linear))
-    return max(1, round(2 * full / (n_layers * per_rank)))
-
-
-def work_dir(b, removed, variant=None, lr=None):
-    name = f"pruned-{search.span(removed).replace(',', '_')}"
-    return b.a.work / (name if variant is None else f"{name}-{variant}-lr{lr:g}")
-
-
-def tuned_path(b, removed, tag):
-    variant, lr = tag.split("@")
-    return work_dir(b, removed, variant, float(lr))
-
-
-def tune_one(b, removed, variant, lr):
-    """One tune.py run on the pruned checkpoint; its checkpoint stays in --work until the chosen one is evaluated."""
-    pruned = work_dir(b, removed)
-    if not (pruned / "config.json").is_file():
-        excise.write_pruned(b.model, load_weights.resolve(b.a.ckpt), removed, pruned, {"method": "bench_compare"})
-    out = work_dir(b, removed, variant, lr)
-    rank = lora_rank(b, b.L - len(removed))
-    rep = tune.tune(pruned, out, layers="endpoints" if variant == "endpoints" else "all",
-                    method="full" if variant == "endpoints" else "lora", rank=rank, alpha=2.0 * rank, steps=b.a.steps,
-                    lr=lr, batch_size=b.a.batch_size, nsamples=b.a.tune_nsamples, seqlen=b.a.seqlen, log_every=10)
-    return {"heldout_kl": rep["heldout_kl"], "trainable": rep["trainable_parameters"], "lr": lr,
-            "tuned_layers": rep["tuned_source_layers"], "seconds": rep["wall_time_s"]["tuning"], "rank": rank}
-
-
-def repaired(b, removed, variant):
-    """The best-lr tuning run (lowest held-out KL) of one variant and its evaluation."""
-    runs = {}
-    for lr in map(float, b.a.lrs.split(",")):
-        k = key(b.fp, tune_settings(b), search.span(removed), variant, f"lr{lr:g}")
-        if k in b.res and not b.readonly and not (work_dir(b, removed, variant, lr) / "config.json").is_file():
-            ek = key(b.fp, eval_settings(b), search.span(removed), f"{variant}@{lr:g}")
-            if ek not in b.res:
-                del b.res[k]  # its checkpoint is gone (another machine) and was never evaluated: tune again
-        runs[lr] = b.cell(k, lambda: tune_one(b, removed, variant, lr))
-    lr = min(runs, key=lambda x: runs[x]["heldout_kl"]["after"])
-    row = dict(evaluate(b, removed, f"{variant}@{lr:g}"), tune=runs[lr], heldout_by_lr={f"{x:g}": r["heldout_kl"]["after"] for x, r in runs.items()})
-    for x in runs:  # evaluated: the checkpoints can go
-        shutil.rmtree(work_dir(b, removed, variant, x), ignore_errors=True)
-    return dict(row, variant=variant, lr=lr)
-
 
 # ---------------------------------------------------------------- the loop
 
@@ -284,12 +44,13 @@ def run_all(b):
     b.rows = {}
     evaluate(b, [])
     for stage in a.stages:
-        for r in a.ratios:
-            k = ks[r]
-            if stage == "untuned":
-                speed(b, b.L)
-                speed(b, b.L - k)
-            for method in order:
+        # cheap methods first, at every ratio, so an interrupted run has whole columns of the table
+        for method in order:
+            for r in a.ratios:
+                k = ks[r]
+                if stage == "untuned":
+                    speed(b, b.L)
+                    speed(b, b.L - k)
                 ch = choose(b, method, k)
                 print(f"-- {r:.0%} {method}: layers {search.span(ch['removed_layers'])}  calib KL {ch['kl']:.4f}", flush=True)
                 if stage == "untuned":
@@ -297,8 +58,8 @@ def run_all(b):
                 else:
                     for v in variants(ch["removed_layers"]):
                         repaired(b, ch["removed_layers"], v)
-                        shutil.rmtree(work_dir(b, ch["removed_layers"]), ignore_errors=True)
-            write_outputs(b, picture=False)
+                    shutil.rmtree(work_dir(b, ch["removed_layers"]), ignore_errors=True)
+                write_outputs(b, picture=False)
 
 
 def parse_args(argv=None):
@@ -310,10 +71,10 @@ def parse_args(argv=None):
     p.add_argument("--nsamples", type=int, default=16, help="calibration windows of WikiText-2 valid, shared by every method")
     p.add_argument("--seqlen", type=int, default=256, help="tokens per calibration and tuning window")
     p.add_argument("--seed", type=int, default=0, help="calibration seed")
-    p.add_argument("--ppl-windows", type=int, default=4, help="first N WikiText-2 test windows for ppl and KL")
+    p.add_argument("--ppl-windows", type=int, default=2, help="first N WikiText-2 test windows for ppl and KL")
     p.add_argument("--ppl-seqlen", type=int, default=2048, help="tokens per WikiText-2 test window")
     p.add_argument("--tasks", default=TASKS, help="zero-shot tasks (comma-separated)")
-    p.add_argument("--limit", type=int, default=100, help="first N items of each task")
+    p.add_argument("--limit", type=int, default=50, help="first N items of each task")
     p.add_argument("--steps", type=int, default=30, help="tuning steps of every repair")
     p.add_argument("--lrs", default="1e-3,3e-3", help="peak learning rates tried per method and repair; lowest held-out KL kept")
     p.add_argument("--batch-size", type=int, default=4, help="windows per tuning step")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import load_weights
-from benchmarks import bench_compare
+from benchmarks import bench_compare, compare_cells
 from conftest import DATA, need
 from model import Config, Transformer
 
@@ -68,10 +68,10 @@ def test_runs_end_to_end_and_resumes_without_recomputing(tiny_with_tokenizer, sm
         assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
     # the same command again computes nothing
     for name in ("tune_one", "measure", "cheap_choice", "timed_scores"):
-        monkeypatch.setattr(bench_compare, name, lambda *a, **k: pytest.fail("recomputed a stored cell"))
-    monkeypatch.setattr(bench_compare.importance, "sleb", lambda *a, **k: pytest.fail("recomputed SLEB"))
-    monkeypatch.setattr(bench_compare.bench_gate, "gate_run", lambda *a, **k: pytest.fail("recomputed the gate"))
-    monkeypatch.setattr(bench_compare.ev, "latency", lambda *a, **k: pytest.fail("recomputed a latency"))
+        monkeypatch.setattr(compare_cells, name, lambda *a, **k: pytest.fail("recomputed a stored cell"))
+    monkeypatch.setattr(compare_cells.importance, "sleb", lambda *a, **k: pytest.fail("recomputed SLEB"))
+    monkeypatch.setattr(compare_cells.bench_gate, "gate_run", lambda *a, **k: pytest.fail("recomputed the gate"))
+    monkeypatch.setattr(compare_cells.ev, "latency", lambda *a, **k: pytest.fail("recomputed a latency"))
     bench_compare.main(argv)
     assert json.loads((tmp_path / "compare.json").read_text()) == res
 
