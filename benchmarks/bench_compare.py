@@ -187,7 +187,24 @@ def table(b, res):
             what = "endpoints" if v == "endpoints" else f"LoRA r{t['tune']['rank']} all"
             rep = f"{what}, {t['tune']['trainable'] / 1e6:.1f}M, lr {t['lr']:g}"
             lines.append("| " + " | ".join(["", "", "", "", "", rep] + row_cells(b, t, tasks)) + " |")
+        if method == [m for (rr, m) in res if rr == r][-1]:
+            lines += random_summary(b, res, r, len(tasks))
     return lines
+
+
+def random_summary(b, res, r, n_tasks):
+    """Mean ± spread (sample standard deviation) of the random seeds' rows at ratio r, untuned and repaired."""
+    out = []
+    for stage, label in (("untuned", "none"), ("best_tuned", "best repair")):
+        rows = [x[stage] for (rr, m), x in res.items() if rr == r and m.startswith("random-") and x[stage] is not None]
+        if len(rows) < 2:
+            continue
+        p, sp = summary_of([x["ppl"] for x in rows])
+        q, sq = summary_of([retention(b, x)[0] for x in rows])
+        cells = [f"{r:.0%}", f"random, mean ± sd of {len(rows)} seeds", "", "", "", label, f"{p:,.2f} ± {sp:,.2f}", ""]
+        cells += [""] * n_tasks + ["-" if q is None else f"{100 * q:.1f} ± {100 * sq:.1f}"]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
 
 
 def margins(b, res):
@@ -250,7 +267,7 @@ def write_outputs(b, picture=True):
              "windows of the first 90% of WikiText-2 valid, KL to the dense model), at each peak lr in "
              f"{{{a.lrs}}}, the lowest held-out KL kept; *endpoints* = the kept layers next to every cut (tune.py's "
              "default); non-contiguous methods also get *LoRA on all layers* with as many trainable parameters as two "
-             "full layers. random: three seeded random contiguous blocks.", "", *table(b, res), "",
+             "full layers. random-N: the random contiguous block of seed N.", "", *table(b, res), "",
              "Where CLP stands (best other method excludes the exhaustive oracle, which is CLP's own objective "
              "enumerated; random = mean of its seeds):", "", *(margins(b, res) or ["- no ratio has both CLP and a baseline yet."]), "",
              "Speed (every method's pruned model at a ratio has the same architecture, so one measurement per ratio; "

@@ -46,7 +46,7 @@ def small_data(tmp_path, monkeypatch):
 
 
 def test_runs_end_to_end_and_resumes_without_recomputing(tiny_with_tokenizer, small_data, tmp_path, monkeypatch):
-    argv = ["--ckpt", str(tiny_with_tokenizer), "--ratios", "0.5", "--methods", "clp-gate,exhaustive,sleb,random-0",
+    argv = ["--ckpt", str(tiny_with_tokenizer), "--ratios", "0.5", "--methods", "clp-gate,exhaustive,sleb,random-0,random-1",
             "--nsamples", "2", "--seqlen", "32", "--ppl-windows", "1", "--ppl-seqlen", "128", "--tasks", "piqa,boolq", "--limit", "3",
             "--steps", "2", "--lrs", "1e-3", "--batch-size", "1", "--tune-nsamples", "2", "--latency-seqlen", "16",
             "--latency-runs", "1", "--results", str(tmp_path / "compare.json"), "--gate-results", str(tmp_path / "gate.json"),
@@ -54,7 +54,7 @@ def test_runs_end_to_end_and_resumes_without_recomputing(tiny_with_tokenizer, sm
     bench_compare.main(argv)
     text = (tmp_path / "BENCH.md").read_text()
     assert "<!-- BEGIN compare -->" in text and "| 50% | sleb |" in text and "not run" not in text
-    assert "endpoints, " in text and "CLP ppl" in text
+    assert "endpoints, " in text and "CLP ppl" in text and "| random, mean ± sd of 2 seeds |" in text
     res = json.loads((tmp_path / "compare.json").read_text())
     # a non-contiguous choice also gets LoRA on all layers
     sleb = next(v["order"] for k, v in res.items() if k.endswith("|sleb"))
