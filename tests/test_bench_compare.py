@@ -80,3 +80,17 @@ def test_bad_method_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         bench_compare.parse_args(["--methods", "clp-gate,magic"])
     assert "unknown method or stage 'magic'" in capsys.readouterr().err
+
+
+def test_v1_replay_equals_the_v1_read_off(monkeypatch):
+    from benchmarks import bench_gate
+    import search
+
+    landscape = {s: abs(s - 7) + 1.0 for s in range(11)} | {1: 0.5, 2: 6.0}
+    orc = {"ranked": [[[s, s + 1], v] for s, v in landscape.items()]}
+    monkeypatch.setattr(search, "removed_kl", lambda model, teacher, layers: landscape[layers[0]])
+    for mu in (2.0, 4.0, 9.5):
+        gate = search.ContiguousGate(12, 2, mu=[mu])
+        want = search.choose_block(None, None, {0: gate}, 12, radius=1)
+        got = bench_gate.replay_v1([gate.read_off()], orc, 12, 2)
+        assert got["removed_layers"] == want[0]["removed_layers"] and got["scored"] == len(want)
