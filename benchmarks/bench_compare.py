@@ -44,7 +44,7 @@ def run_all(b):
     b.rows = {}
     evaluate(b, [])
     for stage in a.stages:
-        # cheap methods first, at every ratio, so an interrupted run has whole columns of the table
+        # CLP, then the cheap methods first, at every ratio, so an interrupted run has whole columns of the table
         for method in order:
             for r in a.ratios:
                 k = ks[r]
