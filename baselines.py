@@ -19,14 +19,13 @@
 Every method reports the calibration KL of its choice, so all are compared on one scale.
 """
 import argparse
+import itertools
 import math
 import platform
 import random
 import sys
 import time
 from pathlib import Path
-
-import itertools
 
 import torch
 import torch.nn.functional as F

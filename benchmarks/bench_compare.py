@@ -252,7 +252,7 @@ def speed_lines(b):
 def write_outputs(b, picture=True):
     a, res = b.a, results(b)
     lines = [f"## CLP against layer-pruning baselines, untuned and repaired ({a.ckpt}, {b.L} layers)", "",
-             f"Command: `CLP_DATA=../shared/data OMP_NUM_THREADS=1 {command()}` (the same command resumes; "
+             f"Command: `CLP_DATA=../shared/data OMP_NUM_THREADS=1 {command().replace(' --write-only', '')}` (the same command resumes; "
              f"cells: `{a.results.name}`, gate and oracle cells: `{a.gate_results.name}` in benchmarks/results/).", "",
              f"Calibration for every method: WikiText-2 valid, {a.nsamples} random windows x {a.seqlen} tokens (seed {a.seed}); "
              "*calib. KL* is the KL to the dense model on them with the layers removed; *search s* the wall time of the "

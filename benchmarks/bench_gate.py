@@ -75,7 +75,8 @@ def regret_row(gate, orc):
 
 def section(res, a, L):
     lines = [f"## Search: the gate against exact enumeration at every budget ({a.ckpt}, {L} layers)", "",
-             f"Command: `CLP_DATA=../shared/data OMP_NUM_THREADS=1 {command()}`", "",
+             f"Command: `CLP_DATA=../shared/data OMP_NUM_THREADS=1 {command().replace(' --write-only', '')}` "
+             "(rows of other budgets, seeds and variants come from the same script with other flags)", "",
              f"Calibration: WikiText-2 valid, {a.nsamples} random windows x {a.seqlen} tokens drawn with each seed; the "
              "gate runs with search.py's defaults (4 starts, successive halving, 30 steps of one window, tau 2 -> 0.05, "
              "radius 1); the oracle scores every placement (S = 1: every contiguous block; S = 2: every pair of "
