@@ -29,7 +29,7 @@ from teacher import removed_kl, run_layers
 METHODS = ["clp-gate", "exhaustive", "sleb", "shortened-ppl", "shortened-taylor", "block-influence", "angular",
            "tail", "random-0", "random-1", "random-2"]
 # the order cells are computed in: CLP (the subject), then cheapest first, so a stopped run has whole columns
-CHEAP_FIRST = ["clp-gate", "tail", "random-0", "random-1", "random-2", "block-influence", "angular", "shortened-taylor",
+CHEAP_FIRST = ["clp-gate", "block-influence", "angular", "tail", "random-0", "random-1", "random-2", "shortened-taylor",
                "exhaustive", "shortened-ppl", "sleb"]
 TASKS = "piqa,arc_easy,openbookqa,winogrande,arc_challenge,boolq"
 
