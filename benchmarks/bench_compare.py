@@ -122,13 +122,25 @@ def lookup(b, f, *args):
         b.readonly = False
 
 
-def retention(b, row):
+# score of a uniform guess per task: a ratio to a dense score at or below it measures noise, not retention
+CHANCE = {"piqa": 0.5, "winogrande": 0.5, "boolq": 0.5, "arc_easy": 0.25, "arc_challenge": 0.25, "openbookqa": 0.25,
+          "hellaswag": 0.25}
+
+
+def informative(b):
+    """The tasks on which the dense model scores above chance (on the evaluated items)."""
+    dense = lookup(b, evaluate, [])
+    return [t for t in b.tasks if dense and dense["tasks"][t][PRIMARY[t]] > CHANCE.get(t, 0)]
+
+
+def retention(b, row, tasks=None):
     """Mean over tasks of pruned / dense primary metric, and its standard error from the pruned scores' binomial errors."""
     dense = lookup(b, evaluate, [])
-    if row is None or dense is None or not b.tasks:
+    tasks = b.tasks if tasks is None else tasks
+    if row is None or dense is None or not tasks:
         return None, None
     ret, var = [], 0.0
-    for t in b.tasks:
+    for t in tasks:
         p, d, n = row["tasks"][t][PRIMARY[t]], dense["tasks"][t][PRIMARY[t]], row["tasks"][t]["n"]
         ret.append(p / d)
         var += p * (1 - p) / max(n - 1, 1) / d ** 2
@@ -157,10 +169,12 @@ def fmt(v, spec):
 
 def row_cells(b, row, tasks):
     if row is None:
-        return ["not run"] + [""] * (len(tasks) + 2)
+        return ["not run"] + [""] * (len(tasks) + 3)
     m, se = retention(b, row)
+    m2, se2 = retention(b, row, informative(b))
     return [f"{row['ppl']:,.2f}", fmt(row.get("kl"), ".3f")] + \
-           [f"{100 * row['tasks'][t][PRIMARY[t]]:.0f}" for t in tasks] + [f"{100 * m:.1f} ± {100 * se:.1f}" if m is not None else "-"]
+           [f"{100 * row['tasks'][t][PRIMARY[t]]:.0f}" for t in tasks] + \
+           [f"{100 * m:.1f} ± {100 * se:.1f}" if m is not None else "-", f"{100 * m2:.1f} ± {100 * se2:.1f}" if m2 is not None else "-"]
 
 
 def summary_of(values):
@@ -173,12 +187,12 @@ def summary_of(values):
 def table(b, res):
     tasks = b.tasks
     head = ("| ratio | method | removed layers | calib. KL | search s | repair | ppl | KL | "
-            + " | ".join(tasks) + " | mean retention % |")
-    lines = [head, "|---|---|---|---:|---:|---|---:|---:|" + "---:|" * len(tasks) + "---:|"]
+            + " | ".join(tasks) + " | mean retention % | retention % above chance |")
+    lines = [head, "|---|---|---|---:|---:|---|---:|---:|" + "---:|" * len(tasks) + "---:|---:|"]
     dense = lookup(b, evaluate, [])
     if dense:
         lines.append(f"| 0 | dense | - | 0 | - | - | {dense['ppl']:,.2f} | 0 | "
-                     + " | ".join(f"{100 * dense['tasks'][t][PRIMARY[t]]:.0f}" for t in tasks) + " | 100 |")
+                     + " | ".join(f"{100 * dense['tasks'][t][PRIMARY[t]]:.0f}" for t in tasks) + " | 100 | 100 |")
     for (r, method), x in res.items():
         ch = x["choice"]
         first = [f"{r:.0%}", method, search.span(ch["removed_layers"]), f"{ch['kl']:.3f}", f"{ch['seconds']:,.0f}"]
@@ -202,7 +216,9 @@ def random_summary(b, res, r, n_tasks):
         p, sp = summary_of([x["ppl"] for x in rows])
         q, sq = summary_of([retention(b, x)[0] for x in rows])
         cells = [f"{r:.0%}", f"random, mean ± sd of {len(rows)} seeds", "", "", "", label, f"{p:,.2f} ± {sp:,.2f}", ""]
-        cells += [""] * n_tasks + ["-" if q is None else f"{100 * q:.1f} ± {100 * sq:.1f}"]
+        q2, sq2 = summary_of([retention(b, x, informative(b))[0] for x in rows])
+        cells += [""] * n_tasks + ["-" if q is None else f"{100 * q:.1f} ± {100 * sq:.1f}",
+                                   "-" if q2 is None else f"{100 * q2:.1f} ± {100 * sq2:.1f}"]
         out.append("| " + " | ".join(cells) + " |")
     return out
 
@@ -216,7 +232,7 @@ def margins(b, res):
             for m in b.a.methods:
                 row = res.get((r, m), {}).get(stage)
                 if row is not None:
-                    val[m] = (row["ppl"], retention(b, row)[0])
+                    val[m] = (row["ppl"], retention(b, row, informative(b))[0])
             rnd = [val.pop(m) for m in list(val) if m.startswith("random-")]
             if rnd:
                 val["random (mean)"] = (statistics.mean(v[0] for v in rnd), summary_of([v[1] for v in rnd])[0])
@@ -262,14 +278,16 @@ def write_outputs(b, picture=True):
              "(a subset, the same for every row). Zero-shot: lm-eval formats, primary metric per task (acc_norm; acc for "
              f"BoolQ and WinoGrande) in %, on the first {a.limit} items of each task: one standard error is about "
              f"{100 * math.sqrt(0.25 / max(a.limit - 1, 1)):.0f} points per task; *mean retention* = mean over tasks of "
-             "pruned / dense, ± its standard error from the pruned scores. "
+             "pruned / dense, ± its standard error from the pruned scores; *above chance*: the same over the tasks on which "
+             f"the dense model beats a uniform guess on these items ({', '.join(informative(b)) or 'none'}): a ratio to a "
+             "chance-level score is noise. "
              f"*Repair*: {a.steps} AdamW steps of tune.py ({a.batch_size} windows x {a.seqlen} tokens from {a.tune_nsamples} "
              "windows of the first 90% of WikiText-2 valid, KL to the dense model), at each peak lr in "
              f"{{{a.lrs}}}, the lowest held-out KL kept; *endpoints* = the kept layers next to every cut (tune.py's "
              "default); non-contiguous methods also get *LoRA on all layers* with as many trainable parameters as two "
              "full layers. random-N: the random contiguous block of seed N.", "", *table(b, res), "",
              "Where CLP stands (best other method excludes the exhaustive oracle, which is CLP's own objective "
-             "enumerated; random = mean of its seeds):", "", *(margins(b, res) or ["- no ratio has both CLP and a baseline yet."]), "",
+             "enumerated; random = mean of its seeds; retention above chance):", "", *(margins(b, res) or ["- no ratio has both CLP and a baseline yet."]), "",
              "Speed (every method's pruned model at a ratio has the same architecture, so one measurement per ratio; "
              f"batch 1, prefill {a.latency_seqlen} tokens, decode 32 tokens, median of {a.latency_runs}):", "", *speed_lines(b), "",
              f"![ppl and mean retention against the pruning ratio](docs/img/{a.plot.name})"]
@@ -299,14 +317,14 @@ def plot(b, res, path):
                 if rows:
                     xs.append(r)
                     ppl.append(statistics.mean(x["ppl"] for x in rows))
-                    ret.append(summary_of([retention(b, x)[0] for x in rows])[0])
+                    ret.append(summary_of([retention(b, x, informative(b))[0] for x in rows])[0])
             if xs:
                 label = f"{name} ({'untuned' if stage == 'untuned' else 'repaired'})"
                 ax1.plot(xs, ppl, style, color=color, marker="o", label=label)
                 if any(v is not None for v in ret):
                     ax2.plot(xs, [v if v is not None else float("nan") for v in ret], style, color=color, marker="o")
     ax1.set(yscale="log", xlabel="pruning ratio", ylabel="WikiText-2 ppl (subset)", title="perplexity (lower is better)")
-    ax2.set(xlabel="pruning ratio", ylabel="mean zero-shot retention", title="retention (higher is better)")
+    ax2.set(xlabel="pruning ratio", ylabel="mean zero-shot retention", title="retention, tasks above chance (higher is better)")
     fig.legend(*ax1.get_legend_handles_labels(), loc="center right", fontsize=7)
     fig.tight_layout(rect=(0, 0, 0.8, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
