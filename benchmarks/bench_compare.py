@@ -289,7 +289,8 @@ def write_outputs(b, picture=True):
              "Where CLP stands (best other method excludes the exhaustive oracle, which is CLP's own objective "
              "enumerated; random = mean of its seeds; retention above chance):", "", *(margins(b, res) or ["- no ratio has both CLP and a baseline yet."]), "",
              "Speed (every method's pruned model at a ratio has the same architecture, so one measurement per ratio; "
-             f"batch 1, prefill {a.latency_seqlen} tokens, decode 32 tokens, median of {a.latency_runs}):", "", *speed_lines(b), "",
+             f"batch 1, prefill {a.latency_seqlen} tokens, decode 32 tokens, median of {a.latency_runs}; on a machine shared "
+             "with other jobs these are noisy, and a speedup above the ideal is contention, not a gain):", "", *speed_lines(b), "",
              f"![ppl and mean retention against the pruning ratio](docs/img/{a.plot.name})"]
     update_section("compare", "\n".join(lines), a.markdown)
     if picture:

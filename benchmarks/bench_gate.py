@@ -105,6 +105,11 @@ def section(res, a, L):
         lines.append(f"| {g['S']} | {g['k']} | {g['seed']} | {g['variant']} | {search.span(g['removed_layers'])} "
                      f"| {g['kl']:.4f} | {search.span(r['best'])} | {r['best_kl']:.4f} | {r['rank']} of {r['of']} "
                      f"| {r['regret']:.4f} | {g['scored']} of {r['of']} | {g['seconds']:,.0f} | {orc['seconds']:,.0f} | {g['seconds'] / orc['seconds']:.2f} |".replace("| nan", "| -"))
+    pending = [g for g in rows if g["oracle_key"] not in res]
+    if pending:
+        lines += ["", "Gate runs whose oracle is not stored yet (rerun the command to add it): " + "; ".join(
+            f"S={g['S']} k={g['k']} seed {g['seed']} {g['variant']}: {search.span(g['removed_layers'])} (KL {g['kl']:.4f}, "
+            f"{g['seconds']:,.0f} s, {g['scored']} placements scored)" for g in pending) + "."]
     update_section("gate", "\n".join(lines))
     return lines
 
