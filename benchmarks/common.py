@@ -34,10 +34,11 @@ def command():
     return "python " + shlex.join(sys.argv)
 
 
-def update_section(name, body, path=BENCHMARKS):
-    """Replace (or append) the section between <!-- BEGIN name --> and <!-- END name --> of `path` atomically; the
-    lock keeps two scripts that finish at once from each writing back a file without the other's section."""
-    path = Path(path)
+def update_section(name, body, path=None):
+    """Replace (or append) the section between <!-- BEGIN name --> and <!-- END name --> of `path` (BENCHMARKS.md)
+    atomically; the lock keeps two scripts that finish at once from each writing back a file without the other's
+    section."""
+    path = Path(path) if path is not None else BENCHMARKS
     stamp = time.strftime("%Y-%m-%d")
     block = f"<!-- BEGIN {name} -->\n{body.rstrip()}\n\n_Measured {stamp} on: {machine()}._\n<!-- END {name} -->"
     pat = re.compile(rf"<!-- BEGIN {re.escape(name)} -->.*?<!-- END {re.escape(name)} -->", re.S)
