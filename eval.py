@@ -5,7 +5,7 @@ and the dense-vs-pruned report.
     python eval.py --ckpt smollm2-135m --tasks piqa,winogrande,arc_easy --limit 500
     python eval.py --ckpt DENSE --compare PRUNED --ppl wikitext2 --tasks all --latency --json cmp.json
 
-Protocols (README, "Evaluation protocols"; never change them silently):
+Protocols (docs/protocols.md; never change them silently):
 - Perplexity: the text is tokenized once (BOS only where the family's tokenizer adds one), cut into
   non-overlapping windows of `seqlen` tokens, the tail dropped; each window predicts its tokens 2..T from
   the ones before; ppl = exp(mean NLL over all predicted tokens).
@@ -313,7 +313,7 @@ def text_windows(tok, sources, seqlen, data_dir, bos, max_windows=None):
 
 def evaluate(model, tok, ckpt, *, ppl=(), ppl_windows=None, teacher=None, tasks=(), limit=None, latency_runs=0, seqlen=2048,
              new_tokens=128, batch_size=8, kl_chunk=256, bos="auto", data_dir=None, device="cpu"):
-    """One model's results in the JSON schema (README): ckpt, ppl, kl, tasks, latency, settings."""
+    """One model's results in the JSON schema (docs/protocols.md): ckpt, ppl, kl, tasks, latency, settings."""
     seqlen = min(seqlen, model.cfg.max_position_embeddings)
     use_bos = bos == "always" or (bos == "auto" and tok is not None and tok.add_bos)
     res = {"ckpt": str(ckpt), "ppl": {}, "kl": {}, "tasks": {}, "latency": None,

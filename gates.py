@@ -1,6 +1,6 @@
 """The concave gate of continuous layer pruning: a soft, contiguous removal window over layer positions.
 
-Our design (the CLP paper does not publish its gate; see DESIGN.md, "The gate"). Layers i = 0..L-1,
+Our design (the CLP paper does not publish its gate; see docs/design.md, "The gate"). Layers i = 0..L-1,
 budget k. One segment has a learnable centre mu and a fixed width w (= k for one segment); with
 a = mu - w/2, b = mu + w/2 and temperature tau, the soft removal mask is
 
@@ -68,7 +68,7 @@ class ContiguousGate(nn.Module):
         self.register_buffer("w", torch.tensor(self.widths, dtype=torch.float32), persistent=False)
 
     def removal(self, tau):
-        """Soft removal mask per segment, m (S, L): the DESIGN.md formula."""
+        """Soft removal mask per segment, m (S, L): the formula of docs/design.md."""
         i = torch.arange(self.L, dtype=torch.float32, device=self.mu.device)
         a = (self.mu - self.w / 2)[:, None]  # (S, 1)
         b = (self.mu + self.w / 2)[:, None]

@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import atomic
+from data import shown
 from errors import UserError, check_device, check_finite, cli, read_json
 from model import Config, Transformer, rope_frequencies
 from tokenizer import load_tokenizer
@@ -358,7 +359,7 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype")
     a = p.parse_args(argv)
     model, tok = load(a.ckpt, dtype=getattr(torch, a.dtype))
-    print(f"checkpoint: {resolve(a.ckpt)}")
+    print(f"checkpoint: {shown(resolve(a.ckpt))}")
     print(model.cfg)
     print(f"parameters: {sum(t.numel() for t in model.parameters()):,}")
     if tok is None:

@@ -27,6 +27,7 @@ import torch
 
 import devices
 import placement
+from data import shown
 from devices import peak_memory
 from errors import check_finite, cli
 import plan
@@ -402,7 +403,7 @@ def quantize_checkpoint(ckpt, out, method="gptq", bits=4, group_size=128, sym=Fa
                                                 seed, data_dir, max_in)
     settings = dict(method=method, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
                     blocksize=blocksize, percdamp=percdamp)
-    print(f"quantizing {src} with {method}: {bits} bits, group size {group_size}, "
+    print(f"quantizing {shown(src)} with {method}: {bits} bits, group size {group_size}, "
           f"{'symmetric' if sym else 'asymmetric'}{', act-order (static groups)' if act_order else ''}")
     t0 = time.perf_counter()
     work = None

@@ -4,7 +4,7 @@
     python search.py --ckpt smollm2-135m --prune-layers 6 --excise runs/smollm2-pruned
     python search.py --ckpt llama2-70b --prune-ratio 0.3 --devices cuda:0,cuda:1     # placement.py, devices.py
 
-Teacher-student (our design, DESIGN.md "The gate"): the teacher is the same weights with every gate
+Teacher-student (our design, docs/design.md "The gate"): the teacher is the same weights with every gate
 open, run once under no_grad and cached (teacher.py). The student is the model with the soft keep
 weights of the gate; the loss is KL(p_teacher || p_student) averaged over calibration tokens, and Adam
 updates only the gate centres mu (the model's weights are frozen and get no gradients). tau anneals

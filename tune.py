@@ -4,7 +4,7 @@
     python tune.py --ckpt runs/demo/pruned --layers 19,20 --out runs/tune-last2        # other layers, same budget
     python tune.py --ckpt runs/demo/pruned --method lora --layers all --out runs/tune-lora
 
-Our recipe (the paper publishes none; DESIGN.md): the teacher is the dense model the checkpoint was cut
+Our recipe (the paper publishes none; docs/design.md): the teacher is the dense model the checkpoint was cut
 from (its pruning.json names it). The student is the pruned model with every weight frozen except the
 chosen layers: by default the endpoint layers, i.e. the kept layers that border a removed block (for
 one cut of layers s..e of the source, the pruned model's layers s-1 and s). The loss is
@@ -233,7 +233,7 @@ def tune(ckpt, out, teacher=None, layers="endpoints", method="full", steps=100, 
     prefix, val_prefix = (frozen_prefix(model, t, chosen[0]) for t in (train_t, val_t))
     kl_before = mean_kl(model, val_prefix, head, val_teacher_h, chosen[0], batch_size, chunk)
     t1 = time.perf_counter()
-    print(f"tuning pruned layers {chosen} ({method}) of {model.cfg.num_layers} against {teacher_name}; "
+    print(f"tuning pruned layers {chosen} ({method}) of {model.cfg.num_layers} against {data.shown(teacher_name)}; "
           f"{train_t.numel():,} tokens ({desc}); held-out KL before {kl_before:.4f}  [setup {t1 - t0:.0f} s]")
     torch.manual_seed(seed)
     params = tuned_parameters(model, chosen, method, rank, alpha)

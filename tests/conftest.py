@@ -12,6 +12,8 @@ SHARED = Path(os.environ.get("CLP_SHARED", ROOT.parent / "shared"))
 FIXTURES = SHARED / "fixtures"
 DATA = Path(os.environ.get("CLP_DATA", SHARED / "data"))
 TINY = ["tiny-llama2", "tiny-llama3", "tiny-qwen2", "tiny-qwen3"]
+# the suite never downloads: a missing data directory means the fallback text, as on an offline machine
+os.environ.setdefault("CLP_OFFLINE", "1")
 
 
 def need(path):
