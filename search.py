@@ -304,6 +304,7 @@ def main(argv=None):
     p.add_argument("--save-every", type=int, default=0, help="save the search state into --out every this many steps; 0: never")
     p.add_argument("--resume", action="store_true", help="continue from the state a run with --save-every left in --out")
     plan.add_args(p)
+    p.add_argument("--plot", action="store_true", help="also draw gate.png and landscape.png into --out (plots.py)")
     a = p.parse_args(argv)
     if a.prune_layers is not None and a.prune_ratio is not None:
         p.error("give exactly one of --prune-ratio and --prune-layers")
@@ -312,7 +313,12 @@ def main(argv=None):
         p.error("give exactly one of --prune-ratio and --prune-layers")
     kwargs = vars(a)
     kwargs["excise_to"] = kwargs.pop("excise")
+    plot = kwargs.pop("plot")
     run(**kwargs)
+    if plot:
+        import plots  # matplotlib only when asked for
+        for path in plots.make_plots(a.out, report=a.out / "report.json"):
+            print(f"wrote {path}")
 
 
 if __name__ == "__main__":
