@@ -22,11 +22,12 @@ def cache_root():
 
 
 def shown(path):
-    """A path as a reader on another machine can read it: relative to the repository, or under $CLP_DATA,
-    $CLP_CACHE or ~, never an absolute path of this machine (reports and BENCHMARKS.md quote it)."""
-    p = Path(path).expanduser().absolute()
-    if not p.exists():  # a short name like smollm2-135m, not a path
+    """A path as a reader on another machine can read it (reports and BENCHMARKS.md quote it): a relative path
+    as given; an absolute one relative to the repository or as $CLP_DATA/..., $CLP_CACHE/..., ~/... when it
+    lies there; any other absolute path as it is."""
+    if not Path(path).expanduser().is_absolute():  # as the user gave it: already machine-independent
         return str(path)
+    p = Path(path).expanduser()
     roots = [(os.environ.get("CLP_DATA"), "$CLP_DATA"), (cache_root(), "$CLP_CACHE"), (ROOT, None),
              (Path.home(), "~")]
     for root, name in roots:

@@ -90,16 +90,16 @@ def tuning_label(t):
 
 def plot_gate(plt, report, path):
     masks = gate_masks(report)
-    fig, axes = plt.subplots(1, len(masks), figsize=(2.6 * len(masks) + 1, 3.6), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(masks), figsize=(2.4 * len(masks) + 1.2, 3.8), sharey=True, squeeze=False)
     for ax, (r, m) in zip(axes[0], masks.items()):
         im = ax.imshow(m.numpy(), aspect="auto", origin="upper", cmap="magma", vmin=0, vmax=1, interpolation="nearest")
         alive = int((~m[:, 0].isnan()).sum())
-        ax.set_title(f"start {r}" + ("" if alive == len(m) else f" (stopped after {alive} steps)"), fontsize=9)
+        ax.set_title(f"start {r}\n" + ("survived" if alive == len(m) else f"stopped after {alive} steps"), fontsize=9)
         ax.set_xlabel("layer")
     axes[0][0].set_ylabel("step")
     fig.colorbar(im, ax=axes[0].tolist(), label="removal mask m (1 = removed)")
     fig.suptitle(f"CLP gate, {report['budget']['layers']} of {report['model']['fingerprint']['num_layers']} layers: "
-                 f"chosen {report['block']}", fontsize=10)
+                 f"chosen {report['block']}", fontsize=10, y=1.06)
     return save(plt, fig, path)
 
 
@@ -115,7 +115,11 @@ def plot_landscape(plt, report, path, exhaustive=None):
     chosen = report["removed_layers"]
     ax.plot([chosen[0]], [report["kl"]], "*", color="tab:red", ms=14,
             label=f"{'gate' if report.get('method') == 'clp-gate' else report.get('method')} choice: {report['block']}")
-    ax.set_yscale("log")
+    lo, hi = ax.get_ylim()
+    if lo > 0 and hi / lo > 20:  # the worst blocks cost orders of magnitude more than the best
+        ax.set_yscale("log")
+    L = report["model"]["fingerprint"]["num_layers"]
+    ax.set_xlim(-0.5, L - k + 0.5)  # every possible start, also when only a few were scored
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel(f"first layer of the removed block of {k}")
     ax.set_ylabel("calibration KL (nats/token)")

@@ -257,6 +257,7 @@ def run(ckpt, out, prune_layers=None, prune_ratio=None, calib="wikitext2", nsamp
               "model": {"ckpt": str(ckpt), "path": str(source), "fingerprint": excise.fingerprint(model)},
               "budget": {"layers": k, "ratio": round(k / L, 4)}, "calibration": teacher.description,
               "settings": settings, "trajectory": result["trajectory"], "final_mu": result["final_mu"],
+              "survivors": result["survivors"],
               "wall_time_s": {"load_and_teacher": round(t1 - t0, 2),
                               **{key: round(v, 2) for key, v in result["time_s"].items()},
                               "total": round(time.perf_counter() - t0, 2)},
