@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from errors import cli
+
 ROOT = Path(__file__).resolve().parent
 WIKITEXT_FILES = {"test": "wiki.test.raw", "valid": "wiki.valid.raw", "validation": "wiki.valid.raw"}
 
@@ -130,6 +132,7 @@ def calibration_batch(ids, nsamples, seqlen, seed=0):
     return torch.stack([ids[s: s + seqlen] for s in starts.tolist()])
 
 
+@cli()
 def main(argv=None):
     import fetch as fetcher
 

@@ -19,6 +19,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import atomic
 from data import cache_root, shown
 
 GITHUB = "https://raw.githubusercontent.com"
@@ -123,16 +124,21 @@ def content(rel, raw, mirror):
 
 
 def store(path, body):
-    """Write atomically: a reader never sees a half-written file under the final name."""
+    """Write atomically (fsynced temp file, then rename): a reader never sees a half-written file under the
+    final name, and a crash leaves at most a dot-named temp that the next fetch ignores."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=atomic.temp_prefix(path))
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~atomic.umask())  # mkstemp's 0600 would hide the data from other users
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    atomic.fsync_path(path.parent)
 
 
 def fetch(dest=None, names=None, mirror=None, timeout=30.0):

@@ -12,12 +12,12 @@
 matplotlib is an optional extra (requirements-plots.txt); without it this says how to get it and exits 0.
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
+from errors import cli, read_json
 from gates import ContiguousGate
 
 HOW = "plots need matplotlib: pip install -r requirements-plots.txt (make demo installs it)"
@@ -32,13 +32,6 @@ def pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
-
-
-def read_json(path, what):
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{what} {p} does not exist")
-    return json.loads(p.read_text())
 
 
 # ---------------------------------------------------------------- numbers (no matplotlib needed)
@@ -171,6 +164,7 @@ def make_plots(out, report=None, exhaustive=None, tuning=()):
     return written
 
 
+@cli()
 def main(argv=None):
     p = argparse.ArgumentParser(description="Draw the gate, the KL landscape and the tuning curves from the runs' JSON.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -182,11 +176,7 @@ def main(argv=None):
     if not (a.report or a.exhaustive or a.tuning):
         p.error("give at least one of --report, --exhaustive, --tuning")
     out = a.out or Path(a.report or a.exhaustive or a.tuning[0]).parent
-    try:
-        written = make_plots(out, a.report, a.exhaustive, a.tuning)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        p.error(f"{type(e).__name__}: {e}" if isinstance(e, KeyError) else str(e))
-    for path in written:
+    for path in make_plots(out, a.report, a.exhaustive, a.tuning):
         print(f"wrote {path}")
 
 

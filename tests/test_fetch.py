@@ -39,7 +39,7 @@ def copy(root, rels):
 
 
 def leftovers(dest):
-    return [p for p in Path(dest).rglob("*") if p.is_file() and p.name.endswith(".tmp")]
+    return [p for p in Path(dest).rglob("*") if p.is_file() and p.name.startswith(".")]
 
 
 def test_table_matches_the_data_files():
@@ -58,6 +58,7 @@ def test_good_files_are_stored_and_verified(mirror, tmp_path, capsys):
     assert stored == SMALL[:2] and failed == []
     for rel in SMALL[:2]:
         assert (dest / rel).read_bytes() == (DATA / rel).read_bytes()
+        assert (dest / rel).stat().st_mode & 0o044  # readable by others, unlike mkstemp's default
     assert leftovers(dest) == []
     assert capsys.readouterr().err.count("sha256 ok") == 2
     # a second fetch finds them verified and downloads nothing

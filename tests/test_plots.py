@@ -64,6 +64,7 @@ def test_without_matplotlib_one_line_and_a_clean_exit(runs, monkeypatch, capsys)
 def test_bad_input_is_one_clear_error(runs, capsys):
     with pytest.raises(SystemExit):
         plots.main(["--report", str(runs / "missing.json")])
-    assert "does not exist" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("plots.py: error:") and "missing.json" in err and len(err.splitlines()) == 1
     with pytest.raises(ValueError, match="trajectory"):
         plots.gate_masks(plots.read_json(runs / "exhaustive" / "report.json", "report"))
