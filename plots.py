@@ -108,8 +108,8 @@ def plot_landscape(plt, report, path, exhaustive=None):
     chosen = report["removed_layers"]
     ax.plot([chosen[0]], [report["kl"]], "*", color="tab:red", ms=14,
             label=f"{'gate' if report.get('method') == 'clp-gate' else report.get('method')} choice: {report['block']}")
-    lo, hi = ax.get_ylim()
-    if lo > 0 and hi / lo > 20:  # the worst blocks cost orders of magnitude more than the best
+    ys = [y for line in ax.get_lines() for y in line.get_ydata()]
+    if min(ys) > 0 and max(ys) / min(ys) > 20:  # the worst blocks cost orders of magnitude more than the best
         ax.set_yscale("log")
     L = report["model"]["fingerprint"]["num_layers"]
     ax.set_xlim(-0.5, L - k + 0.5)  # every possible start, also when only a few were scored

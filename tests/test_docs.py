@@ -25,6 +25,7 @@ def markdown_files():
 
 def slug(heading):
     """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    heading = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # a link counts by its text
     text = re.sub(r"[^\w\- ]", "", heading.strip().lower().replace("`", ""))
     return text.replace(" ", "-")
 
@@ -61,6 +62,7 @@ def test_every_relative_link_resolves():
     ("report.json (search.py, baselines.py)", "reportjson-searchpy-baselinespy"),
     ("GPTQ on-disk format", "gptq-on-disk-format"),
     ("eval.py `--json OUT`", "evalpy---json-out"),
+    ("4. The search: [`search.py`](../search.py) and [`teacher.py`](../teacher.py)", "4-the-search-searchpy-and-teacherpy"),
 ])
 def test_slug(heading, want):
     assert slug(heading) == want
