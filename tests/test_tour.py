@@ -111,6 +111,8 @@ def test_tour_command(n, workdir, monkeypatch):
     monkeypatch.setenv("CLP_DATA", str(DATA))  # the quoted lines name $CLP_DATA
     monkeypatch.chdir(workdir)  # runs/tour/... of the commands lands in a temporary directory
     cmd, quoted = console_blocks()[n]
+    if "plots.py" in cmd:
+        pytest.importorskip("matplotlib")  # an optional extra (requirements-plots.txt)
     printed = {shape(line) for line in run(cmd, monkeypatch).splitlines()}
     missing = [line for line in quoted if line.strip() not in ("", "...") and shape(line) not in printed]
     assert not missing, f"$ {cmd}\nquoted in the tour but no longer printed in this form:\n" + "\n".join(missing)
