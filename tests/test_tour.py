@@ -67,7 +67,7 @@ def shape(line):
     """What stays the same when a command runs with other settings: numbers (and lists of them), mask strips
     and which start goes on are blanked, whitespace runs count as one space."""
     line = re.sub(r"\|[ .:=+*#%@-]*\|", "|MASK|", line)
-    line = re.sub(r"\(read off by start\(s\) \[[\d, ]*\]\)|\(neighbour\)", "(ROLE)", line)
+    line = re.sub(r"\(read off by start\(s\) \[[\d, ]*\]\)|\(neighbour\)|\(visited\)", "(ROLE)", line)
     line = re.sub(r"\b(stops|goes on)\b", "HALT", line)
     line = re.sub(r"\d+(?:[.,]\d+)*(?:e[-+]?\d+)?", "N", line)
     line = re.sub(r"\[N(?:, N)*\]", "[N...]", line)
