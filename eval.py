@@ -12,9 +12,11 @@ Protocols (docs/protocols.md; never change them silently):
 - KL: mean over the same windows and all T positions of KL(p_teacher || p_model), in nats.
 - Zero-shot: lm-evaluation-harness loglikelihood scoring with its prompt formats (tasks.py);
   acc = argmax of the summed log-prob of each choice, acc_norm = the same divided by the choice's characters.
-- Latency: batch 1; prefill of `seqlen` tokens; decode of `new_tokens` tokens with the KV cache after a
-  128-token prompt; one warm-up, then the median of `runs` timings, with the device synchronized before
-  each clock read; the CPU thread count is fixed and recorded.
+- Latency (latency.py): batch 1; prefill of `seqlen` tokens; decode of `new_tokens` tokens with the static KV
+  cache after a 128-token prompt; the models of a --compare timed in turn (dense, pruned, dense, pruned, ...)
+  over `warmup` untimed and `runs` timed rounds; medians with min/max and IQR; speedups are ratios of medians,
+  printed beside the ideal L/(L-k); decode also as a fraction of the memory-bandwidth roofline measured in the
+  same rounds; the device synchronized before each clock read; the CPU thread count fixed and recorded.
 """
 import argparse
 import json
@@ -35,17 +37,10 @@ import tasks as task_files
 from data import eval_windows, find_data_dir, load_text
 from errors import cli
 from load_weights import write_json
-from model import KVCache
+import latency as lat
+from latency import greedy_decode  # noqa: F401  (eval.greedy_decode, as before)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DECODE_PROMPT = 128  # tokens of prompt before the timed decode steps
-
-
-def sync(device):
-    # a model placed over several GPUs runs on all of them: wait for each
-    if torch.device(device).type == "cuda":
-        for i in range(torch.cuda.device_count()):
-            torch.cuda.synchronize(i)
 
 
 class Progress:
@@ -157,14 +152,14 @@ def loglikelihoods(model, requests, batch_size=8, device="cpu", progress=None):
 def shared_context_loglikelihoods(model, ctx, conts, device="cpu"):
     """log p(continuation | ctx) for the continuations of one context: the context runs once and its KV cache
     serves every continuation (the numbers of scoring each ctx + continuation alone, for less work)."""
-    cache = KVCache(model.cfg.num_layers)
-    first = F.log_softmax(model(torch.tensor([ctx], device=device), cache=cache)[0, -1].float(), dim=-1)  # (V,)
     n, K = len(conts), max(len(k) for k in conts)
+    cache = model.make_cache(1, len(ctx) + K - 1)
+    first = F.log_softmax(model(torch.tensor([ctx], device=device), cache=cache, last_only=True)[0, -1].float(), dim=-1)  # (V,)
     out = [first[k[0]].item() for k in conts]
     if K == 1:
         return out
-    # one copy of the context's keys and values per continuation (a view until the cache grows)
-    cache.kv = [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in cache.kv]
+    # one copy of the context's keys and values per continuation
+    cache = cache.repeat_batch(n)
     x = torch.zeros(n, K - 1, dtype=torch.long)  # (n, K-1), right-padded with 0
     for j, k in enumerate(conts):
         x[j, :len(k) - 1] = torch.tensor(k[:-1])
@@ -229,62 +224,13 @@ def run_task(model, tok, name, data_dir, limit=None, bos=False, batch_size=8, de
 
 # ---------------------------------------------------------------- latency
 
-@torch.no_grad()
-def prefill_seconds(model, tokens, device):
-    sync(device)
-    t0 = time.perf_counter()
-    model(tokens)
-    sync(device)
-    return time.perf_counter() - t0
-
-
-@torch.no_grad()
-def greedy_decode(model, prompt, new_tokens, device="cpu"):
-    """Greedy continuation with the KV cache: (tokens (1, T + new_tokens), seconds of the decode steps alone)."""
-    cache = KVCache(model.cfg.num_layers)
-    logits = model(prompt, cache=cache)  # (1, T, V)
-    out = [prompt]
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(new_tokens):
-        nxt = logits[:, -1:].argmax(-1)  # (1, 1)
-        out.append(nxt)
-        logits = model(nxt, cache=cache)  # (1, 1, V)
-    sync(device)
-    return torch.cat(out, dim=1), time.perf_counter() - t0
-
-
-def reset_peak_memory(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    elif Path("/proc/self/clear_refs").exists():
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: peak RSS (VmHWM) restarts from the current RSS
-
-
-def peak_memory(device):
-    """(bytes, what was measured): CUDA peak allocation, or on CPU the process's peak resident set."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated"
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024, "process peak RSS (everything the process holds)"
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS since start"
-
-
-def latency(model, seqlen, new_tokens=128, runs=5, device="cpu", seed=0):
-    """Prefill and decode tokens/s (medians of `runs` after one warm-up) and peak memory, batch 1."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(model.cfg.vocab_size, (1, seqlen), generator=g).to(device)  # (1, T)
-    prompt = x[:, :min(DECODE_PROMPT, seqlen)]
-    reset_peak_memory(device)
-    prefill_seconds(model, x, device)  # warm-up
-    t_pre = statistics.median(prefill_seconds(model, x, device) for _ in range(runs))
-    greedy_decode(model, prompt, new_tokens, device)  # warm-up
-    t_dec = statistics.median(greedy_decode(model, prompt, new_tokens, device)[1] for _ in range(runs))
-    mem, kind = peak_memory(device)
-    return {"prefill_tok_s": seqlen / t_pre, "decode_tok_s": new_tokens / t_dec, "peak_mem_bytes": mem,
-            "peak_mem_kind": kind, "prefill_s": t_pre, "decode_s": t_dec, "threads": torch.get_num_threads()}
+def latency(model, seqlen, new_tokens=128, runs=5, device="cpu", seed=0, warmup=1, probe_mbytes=256, compile=False):
+    """One model's prefill and decode tokens/s (medians over `runs` rounds after `warmup`), spread, peak memory
+    and fraction of the bandwidth roofline, batch 1 (latency.interleaved_latency with a single model)."""
+    steps = lat.compiled_steps({"model": model}) if compile else None
+    res, bw = lat.interleaved_latency({"model": model}, seqlen, new_tokens, runs, warmup, device, seed, probe_mbytes,
+                                      steps)
+    return dict(res["model"], bandwidth=bw)
 
 
 # ---------------------------------------------------------------- one model, two models
@@ -312,7 +258,7 @@ def text_windows(tok, sources, seqlen, data_dir, bos, max_windows=None):
 
 
 def evaluate(model, tok, ckpt, *, ppl=(), ppl_windows=None, teacher=None, tasks=(), limit=None, latency_runs=0, seqlen=2048,
-             new_tokens=128, batch_size=8, kl_chunk=256, bos="auto", data_dir=None, device="cpu"):
+             new_tokens=128, batch_size=8, kl_chunk=256, bos="auto", data_dir=None, device="cpu", **latency_opts):
     """One model's results in the JSON schema (docs/protocols.md): ckpt, ppl, kl, tasks, latency, settings."""
     seqlen = min(seqlen, model.cfg.max_position_embeddings)
     use_bos = bos == "always" or (bos == "auto" and tok is not None and tok.add_bos)
@@ -338,8 +284,20 @@ def evaluate(model, tok, ckpt, *, ppl=(), ppl_windows=None, teacher=None, tasks=
             res["tasks"][name] = run_task(model, tok, name, root, limit, use_bos, batch_size, device)
     if latency_runs:
         print(f"{ckpt}: latency, prefill {seqlen:,} tokens, decode {new_tokens} tokens, median of {latency_runs} runs")
-        res["latency"] = latency(model, seqlen, new_tokens, latency_runs, device)
+        res["latency"] = latency(model, seqlen, new_tokens, latency_runs, device, **latency_opts)
     return res
+
+
+def compare_latency(dense, pruned, seqlen, new_tokens, runs, device, **latency_opts):
+    """Both models timed in the same interleaved rounds: (dense latency, pruned latency)."""
+    seqlen = min(seqlen, dense.cfg.max_position_embeddings, pruned.cfg.max_position_embeddings)
+    print(f"latency: prefill {seqlen:,} tokens, decode {new_tokens} tokens, dense and pruned interleaved, "
+          f"{runs} timed rounds")
+    compile = latency_opts.pop("compile", False)
+    models = {"dense": dense, "pruned": pruned}
+    steps = lat.compiled_steps(models) if compile else None
+    out, bw = lat.interleaved_latency(models, seqlen, new_tokens, runs, device=device, steps=steps, **latency_opts)
+    return dict(out["dense"], bandwidth=bw), dict(out["pruned"], bandwidth=bw)
 
 
 def ratio(a, b):
@@ -352,11 +310,10 @@ def compare_block(dense, pruned):
            for t in dense["tasks"]}
     valid = [v for v in ret.values() if v is not None]
     L, Lp = dense["settings"]["layers"], pruned["settings"]["layers"]
-    lat_d, lat_p = dense["latency"] or {}, pruned["latency"] or {}
+    sp = lat.speedups(dense["latency"], pruned["latency"]) if dense["latency"] and pruned["latency"] else {}
     return {"retention": ret, "retention_mean": statistics.mean(valid) if valid else None,
             "retention_metric": {t: task_files.PRIMARY[t] for t in ret}, "layers": [L, Lp], "ideal_speedup": L / Lp,
-            "prefill_speedup": ratio(lat_p.get("prefill_tok_s"), lat_d.get("prefill_tok_s")),
-            "decode_speedup": ratio(lat_p.get("decode_tok_s"), lat_d.get("decode_tok_s"))}
+            "prefill_speedup": sp.get("prefill"), "decode_speedup": sp.get("decode")}
 
 
 def fmt(v, spec=",.4f"):
@@ -370,9 +327,15 @@ def table_rows(res):
     for t, m in res["tasks"].items():
         rows += [(f"{t} acc (n={m['n']:,})", fmt(m["acc"])), (f"{t} acc_norm", fmt(m["acc_norm"]))]
     if res["latency"]:
-        lat = res["latency"]
-        rows += [("prefill tok/s", fmt(lat["prefill_tok_s"], ",.1f")), ("decode tok/s", fmt(lat["decode_tok_s"], ",.2f")),
-                 ("peak memory MiB", fmt(lat["peak_mem_bytes"] / 2**20, ",.0f"))]
+        la = res["latency"]
+        rng = lambda d, n: f"{n / d['max']:,.1f}-{n / d['min']:,.1f}"  # noqa: E731  (tok/s range over the runs)
+        rows += [("prefill tok/s (median)", fmt(la["prefill_tok_s"], ",.1f")),
+                 ("  min-max over runs", rng(la["prefill_s"], la["seqlen"])),
+                 ("decode tok/s (median)", fmt(la["decode_tok_s"], ",.2f")),
+                 ("  min-max over runs", rng(la["decode_s"], la["new_tokens"])),
+                 ("decode / bandwidth roofline", fmt(la["roofline_fraction"], ".1%")),
+                 ("weight MB read per token", fmt(la["weight_bytes_per_token"] / 1e6, ",.1f")),
+                 ("peak memory MiB", fmt(la["peak_mem_bytes"] / 2**20, ",.0f"))]
     return rows + [("layers", str(res["settings"]["layers"]))]
 
 
@@ -391,9 +354,17 @@ def print_table(res, dense=None, cmp=None):
     for t, r in cmp["retention"].items():
         print(f"{'retention ' + t + ' (' + cmp['retention_metric'][t] + ')':50}{fmt(r):>16}")
     print(f"{'retention mean':50}{fmt(cmp['retention_mean']):>16}")
-    ideal = f"(ideal L/(L-k) = {cmp['layers'][0]}/{cmp['layers'][1]} = {cmp['ideal_speedup']:.3f})"
-    print(f"{'prefill speedup':34}{fmt(cmp['prefill_speedup'], '.3f'):>16}  {ideal}")
-    print(f"{'decode speedup':34}{fmt(cmp['decode_speedup'], '.3f'):>16}")
+    ideal = f"ideal L/(L-k) = {cmp['layers'][0]}/{cmp['layers'][1]} = {cmp['ideal_speedup']:.3f}"
+    print(f"{'prefill speedup (ratio of medians)':50}{fmt(cmp['prefill_speedup'], '.3f'):>16}  {ideal}")
+    print(f"{'decode speedup (ratio of medians)':50}{fmt(cmp['decode_speedup'], '.3f'):>16}  {ideal}")
+
+
+def print_latency_note(la):
+    bw = la["bandwidth"]
+    print(f"\nlatency: {la['runs']} timed rounds after {la['warmup']} warm-up, models interleaved "
+          f"({', '.join(la['interleaved_with'])}), {la['threads']} thread(s){', decode compiled' if la['compiled'] else ''}; "
+          f"bandwidth {bw['median'] / 1e9:,.2f} GB/s (median; {bw['min'] / 1e9:,.2f}-{bw['max'] / 1e9:,.2f}) "
+          f"from a {bw['matrix_bytes'] / 2**20:,.0f} MiB {bw['what'].split(',')[0]}")
 
 
 def load_model(ckpt, place):
@@ -406,17 +377,19 @@ def load_model(ckpt, place):
 
 
 def run(ckpt, compare=None, teacher=None, ppl=(), ppl_windows=None, tasks=(), limit=None, latency=False, seqlen=2048, batch_size=8,
-        kl_chunk=256, runs=5, new_tokens=128, bos="auto", threads=None, dtype=None, device=None, devices=None,
-        offload=False, data_dir=None, json_out=None):
+        kl_chunk=256, runs=5, warmup=1, new_tokens=128, compile=False, probe_mbytes=256, bos="auto", threads=None,
+        dtype=None, device=None, devices=None, offload=False, data_dir=None, json_out=None):
     """Evaluate `ckpt` (and `compare` against it); print the table; write the JSON result. Returns the result."""
     t0 = time.perf_counter()
     place = dict(device=device, dtype=dtype, devices=devices, offload=offload)
     model, tok, device, dtype = load_model(ckpt, place)
-    opts = dict(tasks=tasks, limit=limit, latency_runs=runs if latency else 0, seqlen=seqlen, new_tokens=new_tokens,
+    opts = dict(tasks=tasks, limit=limit, seqlen=seqlen, new_tokens=new_tokens,
                 batch_size=batch_size, kl_chunk=kl_chunk, bos=bos, data_dir=data_dir, device=device)
+    lat_opts = dict(warmup=warmup, probe_mbytes=probe_mbytes, compile=compile)
     if compare is None:
         ref = load_model(teacher, place)[0] if teacher else None
-        res = evaluate(model, tok, ckpt, ppl=ppl, ppl_windows=ppl_windows, teacher=ref, **opts)
+        res = evaluate(model, tok, ckpt, ppl=ppl, ppl_windows=ppl_windows, teacher=ref,
+                       latency_runs=runs if latency else 0, **opts, **lat_opts)
         print_table(res)
     else:
         pruned, ptok = load_model(compare, place)[:2]
@@ -426,12 +399,16 @@ def run(ckpt, compare=None, teacher=None, ppl=(), ppl_windows=None, tasks=(), li
         for key, m in res["settings"]["data"].items():
             dense["ppl"][key] = m.pop("teacher_ppl")
             dense["settings"]["data"][key] = dict(m)
+        if latency:
+            dense["latency"], res["latency"] = compare_latency(model, pruned, seqlen, new_tokens, runs, device, **lat_opts)
         res.update(reference=dense, compare=compare_block(dense, res))
         print_table(res, dense, res["compare"])
+    if res["latency"]:
+        print_latency_note(res["latency"])
     res["settings"].update(
         command="python " + " ".join(sys.argv), teacher=str(ckpt) if compare else teacher, limit=limit,
-        batch_size=batch_size, kl_chunk=kl_chunk, runs=runs, new_tokens=new_tokens, dtype=dtype, device=device,
-        devices=devices, offload=offload,
+        batch_size=batch_size, kl_chunk=kl_chunk, runs=runs, warmup=warmup, compile=compile,
+        new_tokens=new_tokens, dtype=dtype, device=device, devices=devices, offload=offload,
         threads=torch.get_num_threads(), seed=0, torch=torch.__version__, python=platform.python_version(),
         wall_s=round(time.perf_counter() - t0, 1))
     if any(str(c).startswith("random:") for c in (ckpt, compare, teacher) if c):
@@ -458,7 +435,10 @@ def parse_args(argv=None):
     p.add_argument("--seqlen", type=int, default=2048, help="perplexity window and prefill length, capped at the model's maximum")
     p.add_argument("--batch-size", type=int, default=8, help="choice sequences per forward pass in zero-shot scoring")
     p.add_argument("--kl-chunk", type=int, default=256, help="positions per softmax chunk in NLL and KL")
-    p.add_argument("--runs", type=int, default=5, help="timed latency runs after one warm-up; the median is reported")
+    p.add_argument("--runs", type=int, default=5, help="timed latency rounds (each times every model once); medians reported")
+    p.add_argument("--warmup", type=int, default=1, help="untimed latency rounds before the timed ones")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode steps of the latency runs")
+    p.add_argument("--probe-mbytes", type=int, default=256, help="MiB of the fp32 matrix whose matrix-vector product measures bandwidth")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated with the KV cache in the decode timing")
     p.add_argument("--bos", choices=["auto", "always", "never"], default="auto", help="prepend BOS; auto: when the family's tokenizer does")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads, fixed for the run and recorded")

@@ -80,21 +80,48 @@ def rotate_half(x):
 
 
 class KVCache:
-    """Keys and values of past tokens for incremental decoding, one (k, v) pair per layer."""
+    """Keys and values of past tokens, preallocated for `max_len` tokens and filled in place (a static cache).
 
-    def __init__(self, num_layers):
-        self.kv = [None] * num_layers
+    Growing the cache by concatenation copies every past key at every token; here a step writes only its
+    own T positions. `length` counts the tokens stored; reset() readies the same memory for a new prompt.
+    """
+
+    def __init__(self, cfg: Config, batch=1, max_len=None, dtype=torch.float32, devices=("cpu",)):
+        max_len = max_len or cfg.max_position_embeddings
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)  # (B, nkv, S_max, hd)
+        # one tensor per layer, on the device that layer computes on (placement.py can spread layers out)
+        devices = list(devices) * cfg.num_layers if len(devices) == 1 else devices
+        self.k = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
+        self.v = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
+        self.length = 0
 
     @property
-    def length(self):
-        return 0 if self.kv[0] is None else self.kv[0][0].shape[2]
+    def max_len(self):
+        return self.k[0].shape[2]
+
+    def reset(self):
+        self.length = 0
 
     def update(self, i, k, v):
-        if self.kv[i] is not None:
-            k = torch.cat([self.kv[i][0], k], dim=2)  # (B, nkv, S, hd)
-            v = torch.cat([self.kv[i][1], v], dim=2)
-        self.kv[i] = (k, v)
-        return k, v
+        """Store layer i's new k, v (B, nkv, T, hd) after the cached tokens; return its keys and values so far."""
+        s, T = self.length, k.shape[2]
+        if s + T > self.max_len:
+            raise ValueError(f"KV cache full: {s} + {T} tokens exceed its {self.max_len} positions")
+        self.k[i][:, :, s:s + T] = k
+        self.v[i][:, :, s:s + T] = v
+        return self.k[i][:, :, :s + T], self.v[i][:, :, :s + T]  # (B, nkv, S, hd)
+
+    def advance(self, T):
+        """Called once per forward, after every layer has stored its T new positions."""
+        self.length += T
+
+    def repeat_batch(self, n):
+        """A cache of batch n holding n copies of this batch-1 cache's tokens (one prompt, n continuations)."""
+        out = KVCache.__new__(KVCache)
+        out.k = [k.repeat(n, 1, 1, 1) for k in self.k]  # (n, nkv, S_max, hd)
+        out.v = [v.repeat(n, 1, 1, 1) for v in self.v]
+        out.length = self.length
+        return out
 
 
 class Attention(nn.Module):
@@ -123,17 +150,26 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)  # (B, nkv, S, hd)
-        S = k.shape[2]
-        k = k.repeat_interleave(self.cfg.n_rep, dim=1)  # (B, nh, S, hd)
-        v = v.repeat_interleave(self.cfg.n_rep, dim=1)
-        # causal mask aligned to the end: new token t sees every cached token and new tokens <= t
-        if S == T:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hd)
-        else:
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hd)
+        y = attend(q, k, v)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, nh * hd)  # (B, T, nh*hd)
         return self.o_proj(y)
+
+
+def attend(q, k, v):
+    """Causal attention of q (B, nh, T, hd) over k, v (B, nkv, S, hd), the T new tokens being the last of S.
+
+    Query head h reads key/value head h // (nh/nkv). SDPA's enable_gqa does that without materialising
+    the repeated K and V (measured on CPU at nh=9, nkv=3, hd=64: as fast as repeating at T=S=2048, about
+    twice as fast at T=1, S=256..2048).
+    """
+    T, S = q.shape[2], k.shape[2]
+    if S == T:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    if T == 1:  # one new token sees every cached one: no mask
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    # causal mask aligned to the end: new token t sees every cached token and new tokens <= t
+    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
 class MLP(nn.Module):
@@ -186,8 +222,14 @@ class Transformer(nn.Module):
         dtype = self.embed_tokens.weight.dtype
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def forward(self, tokens, keep=None, cache=None):
-        """tokens (B, T) -> logits (B, T, V). `keep` (L,) weights each layer; `cache` continues decoding."""
+    def make_cache(self, batch=1, max_len=None):
+        """An empty static KV cache for `batch` sequences of up to `max_len` tokens, in the model's dtype."""
+        w = self.embed_tokens.weight
+        return KVCache(self.cfg, batch, max_len, w.dtype, [layer.device or w.device for layer in self.layers])
+
+    def forward(self, tokens, keep=None, cache=None, last_only=False):
+        """tokens (B, T) -> logits (B, T, V). `keep` (L,) weights each layer; `cache` continues decoding;
+        `last_only` applies the head to the last position alone, logits (B, 1, V): all that generation needs."""
         B, T = tokens.shape
         start = 0 if cache is None else cache.length
         if self.cfg.sliding_window and start + T > self.cfg.sliding_window:
@@ -201,18 +243,24 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, cache, i)
             else:
                 x = x + keep[i].to(x) * (layer(x, cos, sin, cache, i) - x)
-        return self.lm_head(self.norm(x))  # (B, T, V)
+        if cache is not None:
+            cache.advance(T)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
+        return self.lm_head(self.norm(x))  # (B, T or 1, V)
 
     @torch.no_grad()
-    def generate(self, tokens, max_new_tokens, eos_id=None):
-        """Greedy decoding with the KV cache; tokens (1, T) -> (1, T + new)."""
-        cache = KVCache(self.cfg.num_layers)
-        logits = self(tokens, cache=cache)
-        out = tokens
-        for _ in range(max_new_tokens):
+    def generate(self, tokens, max_new_tokens, eos_id=None, cache=None):
+        """Greedy decoding with a static KV cache; tokens (1, T) -> (1, T + new). A given cache is reset and reused."""
+        if cache is None:
+            cache = self.make_cache(1, tokens.shape[1] + max_new_tokens)
+        cache.reset()
+        logits = self(tokens, cache=cache, last_only=True)  # (1, 1, V)
+        out = [tokens]
+        for i in range(max_new_tokens):
             nxt = logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
-            out = torch.cat([out, nxt], dim=1)
-            if eos_id is not None and nxt.item() == eos_id:
+            out.append(nxt)
+            if (eos_id is not None and nxt.item() == eos_id) or i == max_new_tokens - 1:
                 break
-            logits = self(nxt, cache=cache)
-        return out
+            logits = self(nxt, cache=cache, last_only=True)  # (1, 1, V)
+        return torch.cat(out, dim=1)

@@ -272,16 +272,52 @@ def test_decode_path_equals_full_forwards():
 
 
 def test_latency_figures_are_positive_and_finite():
-    lat = ev.latency(small_transformer(), seqlen=32, new_tokens=8, runs=5)
-    for key in ("prefill_tok_s", "decode_tok_s", "peak_mem_bytes"):
+    lat = ev.latency(small_transformer(), seqlen=32, new_tokens=8, runs=5, probe_mbytes=1)
+    for key in ("prefill_tok_s", "decode_tok_s", "peak_mem_bytes", "roofline_fraction", "weight_bytes_per_token"):
         assert math.isfinite(lat[key]) and lat[key] > 0
     assert lat["threads"] == torch.get_num_threads()
+    assert len(lat["decode_s"]["runs"]) == lat["decode_s"]["n"] == 5 and lat["bandwidth"]["n"] == 5
+    assert lat["decode_s"]["min"] <= lat["decode_s"]["q1"] <= lat["decode_s"]["median"] <= lat["decode_s"]["q3"]
+
+
+def test_interleaved_rounds_alternate_models_and_speedup_uses_medians(monkeypatch):
+    import latency
+
+    order, script = [], {"dense": [9.0, 2.0, 3.0, 4.0, 100.0], "pruned": [1.0, 1.5, 2.5, 50.0, 2.0]}
+    models = {k: small_transformer(seed=1) for k in script}
+    names = {id(m): k for k, m in models.items()}
+    calls = {}
+
+    def scripted(kind, model):
+        k = names[id(model)]
+        order.append((kind, k))
+        calls[kind, k] = calls.get((kind, k), 0) + 1
+        # call 1 is the memory pass, call 2 the warm-up round; then the timed rounds
+        return script[k][calls[kind, k] - 3] if calls[kind, k] > 2 else 1e3
+
+    def fake_prefill(model, tokens, device):
+        return scripted("prefill", model)
+
+    def fake_decode(model, prompt, new_tokens, device="cpu", step=None, cache=None):
+        return None, scripted("decode", model) / 10
+
+    monkeypatch.setattr(latency, "prefill_seconds", fake_prefill)
+    monkeypatch.setattr(latency, "greedy_decode", fake_decode)
+    res, bw = latency.interleaved_latency(models, seqlen=16, new_tokens=4, runs=5, warmup=1, probe_mbytes=1)
+    rounds = [k for _, k in order[4:]]  # after the memory pass (2 models x prefill + decode)
+    assert rounds == ["dense", "dense", "pruned", "pruned"] * 6
+    assert res["dense"]["prefill_s"]["runs"] == script["dense"] and res["pruned"]["prefill_s"]["median"] == 2.0
+    sp = latency.speedups(res["dense"], res["pruned"])
+    # medians 4.0 and 2.0 (means would give 23.6 / 11.4, the last runs 100 / 2)
+    assert sp["prefill"] == pytest.approx(2.0) and sp["decode"] == pytest.approx(2.0)
+    assert res["pruned"]["prefill_tok_s"] == pytest.approx(16 / 2.0) and bw["n"] == 5
 
 
 def test_compare_block_retention_and_ideal_speedup():
     def res(layers, piqa, boolq, pre, dec):
         return {"tasks": {"piqa": {"acc": 0.0, "acc_norm": piqa}, "boolq": {"acc": boolq, "acc_norm": 0.0}},
-                "settings": {"layers": layers}, "latency": {"prefill_tok_s": pre, "decode_tok_s": dec}}
+                "settings": {"layers": layers},
+                "latency": {"prefill_s": {"median": 1 / pre}, "decode_s": {"median": 1 / dec}}}
     c = ev.compare_block(res(30, 0.60, 0.50, 100.0, 10.0), res(24, 0.54, 0.55, 120.0, 12.5))
     assert c["retention"] == pytest.approx({"piqa": 0.9, "boolq": 1.1})
     assert c["retention_mean"] == pytest.approx(1.0) and c["ideal_speedup"] == 1.25

@@ -154,3 +154,17 @@ def test_written_checkpoint_has_normal_permissions(tmp_path):
     os.umask(umask)
     assert (out.stat().st_mode & 0o777) == 0o777 & ~umask
     assert all((f.stat().st_mode & 0o777) == 0o666 & ~umask for f in out.iterdir())
+
+
+def test_cpu_load_stores_multiplying_weights_column_major_with_the_same_values():
+    from safetensors.torch import load_file
+
+    d = FIXTURES / "tiny-llama3"
+    model, _ = lw.load(d)
+    files = {}
+    for f in sorted(d.glob("*.safetensors")):
+        files.update(load_file(f))
+    q = model.layers[0].self_attn.q_proj.weight
+    assert q.t().is_contiguous() and not q.is_contiguous()  # the decode layout (load_weights.decode_layout)
+    assert torch.equal(q, files["model.layers.0.self_attn.q_proj.weight"])
+    assert model.layers[0].input_layernorm.weight.is_contiguous()

@@ -7,7 +7,6 @@ from safetensors.torch import load_file
 
 from conftest import FIXTURES, need
 from load_weights import load
-from model import KVCache
 
 
 def reference(d):
@@ -40,16 +39,77 @@ def test_embedded_greedy_continuation_is_paris(smollm2):
     assert tok.decode(out[0, ids.shape[1]:].tolist()).startswith(" Paris.")
 
 
+def cached_logits(model, ids, cache, prompt=20, chunk=1):
+    """Logits of ids (B, T) fed as a prompt, then `chunk` tokens at a time, through one cache."""
+    steps = [model(ids[:, :prompt], cache=cache)]
+    steps += [model(ids[:, t:t + chunk], cache=cache) for t in range(prompt, ids.shape[1], chunk)]
+    return torch.cat(steps, dim=1)
+
+
 @pytest.mark.parametrize("name", ["tiny-llama3", "tiny-qwen3", "tiny-qwen2"])
-def test_kv_cache_decoding_equals_full_forward(name):
+def test_static_cache_decoding_equals_full_forward_and_reference(name):
     model, _ = load(FIXTURES / name)
-    ids, _ = reference(FIXTURES / name)
+    ids, want = reference(FIXTURES / name)
+    B, T = ids.shape
     with torch.no_grad():
         full = model(ids)
-        cache = KVCache(model.cfg.num_layers)
-        # a prompt of 20 tokens, then one token at a time
-        steps = [model(ids[:, :20], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(20, ids.shape[1])]
-    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-4)
+        cache = model.make_cache(B, T + 3)  # preallocated: more positions than used
+        one = cached_logits(model, ids, cache)
+        assert cache.length == T
+        # the same memory serves a second, different prompt after reset, several tokens per step
+        cache.reset()
+        other = ids.flip(1)
+        again = cached_logits(model, other, cache, prompt=7, chunk=5)
+        want_other = model(other)
+    assert torch.allclose(one, full, atol=1e-4) and (one - want).abs().max().item() < 1e-4
+    assert torch.allclose(again, want_other, atol=1e-4)
+
+
+def test_cache_refuses_more_tokens_than_it_holds():
+    model, _ = load(FIXTURES / "tiny-llama3")
+    cache = model.make_cache(1, 4)
+    with torch.no_grad(), pytest.raises(ValueError, match="KV cache full"):
+        model(torch.zeros(1, 5, dtype=torch.long), cache=cache)
+
+
+def test_last_only_is_the_last_row_of_the_full_logits():
+    model, _ = load(FIXTURES / "tiny-qwen3")
+    ids, _ = reference(FIXTURES / "tiny-qwen3")
+    with torch.no_grad():
+        full, last = model(ids), model(ids, last_only=True)
+    assert last.shape == (ids.shape[0], 1, model.cfg.vocab_size)
+    assert torch.allclose(last[:, 0], full[:, -1], atol=1e-5)
+
+
+@pytest.mark.parametrize("T,S", [(1, 9), (4, 9), (9, 9)])
+def test_gqa_without_repetition_equals_repeated_keys(T, S):
+    """attend() lets query head h read K/V head h // n_rep; the reference repeats K and V and masks by hand."""
+    from model import attend
+
+    cfg = load(FIXTURES / "tiny-llama3")[0].cfg
+    nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    assert nkv < nh  # the fixture has grouped-query attention
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, t, hd, generator=g) for n, t in ((nh, T), (nkv, S), (nkv, S)))
+    kr, vr = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)  # (B, nh, S, hd)
+    scores = q @ kr.transpose(-1, -2) / hd**0.5  # (B, nh, T, S)
+    allowed = torch.arange(S)[None, :] <= torch.arange(S - T, S)[:, None]  # new token t sees positions <= S-T+t
+    want = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ vr
+    assert torch.allclose(attend(q, k, v), want, atol=1e-5)
+
+
+def test_embedded_generate_reuses_its_cache_for_a_second_prompt(smollm2):
+    model, tok = smollm2
+    a = torch.tensor([tok.encode("The capital of France is")])
+    b = torch.tensor([tok.encode("One, two, three,")])
+    cache = model.make_cache(1, 64)
+    first = model.generate(a, 5, cache=cache)
+    second = model.generate(b, 5, cache=cache)
+    assert torch.equal(second, model.generate(b, 5)) and torch.equal(first, model.generate(a, 5))
+    # each generated token is the argmax of a full forward over everything before it
+    with torch.no_grad():
+        full = model(second)[0]  # (T, V)
+    assert torch.equal(full[b.shape[1] - 1:-1].argmax(-1), second[0, b.shape[1]:])
 
 
 def test_keep_zero_equals_model_without_that_layer(tiny_dir):

@@ -1,0 +1,213 @@
+"""Latency you can trust: models timed in turn (interleaved), medians with their spread, and decoding
+measured against the machine's memory-bandwidth roofline.
+
+Interleaved: on a shared machine the load drifts. Timing one model and then the other puts the drift on
+one side (a 30 -> 24 layer decode was once measured 1.61x faster, above its ideal 1.25x). Here every
+round times each model once, in a fixed order, after warm-up rounds; a figure is the median over rounds,
+reported with its min, max and interquartile range, and a speedup is a ratio of those medians.
+
+Roofline: a batch-1 decode step reads every weight once and does about 2 flops per weight read, so its
+speed is bounded by (bytes per second the memory delivers) / (weight bytes read per token). The bandwidth
+is measured in the same rounds by a matrix-vector product over an fp32 matrix far larger than the caches;
+the fraction of that bound a model reaches says how far it is from the physical limit.
+"""
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+DECODE_PROMPT = 128  # tokens of prompt before the timed decode steps
+
+
+def sync(device):
+    # a model placed over several GPUs runs on all of them: wait for each
+    if torch.device(device).type == "cuda":
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(i)
+
+
+@torch.no_grad()
+def prefill_seconds(model, tokens, device="cpu"):
+    sync(device)
+    t0 = time.perf_counter()
+    model(tokens)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def greedy_decode(model, prompt, new_tokens, device="cpu", step=None, cache=None):
+    """Greedy continuation with the static KV cache: (tokens (1, T + new_tokens), seconds of the decode steps).
+
+    `step` replaces the model in the timed steps (a torch.compile'd model); a given `cache` is reset and reused.
+    """
+    step = step or model
+    if cache is None:
+        cache = model.make_cache(1, prompt.shape[1] + new_tokens)
+    cache.reset()
+    logits = model(prompt, cache=cache, last_only=True)  # (1, 1, V)
+    out = [prompt]
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(new_tokens):
+        nxt = logits[:, -1:].argmax(-1)  # (1, 1)
+        out.append(nxt)
+        logits = step(nxt, cache=cache, last_only=True)  # (1, 1, V)
+    sync(device)
+    return torch.cat(out, dim=1), time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------- memory
+
+def resident(device):
+    """Bytes the device holds now: CUDA allocation, or on CPU the process's resident set."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak_memory(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif Path("/proc/self/clear_refs").exists():
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: peak RSS (VmHWM) restarts from the current RSS
+
+
+def peak_memory(device):
+    """(bytes, what was measured): CUDA peak allocation, or on CPU the process's peak resident set."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated"
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024, "process peak RSS"
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS since start"
+
+
+def model_bytes(model):
+    """Bytes of every distinct parameter and buffer storage (a tied head counted once)."""
+    seen = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+# ---------------------------------------------------------------- the roofline
+
+def weight_bytes_per_token(model):
+    """Bytes one batch-1 decode step reads: every weight of the Blocks, the final norm and the head, and one
+    embedding row (the whole matrix when it is also the head). A module with `bytes_read()` (a quantized
+    Linear) reports what its own forward reads. The KV cache is not counted (about 2% at 256 positions here)."""
+    quant = [m for m in model.modules() if hasattr(m, "bytes_read")]
+    skip = {t.data_ptr() for m in quant for t in list(m.parameters()) + list(m.buffers())}
+    skip.add(model.inv_freq.data_ptr())
+    emb = model.embed_tokens.weight
+    total = sum(m.bytes_read() for m in quant)
+    if model.lm_head.weight is not emb:
+        skip.add(emb.data_ptr())
+        total += emb.shape[1] * emb.element_size()
+    seen = set()
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in skip and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+class MatvecProbe:
+    """y = W x with W an fp32 (n, n) matrix of about `mbytes` MiB: the rate at which this machine streams weights."""
+
+    def __init__(self, mbytes=256, device="cpu"):
+        n = max(32, int((mbytes * 2**20 / 4) ** 0.5))
+        self.W = torch.full((n, n), 0.5, device=device)
+        self.x = torch.full((1, n), 0.25, device=device)
+        self.device = device
+        self.bytes = self.W.numel() * 4
+
+    @torch.no_grad()
+    def seconds(self):
+        sync(self.device)
+        t0 = time.perf_counter()
+        F.linear(self.x, self.W)
+        sync(self.device)
+        return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------- interleaved rounds
+
+def spread(xs):
+    """Median, min, max and quartiles of a list of timings, with the runs themselves."""
+    q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else (xs[0],) * 3
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "q1": q1, "q3": q3, "n": len(xs),
+            "runs": list(xs)}
+
+
+def memory_pass(model, x, prompt, new_tokens, device, cache):
+    """Peak memory of one prefill and one decode of `model`: its own weights + what the runs add on top.
+    The process (or device) also holds the other models; only this model's part is reported."""
+    before = resident(device)
+    reset_peak_memory(device)
+    prefill_seconds(model, x, device)
+    greedy_decode(model, prompt, new_tokens, device, cache=cache)
+    peak, kind = peak_memory(device)
+    return model_bytes(model) + max(0, peak - before), f"weights + ({kind} during its runs - before them)"
+
+
+def interleaved_latency(models, seqlen, new_tokens=128, runs=5, warmup=1, device="cpu", seed=0, probe_mbytes=256,
+                        steps=None):
+    """Prefill and decode timings of several models {name: model}, round-robin, with the bandwidth probe.
+
+    Round 0 (untimed) measures each model's peak memory; then `warmup` untimed and `runs` timed rounds, each
+    timing every model's prefill of `seqlen` tokens, its decode of `new_tokens` after a 128-token prompt, and the
+    probe. `steps` {name: callable} replaces a model in its decode steps (torch.compile). Returns
+    ({name: latency dict}, bandwidth dict).
+    """
+    steps = steps or {}
+    g = torch.Generator().manual_seed(seed)
+    V = min(m.cfg.vocab_size for m in models.values())
+    x = torch.randint(V, (1, seqlen), generator=g).to(device)  # (1, T)
+    prompt = x[:, :min(DECODE_PROMPT, seqlen)]
+    caches = {k: m.make_cache(1, prompt.shape[1] + new_tokens) for k, m in models.items()}
+    probe = MatvecProbe(probe_mbytes, device)
+    mem = {k: memory_pass(m, x, prompt, new_tokens, device, caches[k]) for k, m in models.items()}
+    t = {k: {"prefill": [], "decode": []} for k in models}
+    bw = []
+    for r in range(warmup + runs):
+        for k, m in models.items():
+            tp = prefill_seconds(m, x, device)
+            td = greedy_decode(m, prompt, new_tokens, device, steps.get(k), caches[k])[1]
+            if r >= warmup:
+                t[k]["prefill"].append(tp)
+                t[k]["decode"].append(td)
+        tb = probe.seconds()
+        if r >= warmup:
+            bw.append(probe.bytes / tb)
+    bandwidth = dict(spread(bw), matrix_bytes=probe.bytes, what="fp32 matrix-vector product, bytes/s")
+    out = {}
+    for k, m in models.items():
+        pre, dec = spread(t[k]["prefill"]), spread(t[k]["decode"])
+        wb = weight_bytes_per_token(m)
+        roof = bandwidth["median"] / wb
+        out[k] = {"prefill_tok_s": seqlen / pre["median"], "decode_tok_s": new_tokens / dec["median"],
+                  "prefill_s": pre, "decode_s": dec, "seqlen": seqlen, "new_tokens": new_tokens,
+                  "peak_mem_bytes": mem[k][0], "peak_mem_kind": mem[k][1], "weight_bytes_per_token": wb,
+                  "roofline_tok_s": roof, "roofline_fraction": new_tokens / dec["median"] / roof,
+                  "runs": runs, "warmup": warmup, "interleaved_with": list(models), "compiled": k in steps,
+                  "threads": torch.get_num_threads()}
+    return out, bandwidth
+
+
+def speedups(ref, other):
+    """Prefill and decode speedup of `other` over `ref`: ratios of the interleaved median times."""
+    return {"prefill": ref["prefill_s"]["median"] / other["prefill_s"]["median"],
+            "decode": ref["decode_s"]["median"] / other["decode_s"]["median"]}
+
+
+def compiled_steps(models):
+    """torch.compile'd forwards for the decode steps (dynamic shapes: the cache grows by one position a step)."""
+    return {k: torch.compile(m, dynamic=True) for k, m in models.items()}
