@@ -106,9 +106,9 @@ def check_packable(name, in_features, out_features):
 # ---------------------------------------------------------------- the quantized Linear
 
 class QuantLinear(nn.Module):
-    """A Linear stored in the GPTQ layout; the weight is dequantized on the fly in each forward.
-
-    Buffers carry the format's own names, so a GPTQ state dict loads into it strictly.
+    """A Linear stored in the GPTQ layout. Buffers carry the format's own names, so a GPTQ state dict loads into
+    it strictly. prepare() converts them once into the form of a faster forward path (quant_paths.py); until
+    then, and on the `reference` path, the weight is dequantized on the fly in each forward.
     """
 
     def __init__(self, in_features, out_features, bits, group_size, bias=False, zero_offset=1):
@@ -116,6 +116,7 @@ class QuantLinear(nn.Module):
         if bits not in SUPPORTED_BITS:
             raise ValueError(f"bits = {bits} is not supported (supported: {SUPPORTED_BITS})")
         self.in_features, self.out_features, self.bits, self.zero_offset = in_features, out_features, bits, zero_offset
+        self.group_size, self.path, self.rt_meta, self.rt_forward = group_size, "reference", {}, None
         G = n_groups(in_features, group_size)
         self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32))
         self.register_buffer("qzeros", torch.zeros(G, out_features * bits // 32, dtype=torch.int32))
@@ -126,11 +127,34 @@ class QuantLinear(nn.Module):
     def weight_dequantized(self, dtype=torch.float32):
         return dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.zero_offset, dtype)
 
+    def prepare(self, path, dtype=torch.float32):
+        """Convert the format tensors once into the runtime form of `path` (non-persistent buffers rt_*)."""
+        import quant_paths
+
+        for name in [n for n, _ in self.named_buffers(recurse=False) if n.startswith("rt_")]:
+            delattr(self, name)
+        tensors, self.rt_meta = quant_paths.FORMS[path](self, dtype)
+        for name, t in tensors.items():
+            self.register_buffer(name, t, persistent=False)
+        self.path, self.rt_forward = path, quant_paths.FORWARDS[path]
+
     def forward(self, x):
-        return F.linear(x, self.weight_dequantized(x.dtype), self.bias)  # (..., I) -> (..., O)
+        if self.rt_forward is None:
+            y = F.linear(x, self.weight_dequantized(x.dtype))  # (..., I) -> (..., O)
+        else:
+            y = self.rt_forward(self, x)
+        return y if self.bias is None else y + self.bias
+
+    def bytes_read(self):
+        """Bytes of weights one forward reads from memory on its path (for the decode roofline)."""
+        rt = [t for n, t in self.named_buffers(recurse=False) if n.startswith("rt_") and n != "rt_perm"]
+        packed = [self.qweight, self.qzeros, self.scales, self.g_idx]
+        extra = [] if self.bias is None else [self.bias]
+        return sum(t.numel() * t.element_size() for t in (rt if self.path != "reference" else packed) + extra)
 
     def extra_repr(self):
-        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, groups={self.scales.shape[0]}"
+        return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, groups={self.scales.shape[0]}, "
+                f"path={self.path}")
 
 
 # ---------------------------------------------------------------- quantization_config
@@ -189,12 +213,15 @@ def swap_in_quant_linears(model, bits, group_size, zero_offset=1):
             setattr(layer.get_submodule(parent_name), attr, q)
 
 
-def load_quantized_model(path, raw, cfg, dtype=torch.float32, device="cpu"):
+def load_quantized_model(path, raw, cfg, dtype=torch.float32, device="cpu", quant_path="auto"):
     """A Transformer with QuantLinears from a GPTQ checkpoint directory, loaded strictly by name and shape.
 
     Called by load_weights.load when config.json has a quantization_config. Packed tensors keep their
-    format dtypes (int32, fp16 scales); everything else is cast to `dtype`.
+    format dtypes (int32, fp16 scales); everything else is cast to `dtype`. The Linears are then converted
+    once for `quant_path` (quant_paths.py; auto: the fastest path this device has), and the choice is printed.
     """
+    import quant_paths
+
     from load_weights import checked_tensors
     from model import Transformer
 
@@ -208,6 +235,9 @@ def load_quantized_model(path, raw, cfg, dtype=torch.float32, device="cpu"):
     check_g_idx(model)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
+    used = quant_paths.prepare(model, quant_path, dtype)
+    print(f"{path}: {bits}-bit GPTQ Linears run through " + ", ".join(f"{k} ({n})" for k, n in used.items())
+          + f" [--quant-path {quant_path}]")
     return model
 
 

@@ -159,31 +159,36 @@ def memory_pass(model, x, prompt, new_tokens, device, cache):
 
 
 def interleaved_latency(models, seqlen, new_tokens=128, runs=5, warmup=1, device="cpu", seed=0, probe_mbytes=256,
-                        steps=None):
+                        steps=None, more_prefill=()):
     """Prefill and decode timings of several models {name: model}, round-robin, with the bandwidth probe.
 
     Round 0 (untimed) measures each model's peak memory; then `warmup` untimed and `runs` timed rounds, each
     timing every model's prefill of `seqlen` tokens, its decode of `new_tokens` after a 128-token prompt, and the
-    probe. `steps` {name: callable} replaces a model in its decode steps (torch.compile). Returns
-    ({name: latency dict}, bandwidth dict).
+    probe. `steps` {name: callable} replaces a model in its decode steps (torch.compile); `more_prefill` lists
+    further prefill lengths timed in the same rounds ("prefill_more"). Returns ({name: latency dict}, bandwidth).
     """
     steps = steps or {}
     g = torch.Generator().manual_seed(seed)
     V = min(m.cfg.vocab_size for m in models.values())
-    x = torch.randint(V, (1, seqlen), generator=g).to(device)  # (1, T)
+    xl = torch.randint(V, (1, max([seqlen, *more_prefill])), generator=g).to(device)  # (1, longest T)
+    x = xl[:, :seqlen]  # (1, T)
     prompt = x[:, :min(DECODE_PROMPT, seqlen)]
     caches = {k: m.make_cache(1, prompt.shape[1] + new_tokens) for k, m in models.items()}
     probe = MatvecProbe(probe_mbytes, device)
-    mem = {k: memory_pass(m, x, prompt, new_tokens, device, caches[k]) for k, m in models.items()}
-    t = {k: {"prefill": [], "decode": []} for k in models}
+    # the longest prefill holds the largest logits: peak memory is measured with it
+    mem = {k: memory_pass(m, xl, prompt, new_tokens, device, caches[k]) for k, m in models.items()}
+    t = {k: {"prefill": [], "decode": [], **{n: [] for n in more_prefill}} for k in models}
     bw = []
     for r in range(warmup + runs):
         for k, m in models.items():
             tp = prefill_seconds(m, x, device)
             td = greedy_decode(m, prompt, new_tokens, device, steps.get(k), caches[k])[1]
+            more = {n: prefill_seconds(m, xl[:, :n], device) for n in more_prefill}
             if r >= warmup:
                 t[k]["prefill"].append(tp)
                 t[k]["decode"].append(td)
+                for n, v in more.items():
+                    t[k][n].append(v)
         tb = probe.seconds()
         if r >= warmup:
             bw.append(probe.bytes / tb)
@@ -198,8 +203,18 @@ def interleaved_latency(models, seqlen, new_tokens=128, runs=5, warmup=1, device
                   "peak_mem_bytes": mem[k][0], "peak_mem_kind": mem[k][1], "weight_bytes_per_token": wb,
                   "roofline_tok_s": roof, "roofline_fraction": new_tokens / dec["median"] / roof,
                   "runs": runs, "warmup": warmup, "interleaved_with": list(models), "compiled": k in steps,
-                  "threads": torch.get_num_threads()}
+                  "threads": torch.get_num_threads(), "quant_paths": quant_paths_used(m),
+                  "prefill_more": {n: spread(t[k][n]) for n in more_prefill}}
     return out, bandwidth
+
+
+def quant_paths_used(model):
+    """{path: number of Linears} of the quantized Linears (quant_paths.py); {} for a dense model."""
+    used = {}
+    for m in model.modules():
+        if hasattr(m, "bytes_read"):
+            used[m.path] = used.get(m.path, 0) + 1
+    return used
 
 
 def speedups(ref, other):

@@ -275,20 +275,23 @@ def load_state(model, path, dtype, device):
     """Fill a meta-device model from safetensors, strictly, one tensor at a time."""
     cfg = model.cfg
     for ours, t in checked_tensors(path, name_table(cfg), cfg.tie_word_embeddings):
-        set_tensor(model, ours, decode_layout(ours, t.to(device=device, dtype=dtype), cfg))
+        t = t.to(device=device, dtype=dtype)
+        # dtype None: the tensors stay as stored (memory-mapped) for placement.py; no copy into another layout
+        set_tensor(model, ours, t if dtype is None else decode_layout(ours, t, cfg))
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
 
 
-def load(ckpt=DEFAULT, dtype=torch.float32, device="cpu"):
-    """(model, tokenizer) for a checkpoint name or directory; tokenizer is None when the directory has none."""
+def load(ckpt=DEFAULT, dtype=torch.float32, device="cpu", quant_path="auto"):
+    """(model, tokenizer) for a checkpoint name or directory; tokenizer is None when the directory has none.
+    `quant_path` picks how a GPTQ checkpoint's Linears run (quant_paths.py)."""
     check_device(device)
     path = resolve(ckpt)
     raw = read_config_dict(path)
     cfg = config_from_dict(raw, str(path / "config.json"))
     if raw.get("quantization_config"):
         from gptq_format import load_quantized_model
-        model = load_quantized_model(path, raw, cfg, dtype=dtype, device=device)
+        model = load_quantized_model(path, raw, cfg, dtype=dtype, device=device, quant_path=quant_path)
     else:
         with torch.device("meta"):
             model = Transformer(cfg)

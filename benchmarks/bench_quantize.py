@@ -88,7 +88,7 @@ def quantized_row(src, out, method, bits, group_size, seed, a, ppl):
     act = method == "gptq-act"
     method = "gptq" if act else method
     rep = quantize_checkpoint(src, out, method=method, bits=bits, group_size=group_size, act_order=act,
-                              nsamples=a.nsamples if method == "gptq" else 0, seqlen=a.calib_seqlen, seed=seed,
+                              nsamples=a.nsamples if method == "gptq" else 0, seqlen=a.calib_seqlen, seed=seed or 0,
                               calib="wikitext2", data_dir=a.data_dir)
     row = measure(out, ppl)
     row.update(seconds=rep["quantize_seconds"], proxy=rep["proxy_error_total"], proxy_rtn=rep["proxy_error_total_rtn"],
@@ -154,6 +154,9 @@ def run(a):
             for seed in seeds_of(method, a):
                 key = f"{src}|{method}|{bits}|{gs}|{a.windows}|{a.seqlen}|{a.nsamples}|{a.calib_seqlen}"
                 key += "" if seed is None else f"|seed{seed}"
+                if key not in cache and a.cached_only:
+                    print(f"{label} {method} {bits} {gs} seed {seed}: not in the cache, left out (--cached-only)")
+                    continue
                 if key not in cache:
                     with heavy(a.lock):
                         t0 = time.perf_counter()
@@ -271,6 +274,7 @@ def main(argv=None):
     p.add_argument("--section", default="quantize", help="the BENCHMARKS.md section to rewrite")
     p.add_argument("--title", default="Quantization: GPTQ vs round-to-nearest (quantize.py)", help="heading of the section")
     p.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
+    p.add_argument("--cached-only", action="store_true", help="write the section from the finished runs in the cache only")
     a = p.parse_args(argv)
     if a.pruned and a.prune_layers != p.get_default("prune_layers"):
         p.error("give either --pruned or --prune-layers, not both")
