@@ -38,6 +38,7 @@ from data import eval_windows, find_data_dir, load_text
 from errors import cli
 from load_weights import write_json
 import latency as lat
+import quant_paths
 from latency import greedy_decode  # noqa: F401  (eval.greedy_decode, as before)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -361,6 +362,8 @@ def print_table(res, dense=None, cmp=None):
 
 def print_latency_note(la):
     bw = la["bandwidth"]
+    if la["quant_paths"]:
+        print("quantized Linears ran through " + ", ".join(f"{k} ({n})" for k, n in la["quant_paths"].items()))
     print(f"\nlatency: {la['runs']} timed rounds after {la['warmup']} warm-up, models interleaved "
           f"({', '.join(la['interleaved_with'])}), {la['threads']} thread(s){', decode compiled' if la['compiled'] else ''}; "
           f"bandwidth {bw['median'] / 1e9:,.2f} GB/s (median; {bw['min'] / 1e9:,.2f}-{bw['max'] / 1e9:,.2f}) "
@@ -377,11 +380,11 @@ def load_model(ckpt, place):
 
 
 def run(ckpt, compare=None, teacher=None, ppl=(), ppl_windows=None, tasks=(), limit=None, latency=False, seqlen=2048, batch_size=8,
-        kl_chunk=256, runs=5, warmup=1, new_tokens=128, compile=False, probe_mbytes=256, bos="auto", threads=None,
-        dtype=None, device=None, devices=None, offload=False, data_dir=None, json_out=None):
+        kl_chunk=256, runs=5, warmup=1, new_tokens=128, compile=False, probe_mbytes=256, quant_path="auto", bos="auto",
+        threads=None, dtype=None, device=None, devices=None, offload=False, data_dir=None, json_out=None):
     """Evaluate `ckpt` (and `compare` against it); print the table; write the JSON result. Returns the result."""
     t0 = time.perf_counter()
-    place = dict(device=device, dtype=dtype, devices=devices, offload=offload)
+    place = dict(device=device, dtype=dtype, devices=devices, offload=offload, quant_path=quant_path)
     model, tok, device, dtype = load_model(ckpt, place)
     opts = dict(tasks=tasks, limit=limit, seqlen=seqlen, new_tokens=new_tokens,
                 batch_size=batch_size, kl_chunk=kl_chunk, bos=bos, data_dir=data_dir, device=device)
@@ -438,6 +441,8 @@ def parse_args(argv=None):
     p.add_argument("--runs", type=int, default=5, help="timed latency rounds (each times every model once); medians reported")
     p.add_argument("--warmup", type=int, default=1, help="untimed latency rounds before the timed ones")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode steps of the latency runs")
+    p.add_argument("--quant-path", choices=quant_paths.PATHS, default="auto",
+                   help="how GPTQ checkpoints' Linears run (quant_paths.py); auto: a kernel where the device has one")
     p.add_argument("--probe-mbytes", type=int, default=256, help="MiB of the fp32 matrix whose matrix-vector product measures bandwidth")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated with the KV cache in the decode timing")
     p.add_argument("--bos", choices=["auto", "always", "never"], default="auto", help="prepend BOS; auto: when the family's tokenizer does")

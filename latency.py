@@ -43,7 +43,7 @@ def greedy_decode(model, prompt, new_tokens, device="cpu", step=None, cache=None
 
     `step` replaces the model in the timed steps (a torch.compile'd model); a given `cache` is reset and reused.
     """
-    step = step or model
+    step = model if step is None else step
     if cache is None:
         cache = model.make_cache(1, prompt.shape[1] + new_tokens)
     cache.reset()
@@ -147,13 +147,13 @@ def spread(xs):
             "runs": list(xs)}
 
 
-def memory_pass(model, x, prompt, new_tokens, device, cache):
+def memory_pass(model, x, prompt, new_tokens, device, cache, step=None):
     """Peak memory of one prefill and one decode of `model`: its own weights + what the runs add on top.
     The process (or device) also holds the other models; only this model's part is reported."""
     before = resident(device)
     reset_peak_memory(device)
     prefill_seconds(model, x, device)
-    greedy_decode(model, prompt, new_tokens, device, cache=cache)
+    greedy_decode(model, prompt, new_tokens, device, step, cache)  # a compiled step compiles here, untimed
     peak, kind = peak_memory(device)
     return model_bytes(model) + max(0, peak - before), f"weights + ({kind} during its runs - before them)"
 
@@ -176,7 +176,7 @@ def interleaved_latency(models, seqlen, new_tokens=128, runs=5, warmup=1, device
     caches = {k: m.make_cache(1, prompt.shape[1] + new_tokens) for k, m in models.items()}
     probe = MatvecProbe(probe_mbytes, device)
     # the longest prefill holds the largest logits: peak memory is measured with it
-    mem = {k: memory_pass(m, xl, prompt, new_tokens, device, caches[k]) for k, m in models.items()}
+    mem = {k: memory_pass(m, xl, prompt, new_tokens, device, caches[k], steps.get(k)) for k, m in models.items()}
     t = {k: {"prefill": [], "decode": [], **{n: [] for n in more_prefill}} for k in models}
     bw = []
     for r in range(warmup + runs):

@@ -208,8 +208,9 @@ def random_model(ckpt, devs, dtype, offload=False, seed=0):
 
 # ---------------------------------------------------------------- loading for the CLIs
 
-def load(ckpt, device=None, dtype=None, devices=None, offload=False, seed=0):
-    """(model, tokenizer, devices, dtype) for a checkpoint or random:NAME, placed as the flags say."""
+def load(ckpt, device=None, dtype=None, devices=None, offload=False, seed=0, quant_path="auto"):
+    """(model, tokenizer, devices, dtype) for a checkpoint or random:NAME, placed as the flags say; `quant_path`:
+    how a GPTQ checkpoint's Linears run (quant_paths.py), chosen for the devices they end up on."""
     devs, dt = resolve_flags(device, dtype, devices, offload)
     if is_random(ckpt):
         model, tok = random_model(ckpt, devs, dt, offload, seed)
@@ -222,7 +223,10 @@ def load(ckpt, device=None, dtype=None, devices=None, offload=False, seed=0):
         # several devices or streaming: the weights first stay as stored (memory-mapped, no copy)
         simple = len(devs) == 1 and not offload
         model, tok = load_weights.load(ckpt, dtype=dt if simple or quantized else None,
-                                       device=devs[0] if simple else "cpu")
+                                       device=devs[0] if simple else "cpu", quant_path=quant_path)
         place(model, devs, dt, offload)
+        if quantized and not simple:
+            import quant_paths
+            quant_paths.prepare(model, quant_path, dt)  # again, now that each Linear is on its device
     print(f"placement: {describe_split(model)}, {str(dt).removeprefix('torch.')}")
     return model, tok, devs, dt

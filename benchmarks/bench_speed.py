@@ -103,6 +103,8 @@ def build_models(ckpts, a):
     rows = []
     dense = load_weights.load(ckpts["dense"])[0]
     rows.append(("dense", "dense fp32", dense, ckpts["dense"]))
+    if a.compile:
+        rows.append(("compiled", "dense fp32, decode steps torch.compile'd", dense, ckpts["dense"]))
     if a.baseline_rev:
         rows.append(("before", f"dense fp32, decoder of {a.baseline_rev} (before)", baseline_model(a.baseline_rev, dense),
                      ckpts["dense"]))
@@ -125,8 +127,15 @@ def perplexities(rows, a):
     cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
     _, tok = load_weights.load(rows[0][3])
     (key, (windows, desc)), = text_windows(tok, ["wikitext2"], 2048, a.data_dir, False, a.windows).items()
-    out = {}
+    out, seen = {}, {}
     for name, label, m, d, _ in rows:
+        # rows with the same weights as an earlier row (another decode step or decoder, another quantized path:
+        # equal outputs, tests/test_quant_paths.py) share its perplexity
+        same = "dense" if name in ("before", "compiled") else seen.get(str(d)) if "gptq4" in name else None
+        seen.setdefault(str(d), name)
+        if same:
+            out[name] = out[same]
+            continue
         ck = f"{name}|{d}|{key}"
         if ck not in cache:
             print(f"perplexity of {label} on {desc}", flush=True)
@@ -170,7 +179,8 @@ def markdown(rows, res, bw, ppl, key, desc, a, loads, wall):
         lines.append(row_md(name, label, L, res[name], dense, ppl[name], dir_bytes(d), Ld))
     wb = {name: res[name]["weight_bytes_per_token"] for name, *_ in rows}
     lines += [
-        "", f"Perplexity: WikiText-2 raw test, {desc} (`{key}`), the same windows for every row.",
+        "", f"Perplexity: WikiText-2 raw test, {desc} (`{key}`), the same windows for every row; rows with the "
+        "weights of an earlier row (the old decoder, the compiled steps, the second quantized path) show its figure.",
         "Weight MB read per decode token (the roofline's numerator): "
         + ", ".join(f"{name} {v / 1e6:,.0f}" for name, v in wb.items()) + ".",
         "Quantized rows: the path each one ran is in its label (quant_paths.py); the checkpoint is the same. "
@@ -190,6 +200,7 @@ def main(argv=None):
     p.add_argument("--runs", type=int, default=3, help="timed interleaved rounds")
     p.add_argument("--windows", type=int, default=8, help="perplexity windows of 2048 tokens (the first ones)")
     p.add_argument("--quant-paths", default="unpacked,dequantized", help="comma-separated paths for the pruned 4-bit rows")
+    p.add_argument("--compile", action="store_true", help="add the dense model with torch.compile'd decode steps")
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="leave out the bf16 row")
     p.add_argument("--dense-4bit", type=Path, default=None,
                    help="an existing GPTQ 4-bit g128 checkpoint of the dense model made with the same settings")
@@ -205,7 +216,8 @@ def main(argv=None):
     rows = build_models(checkpoints(a), a)
     models = {name: m for name, _, m, _, _ in rows}
     print(f"timing {len(models)} models interleaved, {a.runs} rounds, {a.threads} thread(s)", flush=True)
-    res, bw = lat.interleaved_latency(models, 512, 128, runs=a.runs, warmup=0, more_prefill=(2048,))
+    steps = {"compiled": torch.compile(models["compiled"], dynamic=True)} if a.compile else None
+    res, bw = lat.interleaved_latency(models, 512, 128, runs=a.runs, warmup=0, more_prefill=(2048,), steps=steps)
     load1 = load_average()
     ppl, key, desc = perplexities(rows, a)
     md = markdown(rows, res, bw, ppl, key, desc, a, (load0, load1), time.perf_counter() - t0)
