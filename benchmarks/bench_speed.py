@@ -169,7 +169,8 @@ def markdown(rows, res, bw, ppl, key, desc, a, loads, wall):
         f"Machine shared with other jobs: 1-minute load average {loads[0]:.2f} at the start, {loads[1]:.2f} at the "
         f"end (2 cores); wall time {wall / 60:,.0f} min.", "",
         f"Bandwidth roofline: an fp32 matrix-vector product over a {bw['matrix_bytes'] / 2**20:,.0f} MiB matrix read "
-        f"{bw['median'] / 1e9:,.2f} GB/s (median; {bw['min'] / 1e9:,.2f}-{bw['max'] / 1e9:,.2f}) in the same rounds; "
+        f"{bw['median'] / 1e9:,.2f} GB/s (the fastest of 3 products in each round, median over rounds; "
+        f"{bw['min'] / 1e9:,.2f}-{bw['max'] / 1e9:,.2f}); "
         "*roofline* = decode tok/s / (bandwidth / weight bytes read per token).", "",
         "| model | layers | disk MB | prefill 512 tok/s | prefill 2048 tok/s | decode tok/s | decode / roofline | "
         "speedup vs dense (prefill 512 / 2048 / decode) | ideal L/(L-k) | peak MiB | ppl |",
