@@ -68,15 +68,18 @@ def test_int8_kernel_form_with_zero_point_correction_equals_the_dequantize_path(
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA here: the int4/int8 CUDA kernels are checked by "
                     "the GPU check script through quant_paths.check_cuda_kernels()")
 def test_cuda_kernels_equal_the_dequantize_path():
-    for path, bits, gs, err, ok in quant_paths.check_cuda_kernels():
-        assert ok, f"{path} {bits}-bit g{gs}: relative error {err:.3g}"
+    for path, bits, gs, err, ok, note in quant_paths.check_cuda_kernels():
+        assert ok, f"{path} {bits}-bit g{gs}: relative error {err}, {note}"
 
 
-def test_auto_picks_unpacked_on_cpu_and_refuses_impossible_kernels():
+def test_auto_picks_unpacked_on_cpu_and_refuses_impossible_kernels(monkeypatch):
+    monkeypatch.setattr(quant_paths, "kernel_runs", lambda path, device: True)  # as on a GPU with the kernels
     q = random_quant_linear(4, 32)
     assert quant_paths.choose("auto", q, "cpu") == "unpacked"
     assert quant_paths.choose("auto", q, "cuda") == "int4-kernel"
     assert quant_paths.choose("auto", random_quant_linear(3, 32), "cuda") == "unpacked"
+    assert quant_paths.choose("auto", random_quant_linear(8, 32), "cuda") == "unpacked"  # int8 op: per-channel only
+    assert quant_paths.choose("auto", random_quant_linear(8, -1), "cuda") == "int8-kernel"
     with pytest.raises(ValueError, match="int8-kernel needs 8 bits"):
         quant_paths.choose("int8-kernel", q, "cpu")
 
