@@ -230,7 +230,7 @@ def latency(model, seqlen, new_tokens=128, runs=5, device="cpu", seed=0, warmup=
     and fraction of the bandwidth roofline, batch 1 (latency.interleaved_latency with a single model)."""
     steps = lat.compiled_steps({"model": model}) if compile else None
     res, bw = lat.interleaved_latency({"model": model}, seqlen, new_tokens, runs, warmup, device, seed, probe_mbytes,
-                                      steps)
+                                      steps, verbose=True)
     return dict(res["model"], bandwidth=bw)
 
 
@@ -297,7 +297,8 @@ def compare_latency(dense, pruned, seqlen, new_tokens, runs, device, **latency_o
     compile = latency_opts.pop("compile", False)
     models = {"dense": dense, "pruned": pruned}
     steps = lat.compiled_steps(models) if compile else None
-    out, bw = lat.interleaved_latency(models, seqlen, new_tokens, runs, device=device, steps=steps, **latency_opts)
+    out, bw = lat.interleaved_latency(models, seqlen, new_tokens, runs, device=device, steps=steps, verbose=True,
+                                      **latency_opts)
     return dict(out["dense"], bandwidth=bw), dict(out["pruned"], bandwidth=bw)
 
 

@@ -163,7 +163,7 @@ def memory_pass(model, x, prompt, new_tokens, device, cache, step=None):
 
 
 def interleaved_latency(models, seqlen, new_tokens=128, runs=5, warmup=1, device="cpu", seed=0, probe_mbytes=256,
-                        steps=None, more_prefill=()):
+                        steps=None, more_prefill=(), verbose=False):
     """Prefill and decode timings of several models {name: model}, round-robin, with the bandwidth probe.
 
     Round 0 (untimed) measures each model's peak memory; then `warmup` untimed and `runs` timed rounds, each
@@ -193,6 +193,9 @@ def interleaved_latency(models, seqlen, new_tokens=128, runs=5, warmup=1, device
                 t[k]["decode"].append(td)
                 for n, v in more.items():
                     t[k][n].append(v)
+            if verbose:
+                print(f"  round {r + 1}/{warmup + runs}{' (warm-up)' if r < warmup else ''} {k}: prefill "
+                      f"{seqlen / tp:,.1f} tok/s, decode {new_tokens / td:,.2f} tok/s", flush=True)
         tb = probe.seconds()
         if r >= warmup:
             bw.append(probe.bytes / tb)

@@ -218,7 +218,8 @@ def main(argv=None):
     models = {name: m for name, _, m, _, _ in rows}
     print(f"timing {len(models)} models interleaved, {a.runs} rounds, {a.threads} thread(s)", flush=True)
     steps = {"compiled": torch.compile(models["compiled"], dynamic=True)} if a.compile else None
-    res, bw = lat.interleaved_latency(models, 512, 128, runs=a.runs, warmup=0, more_prefill=(2048,), steps=steps)
+    res, bw = lat.interleaved_latency(models, 512, 128, runs=a.runs, warmup=0, more_prefill=(2048,), steps=steps,
+                                      verbose=True)
     load1 = load_average()
     ppl, key, desc = perplexities(rows, a)
     md = markdown(rows, res, bw, ppl, key, desc, a, (load0, load1), time.perf_counter() - t0)
