@@ -78,7 +78,9 @@ class PPL:
 
 
 def measure(ckpt, ppl):
-    model, _ = load_weights.load(ckpt)
+    # the reference path holds the format tensors alone, so RAM counts what the format costs (quant_paths.py
+    # adds a runtime form on the faster paths); perplexity is the same on every path
+    model, _ = load_weights.load(ckpt, quant_path="reference")
     return {"ppl": ppl(model), "disk": dir_bytes(load_weights.resolve(ckpt)), "ram": ram_bytes(model),
             "linear_ram": linear_bytes(model)}
 
