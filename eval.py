@@ -32,16 +32,15 @@ import torch
 import torch.nn.functional as F
 
 import devices
+import latency as lat
 import plan
+import quant_paths
 import tasks as task_files
 from data import eval_windows, find_data_dir, load_text
 from errors import cli
-from load_weights import write_json
-import latency as lat
-import quant_paths
 from latency import greedy_decode  # noqa: F401  (eval.greedy_decode, as before)
+from load_weights import write_json
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class Progress:
