@@ -42,7 +42,6 @@ from latency import greedy_decode  # noqa: F401  (eval.greedy_decode, as before)
 from load_weights import write_json
 
 
-
 class Progress:
     """Prints `label: done/total unit, rate, time left` at most every `every` seconds, and once at the end."""
 
