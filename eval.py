@@ -38,7 +38,7 @@ import quant_paths
 import tasks as task_files
 from data import eval_windows, find_data_dir, load_text
 from errors import cli
-from latency import greedy_decode  # noqa: F401  (eval.greedy_decode, as before)
+from latency import greedy_decode, one_model as latency  # noqa: F401  (eval.latency, eval.greedy_decode)
 from load_weights import write_json
 
 
@@ -221,17 +221,6 @@ def run_task(model, tok, name, data_dir, limit=None, bos=False, batch_size=8, de
     return task_metrics(items, choice_loglikelihoods(model, reqs, batch_size, device, name))
 
 
-# ---------------------------------------------------------------- latency
-
-def latency(model, seqlen, new_tokens=128, runs=5, device="cpu", seed=0, warmup=1, probe_mbytes=256, compile=False):
-    """One model's prefill and decode tokens/s (medians over `runs` rounds after `warmup`), spread, peak memory
-    and fraction of the bandwidth roofline, batch 1 (latency.interleaved_latency with a single model)."""
-    steps = lat.compiled_steps({"model": model}) if compile else None
-    res, bw = lat.interleaved_latency({"model": model}, seqlen, new_tokens, runs, warmup, device, seed, probe_mbytes,
-                                      steps, verbose=True)
-    return dict(res["model"], bandwidth=bw)
-
-
 # ---------------------------------------------------------------- one model, two models
 
 def ppl_key(source, desc):
@@ -285,19 +274,6 @@ def evaluate(model, tok, ckpt, *, ppl=(), ppl_windows=None, teacher=None, tasks=
         print(f"{ckpt}: latency, prefill {seqlen:,} tokens, decode {new_tokens} tokens, median of {latency_runs} runs")
         res["latency"] = latency(model, seqlen, new_tokens, latency_runs, device, **latency_opts)
     return res
-
-
-def compare_latency(dense, pruned, seqlen, new_tokens, runs, device, **latency_opts):
-    """Both models timed in the same interleaved rounds: (dense latency, pruned latency)."""
-    seqlen = min(seqlen, dense.cfg.max_position_embeddings, pruned.cfg.max_position_embeddings)
-    print(f"latency: prefill {seqlen:,} tokens, decode {new_tokens} tokens, dense and pruned interleaved, "
-          f"{runs} timed rounds")
-    compile = latency_opts.pop("compile", False)
-    models = {"dense": dense, "pruned": pruned}
-    steps = lat.compiled_steps(models) if compile else None
-    out, bw = lat.interleaved_latency(models, seqlen, new_tokens, runs, device=device, steps=steps, verbose=True,
-                                      **latency_opts)
-    return dict(out["dense"], bandwidth=bw), dict(out["pruned"], bandwidth=bw)
 
 
 def ratio(a, b):
@@ -359,16 +335,6 @@ def print_table(res, dense=None, cmp=None):
     print(f"{'decode speedup (ratio of medians)':50}{fmt(cmp['decode_speedup'], '.3f'):>16}  {ideal}")
 
 
-def print_latency_note(la):
-    bw = la["bandwidth"]
-    if la["quant_paths"]:
-        print("quantized Linears ran through " + ", ".join(f"{k} ({n})" for k, n in la["quant_paths"].items()))
-    print(f"\nlatency: {la['runs']} timed rounds after {la['warmup']} warm-up, models interleaved "
-          f"({', '.join(la['interleaved_with'])}), {la['threads']} thread(s){', decode compiled' if la['compiled'] else ''}; "
-          f"bandwidth {bw['median'] / 1e9:,.2f} GB/s (median; {bw['min'] / 1e9:,.2f}-{bw['max'] / 1e9:,.2f}) "
-          f"from a {bw['matrix_bytes'] / 2**20:,.0f} MiB {bw['what'].split(',')[0]}")
-
-
 def load_model(ckpt, place):
     import placement  # imported here so that tests of the measuring code need no checkpoint
     print(f"loading {ckpt}")
@@ -402,11 +368,11 @@ def run(ckpt, compare=None, teacher=None, ppl=(), ppl_windows=None, tasks=(), li
             dense["ppl"][key] = m.pop("teacher_ppl")
             dense["settings"]["data"][key] = dict(m)
         if latency:
-            dense["latency"], res["latency"] = compare_latency(model, pruned, seqlen, new_tokens, runs, device, **lat_opts)
+            dense["latency"], res["latency"] = lat.two_models(model, pruned, seqlen, new_tokens, runs, device, **lat_opts)
         res.update(reference=dense, compare=compare_block(dense, res))
         print_table(res, dense, res["compare"])
     if res["latency"]:
-        print_latency_note(res["latency"])
+        lat.print_note(res["latency"])
     res["settings"].update(
         command="python " + " ".join(sys.argv), teacher=str(ckpt) if compare else teacher, limit=limit,
         batch_size=batch_size, kl_chunk=kl_chunk, runs=runs, warmup=warmup, compile=compile,

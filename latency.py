@@ -233,3 +233,38 @@ def speedups(ref, other):
 def compiled_steps(models):
     """torch.compile'd forwards for the decode steps (dynamic shapes: the cache grows by one position a step)."""
     return {k: torch.compile(m, dynamic=True) for k, m in models.items()}
+
+
+# ---------------------------------------------------------------- entry points of eval.py
+
+def one_model(model, seqlen, new_tokens=128, runs=5, device="cpu", seed=0, warmup=1, probe_mbytes=256, compile=False):
+    """One model's prefill and decode tokens/s (medians over `runs` rounds after `warmup`), spread, peak memory
+    and fraction of the bandwidth roofline, batch 1 (interleaved_latency with a single model)."""
+    steps = compiled_steps({"model": model}) if compile else None
+    res, bw = interleaved_latency({"model": model}, seqlen, new_tokens, runs, warmup, device, seed, probe_mbytes,
+                                  steps, verbose=True)
+    return dict(res["model"], bandwidth=bw)
+
+
+def two_models(dense, pruned, seqlen, new_tokens, runs, device, **latency_opts):
+    """Both models timed in the same interleaved rounds: (dense latency, pruned latency)."""
+    seqlen = min(seqlen, dense.cfg.max_position_embeddings, pruned.cfg.max_position_embeddings)
+    print(f"latency: prefill {seqlen:,} tokens, decode {new_tokens} tokens, dense and pruned interleaved, "
+          f"{runs} timed rounds")
+    compile = latency_opts.pop("compile", False)
+    models = {"dense": dense, "pruned": pruned}
+    steps = compiled_steps(models) if compile else None
+    out, bw = interleaved_latency(models, seqlen, new_tokens, runs, device=device, steps=steps, verbose=True,
+                                  **latency_opts)
+    return dict(out["dense"], bandwidth=bw), dict(out["pruned"], bandwidth=bw)
+
+
+def print_note(la):
+    """The lines under a latency table: quantized paths, rounds, threads, bandwidth."""
+    bw = la["bandwidth"]
+    if la["quant_paths"]:
+        print("quantized Linears ran through " + ", ".join(f"{k} ({n})" for k, n in la["quant_paths"].items()))
+    print(f"\nlatency: {la['runs']} timed rounds after {la['warmup']} warm-up, models interleaved "
+          f"({', '.join(la['interleaved_with'])}), {la['threads']} thread(s){', decode compiled' if la['compiled'] else ''}; "
+          f"bandwidth {bw['median'] / 1e9:,.2f} GB/s (median; {bw['min'] / 1e9:,.2f}-{bw['max'] / 1e9:,.2f}) "
+          f"from a {bw['matrix_bytes'] / 2**20:,.0f} MiB {bw['what'].split(',')[0]}")
