@@ -304,11 +304,11 @@ def table_rows(res):
         rows += [(f"{t} acc (n={m['n']:,})", fmt(m["acc"])), (f"{t} acc_norm", fmt(m["acc_norm"]))]
     if res["latency"]:
         la = res["latency"]
-        rng = lambda d, n: f"{n / d['max']:,.1f}-{n / d['min']:,.1f}"  # noqa: E731  (tok/s range over the runs)
+        rng = lambda d, n, f: f"{n / d['max']:{f}}-{n / d['min']:{f}}"  # noqa: E731  (tok/s range over the runs)
         rows += [("prefill tok/s (median)", fmt(la["prefill_tok_s"], ",.1f")),
-                 ("  min-max over runs", rng(la["prefill_s"], la["seqlen"])),
+                 ("  prefill min-max over runs", rng(la["prefill_s"], la["seqlen"], ",.0f")),
                  ("decode tok/s (median)", fmt(la["decode_tok_s"], ",.2f")),
-                 ("  min-max over runs", rng(la["decode_s"], la["new_tokens"])),
+                 ("  decode min-max over runs", rng(la["decode_s"], la["new_tokens"], ",.1f")),
                  ("decode / bandwidth roofline", fmt(la["roofline_fraction"], ".1%")),
                  ("weight MB read per token", fmt(la["weight_bytes_per_token"] / 1e6, ",.1f")),
                  ("peak memory MiB", fmt(la["peak_mem_bytes"] / 2**20, ",.0f"))]
