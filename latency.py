@@ -3,7 +3,8 @@ measured against the machine's memory-bandwidth roofline.
 
 Interleaved: on a shared machine the load drifts. Timing one model and then the other puts the drift on
 one side (a 30 -> 24 layer decode was once measured 1.61x faster, above its ideal 1.25x). Here every
-round times each model once, in a fixed order, after warm-up rounds; a figure is the median over rounds,
+round times each model once, each round starting one model later than the last, after warm-up rounds;
+a figure is the median over rounds,
 reported with its min, max and interquartile range, and a speedup is a ratio of those medians.
 
 Roofline: a batch-1 decode step reads every weight once and does about 2 flops per weight read, so its
@@ -183,8 +184,12 @@ def interleaved_latency(models, seqlen, new_tokens=128, runs=5, warmup=1, device
     mem = {k: memory_pass(m, xl, prompt, new_tokens, device, caches[k], steps.get(k)) for k, m in models.items()}
     t = {k: {"prefill": [], "decode": [], **{n: [] for n in more_prefill}} for k in models}
     bw = []
+    names = list(models)
     for r in range(warmup + runs):
-        for k, m in models.items():
+        # each round starts one model later (dense, pruned / pruned, dense / ...): a drift of the machine's
+        # load within a round does not always land on the same model
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            m = models[k]
             tp = prefill_seconds(m, x, device)
             td = greedy_decode(m, prompt, new_tokens, device, steps.get(k), caches[k])[1]
             more = {n: prefill_seconds(m, xl[:, :n], device) for n in more_prefill}

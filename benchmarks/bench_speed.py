@@ -163,7 +163,8 @@ def markdown(rows, res, bw, ppl, key, desc, a, loads, wall):
         "## Speed: dense, pruned, quantized side by side (one interleaved run)", "",
         f"Command: `{command()}`", "",
         f"One process, every model loaded at once; {a.runs} timed rounds after one untimed round (warm-up and peak "
-        f"memory); each round times every model in table order (prefill of 512 and of 2048 tokens, decode of 128 "
+        f"memory); each round times every model, starting one model later than the round before (prefill of 512 and "
+        f"of 2048 tokens, decode of 128 "
         f"tokens after a 128-token prompt, greedy, static KV cache) and the bandwidth probe. Figures: median "
         f"(min-max) over the rounds; speedups are ratios of medians. **Threads: {torch.get_num_threads()}**. "
         f"Machine shared with other jobs: 1-minute load average {loads[0]:.2f} at the start, {loads[1]:.2f} at the "
@@ -181,7 +182,8 @@ def markdown(rows, res, bw, ppl, key, desc, a, loads, wall):
     wb = {name: res[name]["weight_bytes_per_token"] for name, *_ in rows}
     lines += [
         "", f"Perplexity: WikiText-2 raw test, {desc} (`{key}`), the same windows for every row; rows with the "
-        "weights of an earlier row (the old decoder, the compiled steps, the second quantized path) show its figure.",
+        "weights of an earlier row (the old decoder, the compiled steps, the second quantized path) show its figure; "
+        f"figures are cached in `{a.work}/ppl.json` per row, checkpoint and subset, and not recomputed.",
         "Weight MB read per decode token (the roofline's numerator): "
         + ", ".join(f"{name} {v / 1e6:,.0f}" for name, v in wb.items()) + ".",
         "Quantized rows: the path each one ran is in its label (quant_paths.py); the checkpoint is the same. "

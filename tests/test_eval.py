@@ -305,7 +305,8 @@ def test_interleaved_rounds_alternate_models_and_speedup_uses_medians(monkeypatc
     monkeypatch.setattr(latency, "greedy_decode", fake_decode)
     res, bw = latency.interleaved_latency(models, seqlen=16, new_tokens=4, runs=5, warmup=1, probe_mbytes=1)
     rounds = [k for _, k in order[4:]]  # after the memory pass (2 models x prefill + decode)
-    assert rounds == ["dense", "dense", "pruned", "pruned"] * 6
+    # prefill and decode of one model, then the other; each round starts one model later (ABBA...)
+    assert rounds == ["dense", "dense", "pruned", "pruned", "pruned", "pruned", "dense", "dense"] * 3
     assert res["dense"]["prefill_s"]["runs"] == script["dense"] and res["pruned"]["prefill_s"]["median"] == 2.0
     sp = latency.speedups(res["dense"], res["pruned"])
     # medians 4.0 and 2.0 (means would give 23.6 / 11.4, the last runs 100 / 2)
