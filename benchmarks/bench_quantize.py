@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import command, update_section  # noqa: E402
 
 import load_weights  # noqa: E402
+from data import find_data_dir  # noqa: E402
 from eval import text_metrics, text_windows  # noqa: E402
 from gptq_format import LINEARS  # noqa: E402
 from load_weights import write_json  # noqa: E402
@@ -70,6 +71,7 @@ class PPL:
 
     def __init__(self, tok, windows, seqlen, data_dir):
         (self.key, (w, self.desc)), = text_windows(tok, ["wikitext2"], seqlen, data_dir, bos=False).items()
+        self.desc = self.desc.replace(str(find_data_dir(data_dir)), "$CLP_DATA")  # no path of this machine
         self.total = w.shape[0]
         self.windows = w[:windows]
 

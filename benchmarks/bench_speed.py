@@ -26,6 +26,7 @@ from common import ROOT, command, update_section  # noqa: E402
 
 import load_weights  # noqa: E402
 import latency as lat  # noqa: E402
+from data import find_data_dir  # noqa: E402
 from eval import text_metrics, text_windows  # noqa: E402
 from load_weights import write_json  # noqa: E402
 from quantize import dir_bytes  # noqa: E402
@@ -127,6 +128,7 @@ def perplexities(rows, a):
     cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
     _, tok = load_weights.load(rows[0][3])
     (key, (windows, desc)), = text_windows(tok, ["wikitext2"], 2048, a.data_dir, False, a.windows).items()
+    desc = desc.replace(str(find_data_dir(a.data_dir)), "$CLP_DATA")  # no path of this machine in BENCHMARKS.md
     out, seen = {}, {}
     for name, label, m, d, _ in rows:
         # rows with the same weights as an earlier row (another decode step or decoder, another quantized path:
