@@ -335,10 +335,13 @@ def print_table(res, dense=None, cmp=None):
     print(f"{'decode speedup (ratio of medians)':50}{fmt(cmp['decode_speedup'], '.3f'):>16}  {ideal}")
 
 
-def load_model(ckpt, place):
-    import placement  # imported here so that tests of the measuring code need no checkpoint
+def load_model(ckpt, place, decode=False):
+    import load_weights  # imported here so that tests of the measuring code need no checkpoint
+    import placement
     print(f"loading {ckpt}")
     model, tok, devs, dt = placement.load(ckpt, **place)
+    if decode and not place["offload"]:
+        load_weights.decode_layout(model)  # latency runs decode: the faster CPU layout (docs/speed.md)
     return model, tok, str(devs[0]), str(dt).removeprefix("torch.")
 
 
@@ -350,7 +353,7 @@ def run(ckpt, compare=None, teacher=None, ppl=(), ppl_windows=None, tasks=(), li
     """Evaluate `ckpt` (and `compare` against it); print the table; write the JSON result. Returns the result."""
     t0 = time.perf_counter()
     place = dict(device=device, dtype=dtype, devices=devices, offload=offload, quant_path=quant_path)
-    model, tok, device, dtype = load_model(ckpt, place)
+    model, tok, device, dtype = load_model(ckpt, place, decode=latency)
     opts = dict(tasks=tasks, limit=limit, seqlen=seqlen, new_tokens=new_tokens,
                 batch_size=batch_size, kl_chunk=kl_chunk, bos=bos, data_dir=data_dir, device=device)
     lat_opts = dict(warmup=warmup, probe_mbytes=probe_mbytes, compile=compile)
@@ -360,7 +363,7 @@ def run(ckpt, compare=None, teacher=None, ppl=(), ppl_windows=None, tasks=(), li
                        latency_runs=runs if latency else 0, **opts, **lat_opts)
         print_table(res)
     else:
-        pruned, ptok = load_model(compare, place)[:2]
+        pruned, ptok = load_model(compare, place, decode=latency)[:2]
         # the dense model is the KL teacher; its perplexity comes out of the same forward passes
         res = evaluate(pruned, ptok, compare, ppl=ppl, ppl_windows=ppl_windows, teacher=model, **opts)
         dense = evaluate(model, tok, ckpt, **opts)

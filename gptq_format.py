@@ -231,7 +231,7 @@ def load_quantized_model(path, raw, cfg, dtype=torch.float32, device="cpu", quan
         swap_in_quant_linears(model, bits, group_size, zero_offset)
     table = quantized_name_table(cfg, bits, group_size)
     for ours, t in checked_tensors(path, table, cfg.tie_word_embeddings):
-        set_loaded(model, ours, t, dtype, device, cfg)
+        set_loaded(model, ours, t, dtype, device)
     check_g_idx(model)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
@@ -241,18 +241,15 @@ def load_quantized_model(path, raw, cfg, dtype=torch.float32, device="cpu", quan
     return model
 
 
-def set_loaded(model, name, t, dtype, device, cfg):
+def set_loaded(model, name, t, dtype, device):
     """Put a loaded tensor in place: format tensors as buffers in their own dtype, the rest as Parameters."""
-    from load_weights import decode_layout
-
     mod_name, _, attr = name.rpartition(".")
     mod = model.get_submodule(mod_name)
     if isinstance(mod, QuantLinear):
         keep = attr in ("qweight", "qzeros", "g_idx", "scales")
         setattr(mod, attr, t.to(device) if keep else t.to(device=device, dtype=dtype))
     else:
-        t = decode_layout(name, t.to(device=device, dtype=dtype), cfg)
-        setattr(mod, attr, nn.Parameter(t, requires_grad=False))
+        setattr(mod, attr, nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False))
 
 
 def check_g_idx(model):

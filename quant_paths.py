@@ -163,10 +163,10 @@ def unpacked_form(q, dtype):
 
 
 def dequantized_form(q, dtype):
-    from load_weights import decode_layout
+    from load_weights import column_major
 
     W = dequantize(q.qweight, q.qzeros, q.scales, q.g_idx, q.bits, q.zero_offset, dtype)  # (O, I)
-    return {"rt_w": decode_layout("weight", W, None)}, {}
+    return {"rt_w": column_major(W)}, {}  # the decode layout (load_weights.decode_layout)
 
 
 FORMS = {"int4-kernel": int4_form, "int8-kernel": int8_form, "unpacked": unpacked_form,

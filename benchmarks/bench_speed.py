@@ -119,6 +119,9 @@ def build_models(ckpts, a):
                      load_weights.load(ckpts["pruned30-gptq4"], quant_path=path)[0], ckpts["pruned30-gptq4"]))
     rows.append((f"dense-gptq4-{a.quant_paths[0]}", f"dense + GPTQ 4-bit g128 ({a.quant_paths[0]})",
                  load_weights.load(ckpts["dense-gptq4"], quant_path=a.quant_paths[0])[0], ckpts["dense-gptq4"]))
+    for n, _, m, _ in rows:
+        if n != "before":
+            load_weights.decode_layout(m)  # models that decode: the faster CPU layout (docs/speed.md)
     return [(n, label, m, d, L(m)) for n, label, m, d in rows]
 
 

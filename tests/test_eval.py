@@ -345,7 +345,7 @@ def test_compare_mode_reports_pruned_dense_kl_and_retention(tmp_path, monkeypatc
     dense, pruned = small_transformer(seed=9), small_transformer(seed=9)
     pruned.layers = pruned.layers[:1]  # the same model with its second layer cut out
     pruned.cfg = dataclasses.replace(dense.cfg, num_layers=1)
-    monkeypatch.setattr(ev, "load_model", lambda ckpt, place: ({"D": dense, "P": pruned}[ckpt], CharTok(), "cpu", "float32"))
+    monkeypatch.setattr(ev, "load_model", lambda ckpt, place, decode=False: ({"D": dense, "P": pruned}[ckpt], CharTok(), "cpu", "float32"))
     text = write(tmp_path / "t.txt", "a quick brown fox jumps over the lazy dog. " * 4)
     write(tmp_path / "d/piqa/valid.jsonl", "\n".join(json.dumps({"goal": f"g{i}", "sol1": "ab", "sol2": "b"})
                                                      for i in range(4)) + "\n")
