@@ -223,6 +223,10 @@ def markdown(rows, ppl, a):
         "",
         f"Command: `{command()}`",
         "",
+        *(["Written with --cached-only: every figure below comes from a run of this script with the same settings "
+           "cached in WORK/results.json (the commands of the quantized rows are listed at the end); runs not "
+           "finished there are left out, so a row's *seeds* column says how many calibration draws it holds.", ""]
+          if a.cached_only else []),
         f"Perplexity: WikiText-2 raw test ({ppl.desc}), **first {ppl.windows.shape[0]} of {ppl.total} windows of "
         f"{a.seqlen} tokens** (a subset, the same for every row; eval.py's protocol otherwise). "
         f"GPTQ calibration: {a.nsamples} random windows of {a.calib_seqlen} tokens "
