@@ -4,7 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # WikiText-2 and the task files: $CLP_DATA, else ../shared/data when it exists
-export CLP_DATA ?= $(abspath $(wildcard ../shared/data))
+SHARED_DATA := $(abspath $(wildcard ../shared/data))
+ifneq ($(SHARED_DATA),)
+export CLP_DATA ?= $(SHARED_DATA)
+endif
 
 .PHONY: demo test clean
 

@@ -10,7 +10,10 @@ sys.path.insert(0, str(ROOT))
 
 SHARED = Path(os.environ.get("CLP_SHARED", ROOT.parent / "shared"))
 FIXTURES = SHARED / "fixtures"
-DATA = Path(os.environ.get("CLP_DATA", SHARED / "data"))
+# an empty CLP_DATA counts as unset
+DATA = Path(os.environ.get("CLP_DATA") or SHARED / "data")
+# the code under test finds the data the way a user's run would: through $CLP_DATA
+os.environ["CLP_DATA"] = str(DATA)
 TINY = ["tiny-llama2", "tiny-llama3", "tiny-qwen2", "tiny-qwen3"]
 # the suite never downloads: a missing data directory means the fallback text, as on an offline machine
 os.environ.setdefault("CLP_OFFLINE", "1")
