@@ -146,20 +146,21 @@ def save(plt, fig, path):
 
 def make_plots(out, report=None, exhaustive=None, tuning=()):
     """Write every picture the given JSON files allow into `out`; returns their paths ([] without matplotlib)."""
+    # the inputs are read first, so a bad file is an error with or without matplotlib
+    rep = read_json(report, "report") if report else None
+    exh = read_json(exhaustive, "exhaustive report") if exhaustive else None
+    runs = [(str(p), read_json(Path(p) / "tuning.json" if Path(p).is_dir() else p, "tuning file")) for p in tuning]
     plt = pyplot()
     if plt is None:
         print(HOW)
         return []
-    rep = read_json(report, "report") if report else None
-    exh = read_json(exhaustive, "exhaustive report") if exhaustive else None
     written = []
     if rep is not None and rep.get("trajectory"):
         written.append(plot_gate(plt, rep, Path(out) / "gate.png"))
     if rep is not None or exh is not None:
         main_rep = rep if rep is not None else exh
         written.append(plot_landscape(plt, main_rep, Path(out) / "landscape.png", exh if rep is not None else None))
-    if tuning:
-        runs = [(str(p), read_json(Path(p) / "tuning.json" if Path(p).is_dir() else p, "tuning file")) for p in tuning]
+    if runs:
         written.append(plot_tuning(plt, runs, Path(out) / "tuning.png"))
     return written
 
