@@ -19,7 +19,7 @@ two high bits of value 21 and values 22-31 -- the layout of AutoGPTQ's 3-bit `pa
 So I and O must be multiples of 32.
 
 Zero points: checkpoint_format "gptq" (AutoGPTQ v1, what we write) stores zero - 1 and readers add 1
-back; a zero point of 0 cannot be stored, so our asymmetric grid keeps zero >= 1 (quantize.grid).
+back; a zero point of 0 cannot be stored, so our asymmetric grid keeps zero >= 1 (gptq.grid).
 "gptq_v2" (GPTQModel) stores the zero itself; we read both.
 """
 import math

@@ -1,18 +1,18 @@
-"""quantize.gptq against a direct transcription of Algorithm 1 of Frantar et al. (2022), weight for weight.
+"""gptq.gptq against a direct transcription of Algorithm 1 of Frantar et al. (2022), weight for weight.
 
 The transcription below follows the paper's pseudo-code line by line (blocks of B columns, the error
 E_{:,j-i} = (W_{:,j} - Q_{:,j}) / [H^-1]_jj, the in-block update and the lazy update of the later columns),
-with the grid quantize.py documents (per output row: min-max over the group with 0 included, scale rounded
+with the grid gptq.py documents (per output row: min-max over the group with 0 included, scale rounded
 to fp16 *before* use, zero = round(-min / scale) kept in [1, 2^b - 1]), found when a group's first column is
 reached (from the original W for per-channel and act-order's static groups). It runs in float64, as does
-quantize.gptq here, so that both produce the same codes, scales and zero points exactly.
+gptq.gptq here, so that both produce the same codes, scales and zero points exactly.
 """
 import math
 
 import pytest
 import torch
 
-import quantize
+import gptq
 
 
 def minmax_grid(cols, bits):
@@ -64,7 +64,7 @@ def test_gptq_equals_algorithm1_weight_for_weight(bits, group_size, act_order):
     H = 2 * X @ X.t() / n
     B = I if group_size == -1 else group_size
     want_codes, want_scales, want_zeros = algorithm1(W, H, bits, group_size, B, act_order)
-    got = quantize.gptq(W, H, bits, group_size, act_order=act_order, blocksize=128)
+    got = gptq.gptq(W, H, bits, group_size, act_order=act_order, blocksize=128)
     assert torch.equal(got.codes, want_codes)
     assert torch.equal(got.scales, want_scales) and torch.equal(got.zeros.double(), want_zeros)
     assert torch.equal(got.scales.half().double(), got.scales)  # stored scales are exactly fp16 values

@@ -11,8 +11,8 @@ from conftest import FIXTURES, need
 from gptq_format import (SUPPORTED_BITS, check_quantization_config, dequantize, pack, pack_rows,
                          quantization_config, unpack_rows)
 from model import Transformer
-from quantize import (check_settings, gptq, grid, input_hessian, packed_tensors, proxy_error, quantize_model,
-                      ram_bytes, rtn)
+from gptq import gptq, grid, proxy_error, rtn
+from quantize import check_settings, input_hessian, packed_tensors, quantize_model, ram_bytes
 
 # a small Qwen2-style config whose Linear dims are multiples of 32: q/k/v biases and a tied head are covered
 RAW = {"model_type": "qwen2", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
