@@ -27,6 +27,7 @@ from data import shown
 from devices import peak_memory
 from errors import check_finite, cli
 from gptq import Quantized, gptq, proxy_error, rtn
+from latency import model_bytes
 import plan
 import resume
 from load_weights import write_json
@@ -218,14 +219,6 @@ def dir_bytes(path):
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
 
-def ram_bytes(model):
-    """Bytes of every distinct parameter and buffer storage (a tied head counted once)."""
-    seen = {}
-    for t in list(model.parameters()) + list(model.buffers()):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(seen.values())
-
-
 def verify_reload(out, results):
     """Reload the written checkpoint with our loader; its dequantized weights must equal GPTQ's Q exactly."""
     from load_weights import load
@@ -236,7 +229,7 @@ def verify_reload(out, results):
         if not torch.equal(got, res.dequantize()):
             raise RuntimeError(f"{out}: {name} reloads to different weights (max diff "
                                f"{(got - res.dequantize()).abs().max():.3g})")
-    return ram_bytes(model)
+    return model_bytes(model)
 
 
 # ---------------------------------------------------------------- driver and CLI
@@ -256,7 +249,7 @@ def quantize_checkpoint(ckpt, out, method="gptq", bits=4, group_size=128, sym=Fa
     raw = read_config_dict(src)
     model, tok, devs, _ = placement.load(src, device, compute_dtype, devices, offload)
     check_settings(model, raw, bits, group_size, blocksize, percdamp, method, nsamples)
-    ram_dense = ram_bytes(model)
+    ram_dense = model_bytes(model)
     tokens, calib_desc = None, None
     if nsamples > 0:
         if tok is None:

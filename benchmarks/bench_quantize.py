@@ -31,7 +31,8 @@ from data import find_data_dir  # noqa: E402
 from eval import text_metrics, text_windows  # noqa: E402
 from gptq_format import LINEARS  # noqa: E402
 from load_weights import write_json  # noqa: E402
-from quantize import dir_bytes, quantize_checkpoint, ram_bytes  # noqa: E402
+from latency import model_bytes  # noqa: E402
+from quantize import dir_bytes, quantize_checkpoint  # noqa: E402
 
 
 METHODS = {"rtn": "RTN", "gptq": "GPTQ", "gptq-act": "GPTQ+act"}
@@ -83,7 +84,7 @@ def measure(ckpt, ppl):
     # the reference path holds the format tensors alone, so RAM counts what the format costs (quant_paths.py
     # adds a runtime form on the faster paths); perplexity is the same on every path
     model, _ = load_weights.load(ckpt, quant_path="reference")
-    return {"ppl": ppl(model), "disk": dir_bytes(load_weights.resolve(ckpt)), "ram": ram_bytes(model),
+    return {"ppl": ppl(model), "disk": dir_bytes(load_weights.resolve(ckpt)), "ram": model_bytes(model),
             "linear_ram": linear_bytes(model)}
 
 

@@ -30,6 +30,7 @@ import placement  # noqa: E402
 import quantize  # noqa: E402
 import search  # noqa: E402
 from benchmarks.common import command, update_section  # noqa: E402
+from latency import peak_memory, reset_peak_memory, sync  # noqa: E402
 from model import Transformer  # noqa: E402
 from teacher import build_teacher  # noqa: E402
 
@@ -50,35 +51,12 @@ def gib(n):
     return f"{n / 2**30:,.2f} GiB"
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def seconds(fn, device):
     sync(device)
     t0 = time.perf_counter()
     fn()
     sync(device)
     return time.perf_counter() - t0
-
-
-def reset_peak(device):
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    elif Path("/proc/self/clear_refs").exists():
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: peak RSS (VmHWM) restarts from the current RSS
-
-
-def peak(device):
-    """(bytes, what was measured)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024, "process peak RSS"
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
 
 
 # ---------------------------------------------------------------- 1. fixture logits in bf16
@@ -158,9 +136,9 @@ def free(device):
 
 def measured(device, fn):
     """(result, peak bytes during fn, what was measured)."""
-    reset_peak(device)
+    reset_peak_memory(device)
     out = fn()
-    return (out, *peak(device))
+    return (out, *peak_memory(device))
 
 
 def planned(task, **flags):

@@ -12,7 +12,8 @@ from gptq_format import (SUPPORTED_BITS, check_quantization_config, dequantize, 
                          quantization_config, unpack_rows)
 from model import Transformer
 from gptq import gptq, grid, proxy_error, rtn
-from quantize import check_settings, input_hessian, packed_tensors, quantize_model, ram_bytes
+from latency import model_bytes
+from quantize import check_settings, input_hessian, packed_tensors, quantize_model
 
 # a small Qwen2-style config whose Linear dims are multiples of 32: q/k/v biases and a tied head are covered
 RAW = {"model_type": "qwen2", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -177,7 +178,7 @@ def test_checkpoint_reloads_to_the_same_weights(tmp_path, bits, group_size, act_
     lin_dense = sum(t.numel() * 4 for n, t in lw.hf_state_dict(dense).items() if "_proj.weight" in n)
     lin_q = sum(b.numel() * b.element_size() for n, b in q.named_buffers() if n.endswith("qweight"))
     assert lin_q == lin_dense * bits // 32
-    assert ram_bytes(q) < ram_bytes(dense)
+    assert model_bytes(q) < model_bytes(dense)
     assert (out / "model.safetensors").stat().st_size < (src / "model.safetensors").stat().st_size
 
 
