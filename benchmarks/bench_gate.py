@@ -12,7 +12,6 @@ missing, and a change of the search (--variant) reruns the gate against the stor
 Rewrites the "gate" section of BENCHMARKS.md from every stored row.
 """
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,8 +21,7 @@ import baselines  # noqa: E402
 import excise  # noqa: E402
 import load_weights  # noqa: E402
 import search  # noqa: E402
-from benchmarks.common import ROOT, command, update_section  # noqa: E402
-from load_weights import write_json  # noqa: E402
+from benchmarks.common import ROOT, command, load_cells, store_cell, update_section  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "gate.json"
 
@@ -127,7 +125,7 @@ def main(argv=None):
     p.add_argument("--results", type=Path, default=RESULTS, help="JSON of finished cells (resumed, never recomputed)")
     p.add_argument("--write-only", action="store_true", help="run nothing: rewrite the section from the stored cells")
     a = p.parse_args(argv)
-    res = json.loads(a.results.read_text()) if a.results.is_file() else {}
+    res = load_cells(a.results)
     model, tok = load_weights.load(a.ckpt)
     fp = excise.fingerprint(model)["embed_sha256"]
     for seed in ([] if a.write_only else map(int, a.seeds.split(","))):
@@ -139,12 +137,10 @@ def main(argv=None):
                 continue
             teacher = teacher or search.make_teacher(model, tok, "wikitext2", a.nsamples, a.seqlen, seed)
             if gk not in res:
-                res[gk] = dict(gate_run(model, teacher, k, a.segments, seed, a.variant), kind="gate", S=a.segments, k=k,
-                               seed=seed, variant=a.variant, oracle_key=ok)
-                write_json(a.results, res)
+                store_cell(a.results, res, gk, dict(gate_run(model, teacher, k, a.segments, seed, a.variant), kind="gate",
+                                                    S=a.segments, k=k, seed=seed, variant=a.variant, oracle_key=ok))
             if ok not in res:
-                res[ok] = dict(oracle(model, teacher, k, a.segments), kind="oracle")
-                write_json(a.results, res)
+                store_cell(a.results, res, ok, dict(oracle(model, teacher, k, a.segments), kind="oracle"))
             print("\n".join(section(res, a, model.cfg.num_layers)[-1:]), flush=True)
     print("\n".join(section(res, a, model.cfg.num_layers)))
 

@@ -1,4 +1,5 @@
 """Shared by the benchmark scripts: each one rewrites its own section of BENCHMARKS.md."""
+import json
 import os
 import platform
 import re
@@ -46,3 +47,19 @@ def update_section(name, body, path=None):
         text = path.read_text() if path.exists() else HEADER
         text = pat.sub(lambda _: block, text) if pat.search(text) else text.rstrip() + "\n\n" + block + "\n"
         atomic.write_text(path, text)
+
+
+def load_cells(path):
+    """A results JSON of finished cells ({} when there is none yet)."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def store_cell(path, store, key, value):
+    """Add one finished cell to `store` and to the file: under the file's lock, the cells other processes wrote
+    since it was read are merged in first, so two runs sharing a results file lose nothing."""
+    with atomic.locked(path):
+        store.update({k: v for k, v in load_cells(path).items() if k not in store})
+        store[key] = value
+        atomic.write_text(path, json.dumps(store, indent=2) + "\n")
+    return value

@@ -8,7 +8,6 @@ instead (writing the report computes nothing).
 """
 import copy
 import dataclasses
-import json
 import shutil
 import time
 
@@ -23,7 +22,7 @@ import search
 import tune
 from benchmarks import bench_gate
 from data import find_data_dir
-from load_weights import write_json
+from benchmarks.common import load_cells, store_cell
 from teacher import removed_kl, run_layers
 
 METHODS = ["clp-gate", "exhaustive", "sleb", "shortened-ppl", "shortened-taylor", "block-influence", "angular",
@@ -57,8 +56,7 @@ class Bench:
         self.L = self.model.cfg.num_layers
         self.fp = excise.fingerprint(self.model)["embed_sha256"]
         self.calib = f"{a.nsamples}x{a.seqlen}"
-        self.res = json.loads(a.results.read_text()) if a.results.is_file() else {}
-        self.gates = json.loads(a.gate_results.read_text()) if a.gate_results.is_file() else {}
+        self.res, self.gates = load_cells(a.results), load_cells(a.gate_results)
         self._teacher = None
         self.readonly = False
 
@@ -73,9 +71,11 @@ class Bench:
         store = self.res if store is None else store
         if k not in store and self.readonly:
             raise Missing(k)
+        path = self.a.results if store is self.res else self.a.gate_results
+        if k not in store:  # another run sharing the file may have finished it meanwhile
+            store.update({c: v for c, v in load_cells(path).items() if c not in store})
         if k not in store:
-            store[k] = compute()
-            write_json(self.a.results if store is self.res else self.a.gate_results, store)
+            store_cell(path, store, k, compute())
         return store[k]
 
 
@@ -134,7 +134,7 @@ def sleb_prefix(b, k):
         order, nll = importance.sleb(b.model, b.teacher, len(run["order"]) + 1, start=run["order"])
         run["order"], run["nll"] = order, run["nll"] + nll
         run["seconds"].append(time.perf_counter() - t0)
-        write_json(b.a.results, b.res)
+        store_cell(b.a.results, b.res, kk, run)
     return sorted(run["order"][:k]), sum(run["seconds"][:k])
 
 
