@@ -223,6 +223,10 @@ def random_summary(b, res, r, n_tasks):
     return out
 
 
+# CLP's own rows: the gate with one and two segments and the exact optima of its objective
+OURS = ("clp-gate", "exhaustive", "clp-gate-s2", "exhaustive-s2")
+
+
 def margins(b, res):
     """One sentence per ratio and stage: CLP against the best other method on ppl and on mean retention."""
     out = []
@@ -236,7 +240,7 @@ def margins(b, res):
             rnd = [val.pop(m) for m in list(val) if m.startswith("random-")]
             if rnd:
                 val["random (mean)"] = (statistics.mean(v[0] for v in rnd), summary_of([v[1] for v in rnd])[0])
-            others = {m: v for m, v in val.items() if m not in ("clp-gate", "exhaustive")}
+            others = {m: v for m, v in val.items() if m not in OURS}
             if "clp-gate" not in val or not others:
                 continue
             (p, q), name = val["clp-gate"], "untuned" if stage == "untuned" else "tuned (each method's repair with the lower held-out KL)"
@@ -248,6 +252,13 @@ def margins(b, res):
                 txt += (f"; mean retention {100 * q:.1f}% vs best other {br} {100 * others[br][1]:.1f}% "
                         f"({100 * (q - others[br][1]):+.1f} points for CLP)")
             out.append(txt + ".")
+            if "clp-gate-s2" in val:
+                (p2, q2), c1, c2 = val["clp-gate-s2"], res[r, "clp-gate"]["choice"], res[r, "clp-gate-s2"]["choice"]
+                txt = (f"  Two segments: {search.span(c2['removed_layers'])} against {search.span(c1['removed_layers'])}, "
+                       f"calib. KL {c2['kl']:.3f} vs {c1['kl']:.3f}, ppl {p2:,.2f} vs {p:,.2f}")
+                if q is not None and q2 is not None:
+                    txt += f", retention {100 * q2:.1f}% vs {100 * q:.1f}%"
+                out.append(txt + ".")
     return out
 
 
@@ -272,7 +283,8 @@ def write_outputs(b, picture=True):
              f"cells: `{a.results.name}`, gate and oracle cells: `{a.gate_results.name}` in benchmarks/results/).", "",
              f"Calibration for every method: WikiText-2 valid, {a.nsamples} random windows x {a.seqlen} tokens (seed {a.seed}); "
              "*calib. KL* is the KL to the dense model on them with the layers removed; *search s* the wall time of the "
-             "method's choice (gate: search.py defaults; exhaustive: every contiguous block; SLEB: k greedy steps; "
+             "method's choice (gate: search.py defaults; exhaustive: every contiguous block; -s2: the gate with two segments "
+             "and the exact optimum over every placement of two blocks; SLEB: k greedy steps; "
              "times on a shared 2-core machine, 1 thread). "
              f"*ppl*, *KL*: WikiText-2 test, first {a.ppl_windows} of {getattr(b, 'ppl_total', '?')} windows of {a.ppl_seqlen} tokens "
              "(a subset, the same for every row). Zero-shot: lm-eval formats, primary metric per task (acc_norm; acc for "
@@ -286,7 +298,7 @@ def write_outputs(b, picture=True):
              f"{{{a.lrs}}}, the lowest held-out KL kept; *endpoints* = the kept layers next to every cut (tune.py's "
              "default); non-contiguous methods also get *LoRA on all layers* with as many trainable parameters as two "
              "full layers. random-N: the random contiguous block of seed N.", "", *table(b, res), "",
-             "Where CLP stands (best other method excludes the exhaustive oracle, which is CLP's own objective "
+             "Where CLP stands (the best other method excludes CLP's two-segment rows and the exhaustive oracles, which are CLP's own objective "
              "enumerated; random = mean of its seeds; retention above chance):", "", *(margins(b, res) or ["- no ratio has both CLP and a baseline yet."]), "",
              "Speed (every method's pruned model at a ratio has the same architecture, so one measurement per ratio; "
              f"batch 1, prefill {a.latency_seqlen} tokens, decode 32 tokens, median of {a.latency_runs}; on a machine shared "

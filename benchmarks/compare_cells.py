@@ -25,11 +25,11 @@ from data import find_data_dir
 from benchmarks.common import load_cells, store_cell
 from teacher import removed_kl, run_layers
 
-METHODS = ["clp-gate", "exhaustive", "sleb", "shortened-ppl", "shortened-taylor", "block-influence", "angular",
+METHODS = ["clp-gate", "exhaustive", "clp-gate-s2", "exhaustive-s2", "sleb", "shortened-ppl", "shortened-taylor", "block-influence", "angular",
            "tail", "random-0", "random-1", "random-2"]
 # the order cells are computed in: CLP (the subject), then cheapest first, so a stopped run has whole columns
 CHEAP_FIRST = ["clp-gate", "block-influence", "angular", "tail", "random-0", "random-1", "random-2", "shortened-taylor",
-               "exhaustive", "shortened-ppl", "sleb"]
+               "exhaustive", "clp-gate-s2", "shortened-ppl", "sleb", "exhaustive-s2"]
 TASKS = "piqa,arc_easy,openbookqa,winogrande,arc_challenge,boolq"
 
 
@@ -82,14 +82,15 @@ class Bench:
 def choose(b, method, k):
     """{removed_layers, kl, seconds}: the method's choice at budget k with its calibration KL and search time."""
     m, t = b.model, lambda: b.teacher
-    if method in ("clp-gate", "exhaustive"):
-        base = bench_gate.key(b.fp, b.calib, b.a.seed, k, 1)
-        g = b.cell(key(base, "gate", search.VARIANT), lambda: dict(
-            bench_gate.gate_run(m, t(), k, 1, b.a.seed, search.VARIANT), kind="gate", S=1, k=k, seed=b.a.seed,
-            variant=search.VARIANT, oracle_key=key(base, "oracle")), b.gates)
-        if method == "clp-gate":
+    if method.startswith(("clp-gate", "exhaustive")):  # -s2: two segments; the gate's and oracle's cells are bench_gate.py's
+        S = 2 if method.endswith("-s2") else 1
+        base = bench_gate.key(b.fp, b.calib, b.a.seed, k, S)
+        if method.startswith("clp-gate"):
+            g = b.cell(key(base, "gate", search.VARIANT), lambda: dict(
+                bench_gate.gate_run(m, t(), k, S, b.a.seed, search.VARIANT), kind="gate", S=S, k=k, seed=b.a.seed,
+                variant=search.VARIANT, oracle_key=key(base, "oracle")), b.gates)
             return {"removed_layers": g["removed_layers"], "kl": g["kl"], "seconds": g["seconds"]}
-        o = b.cell(key(base, "oracle"), lambda: dict(bench_gate.oracle(m, t(), k, 1), kind="oracle"), b.gates)
+        o = b.cell(key(base, "oracle"), lambda: dict(bench_gate.oracle(m, t(), k, S), kind="oracle"), b.gates)
         return {"removed_layers": o["ranked"][0][0], "kl": o["ranked"][0][1], "seconds": o["seconds"]}
     if method == "sleb":
         layers, seconds = sleb_prefix(b, k)

@@ -46,7 +46,7 @@ def small_data(tmp_path, monkeypatch):
 
 
 def test_runs_end_to_end_and_resumes_without_recomputing(tiny_with_tokenizer, small_data, tmp_path, monkeypatch):
-    argv = ["--ckpt", str(tiny_with_tokenizer), "--ratios", "0.5", "--methods", "clp-gate,exhaustive,sleb,random-0,random-1",
+    argv = ["--ckpt", str(tiny_with_tokenizer), "--ratios", "0.5", "--methods", "clp-gate,exhaustive,clp-gate-s2,sleb,random-0,random-1",
             "--nsamples", "2", "--seqlen", "32", "--ppl-windows", "1", "--ppl-seqlen", "128", "--tasks", "piqa,boolq", "--limit", "3",
             "--steps", "2", "--lrs", "1e-3", "--batch-size", "1", "--tune-nsamples", "2", "--latency-seqlen", "16",
             "--latency-runs", "1", "--results", str(tmp_path / "compare.json"), "--gate-results", str(tmp_path / "gate.json"),
@@ -60,7 +60,9 @@ def test_runs_end_to_end_and_resumes_without_recomputing(tiny_with_tokenizer, sm
     sleb = next(v["order"] for k, v in res.items() if k.endswith("|sleb"))
     assert ("LoRA r" in text) == (max(sleb) - min(sleb) > 1)
     gate = json.loads((tmp_path / "gate.json").read_text())
-    assert sum(v.get("kind") == "gate" for v in gate.values()) == 1 and sum(v.get("kind") == "oracle" for v in gate.values()) == 1
+    assert sorted(v["S"] for v in gate.values() if v.get("kind") == "gate") == [1, 2]
+    assert sum(v.get("kind") == "oracle" for v in gate.values()) == 1  # exhaustive-s2 was not asked for
+    assert "Two segments: " in text
     # SLEB ran its greedy steps once, to the largest budget
     assert [len(v["order"]) for k, v in res.items() if k.endswith("|sleb")] == [2]
     assert not list((tmp_path / "work").glob("*/config.json"))  # evaluated checkpoints are removed
@@ -94,3 +96,13 @@ def test_v1_replay_equals_the_v1_read_off(monkeypatch):
         want = search.choose_block(None, None, {0: gate}, 12, radius=1)
         got = bench_gate.replay_v1([gate.read_off()], orc, 12, 2)
         assert got["removed_layers"] == want[0]["removed_layers"] and got["scored"] == len(want)
+
+
+def test_two_runs_sharing_a_results_file_lose_no_cell(tmp_path):
+    from benchmarks.common import load_cells, store_cell
+    path = tmp_path / "cells.json"
+    a, b = load_cells(path), load_cells(path)  # two runs start from the same (empty) file
+    store_cell(path, a, "x", 1)
+    store_cell(path, b, "y", 2)  # b never saw x
+    store_cell(path, a, "z", 3)
+    assert load_cells(path) == {"x": 1, "y": 2, "z": 3} and b == {"x": 1, "y": 2}

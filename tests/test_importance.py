@@ -154,3 +154,19 @@ def test_two_segment_oracle_and_gate_find_a_planted_pair_of_blocks():
     assert len(ranked) == 16 and ranked[0]["removed_layers"] == [1, 2, 4] and ranked[0]["kl"] < 1e-9 < ranked[1]["kl"]
     result = search.search(model, teacher, 3, segments=2, starts=2, steps=24, batch_size=2, log_every=100)
     assert result["removed_layers"] == [1, 2, 4] and result["kl"] < 1e-9
+
+
+@pytest.mark.parametrize("max_cache", [0, 2 ** 30])  # teacher log-probs recomputed per placement, or kept
+def test_shared_placement_scores_equal_removed_kl_exactly(max_cache):
+    """The oracle's shared-prefix scoring gives the very numbers of scoring each placement alone, for single
+    blocks, two and three segments, visited in any order."""
+    from teacher import removed_kl
+    model = load_weights.load(FIXTURES / "tiny-llama2")[0]
+    teacher = teacher_for(model, n=6, T=16)  # two batches of 4 windows, the second one short
+    L = model.cfg.num_layers
+    sets = baselines.placements(L, [2, 1]) + [s for s in baselines.placements(L, [1, 1, 1]) if len(runs_of(s)) == 3]
+    sets = sets[::-1]
+    got = baselines.score_placements(model, teacher, sets, chunk=20, quiet=True, max_cache=max_cache)
+    assert len(got) == len(sets) >= 20
+    assert got == [removed_kl(model, teacher, s, chunk=20) for s in sets]
+    assert len(set(got)) > len(got) // 2  # distinct placements give distinct KLs: the check compares real values
