@@ -11,7 +11,7 @@ sys.path.insert(0, str(ROOT))
 SHARED = Path(os.environ.get("CLP_SHARED", ROOT.parent / "shared"))
 FIXTURES = SHARED / "fixtures"
 # an empty CLP_DATA counts as unset
-DATA = Path(os.environ.get("CLP_DATA") or SHARED / "data")
+DATA = Path(os.environ.get("CLP_DATA") or SHARED / "data").resolve()  # absolute: tests symlink into it
 # the code under test finds the data the way a user's run would: through $CLP_DATA
 os.environ["CLP_DATA"] = str(DATA)
 TINY = ["tiny-llama2", "tiny-llama3", "tiny-qwen2", "tiny-qwen3"]
