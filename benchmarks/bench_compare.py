@@ -30,7 +30,7 @@ import load_weights  # noqa: E402
 import search  # noqa: E402
 from benchmarks import bench_gate  # noqa: E402
 from benchmarks.common import BENCHMARKS, ROOT, command, update_section  # noqa: E402
-from benchmarks.compare_cells import (CHEAP_FIRST, METHODS, TASKS, Bench, DenseLogits, Missing, choose,  # noqa: E402
+from benchmarks.compare_cells import (CHEAP_FIRST, METHODS, NEW_TOKENS, TASKS, Bench, DenseLogits, Missing, choose,  # noqa: E402
                                       evaluate, repaired, speed, variants, work_dir)
 from gates import budget  # noqa: E402
 from tasks import PRIMARY  # noqa: E402
@@ -43,14 +43,13 @@ def run_all(b):
     order = [m for m in CHEAP_FIRST if m in a.methods]
     b.rows = {}
     evaluate(b, [])
+    if "untuned" in a.stages:
+        speed(b, depths(b))
     for stage in a.stages:
         # CLP, then the cheap methods first, at every ratio, so an interrupted run has whole columns of the table
         for method in order:
             for r in a.ratios:
                 k = ks[r]
-                if stage == "untuned":
-                    speed(b, b.L)
-                    speed(b, b.L - k)
                 ch = choose(b, method, k)
                 print(f"-- {r:.0%} {method}: layers {search.span(ch['removed_layers'])}  calib KL {ch['kl']:.4f}", flush=True)
                 if stage == "untuned":
@@ -80,7 +79,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=4, help="windows per tuning step")
     p.add_argument("--tune-nsamples", type=int, default=32, help="tuning windows (first 90%% of WikiText-2 valid)")
     p.add_argument("--latency-seqlen", type=int, default=512, help="prefill tokens of the latency measurement")
-    p.add_argument("--latency-runs", type=int, default=3, help="timed runs (median) after one warm-up")
+    p.add_argument("--latency-runs", type=int, default=5, help="timed interleaved rounds (median) after one warm-up")
     p.add_argument("--data-dir", type=Path, default=None, help="data directory; None: $CLP_DATA, then ./data")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "compare.json", help="finished cells")
     p.add_argument("--gate-results", type=Path, default=bench_gate.RESULTS, help="bench_gate.py's cells (gate and oracle runs)")
@@ -245,12 +244,14 @@ def margins(b, res):
                 continue
             (p, q), name = val["clp-gate"], "untuned" if stage == "untuned" else "tuned (each method's repair with the lower held-out KL)"
             bp = min(others, key=lambda m: others[m][0])
-            txt = (f"- {r:.0%}, {name}: CLP ppl {p:,.2f} vs best other {bp} {others[bp][0]:,.2f} "
-                   f"({100 * (others[bp][0] / p - 1):+.1f}% for the other)")
+            rel, diff = p / others[bp][0] - 1, None
+            txt = (f"- {r:.0%}, {name}: CLP ppl {p:,.2f}, best other ({bp}) {others[bp][0]:,.2f}: "
+                   + ("the same" if abs(rel) < 5e-4 else f"CLP {100 * abs(rel):.1f}% {'higher (worse)' if rel > 0 else 'lower (better)'}"))
             if q is not None and any(v[1] is not None for v in others.values()):
                 br = max((m for m in others if others[m][1] is not None), key=lambda m: others[m][1])
-                txt += (f"; mean retention {100 * q:.1f}% vs best other {br} {100 * others[br][1]:.1f}% "
-                        f"({100 * (q - others[br][1]):+.1f} points for CLP)")
+                diff = 100 * (q - others[br][1])
+                txt += (f"; mean retention {100 * q:.1f}%, best other ({br}) {100 * others[br][1]:.1f}%: "
+                        + ("the same" if abs(diff) < 0.05 else f"CLP {abs(diff):.1f} points {'higher' if diff > 0 else 'lower'}"))
             out.append(txt + ".")
             if "clp-gate-s2" in val:
                 (p2, q2), c1, c2 = val["clp-gate-s2"], res[r, "clp-gate"]["choice"], res[r, "clp-gate-s2"]["choice"]
@@ -262,22 +263,31 @@ def margins(b, res):
     return out
 
 
-def speed_lines(b):
-    dense = lookup(b, speed, b.L)
-    lines = ["| ratio | layers | prefill tok/s | decode tok/s | prefill speedup | decode speedup | ideal L/(L-k) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in b.a.ratios:
-        n = b.L - budget(b.L, prune_ratio=r)
-        s = lookup(b, speed, n)
-        if s is None or dense is None:
-            continue
-        lines.append(f"| {r:.0%} | {n} | {s['prefill_tok_s']:,.0f} | {s['decode_tok_s']:,.1f} | "
-                     f"{s['prefill_tok_s'] / dense['prefill_tok_s']:.2f} | {s['decode_tok_s'] / dense['decode_tok_s']:.2f} | {b.L / n:.2f} |")
+def depths(b):
+    """The pruned models' numbers of layers, one per ratio."""
+    return [b.L - budget(b.L, prune_ratio=r) for r in b.a.ratios]
+
+
+def speed_lines(b, s):
+    if s is None:
+        return ["(not measured yet)"]
+    d = s[str(b.L)]
+    lines = ["| ratio | layers | prefill tok/s | decode tok/s | prefill speedup (range over rounds) | "
+             "decode speedup (range over rounds) | ideal L/(L-k) |", "|---|---:|---:|---:|---:|---:|---:|"]
+
+    def ratio(kind, x):  # ratio of the medians, and the range of the ratios of the same round
+        per_round = [a / c for a, c in zip(d[f"{kind}_s"]["runs"], x[f"{kind}_s"]["runs"])]
+        return f"{d[f'{kind}_s']['median'] / x[f'{kind}_s']['median']:.2f} ({min(per_round):.2f}-{max(per_round):.2f})"
+    for r in [0.0, *b.a.ratios]:
+        n = b.L - budget(b.L, prune_ratio=r) if r else b.L
+        x = s[str(n)]
+        lines.append(f"| {r:.0%} | {n} | {x['prefill_tok_s']:,.0f} | {x['decode_tok_s']:,.1f} | {ratio('prefill', x)} | "
+                     f"{ratio('decode', x)} | {b.L / n:.2f} |")
     return lines
 
 
 def write_outputs(b, picture=True):
-    a, res = b.a, results(b)
+    a, res, sp = b.a, results(b), lookup(b, speed, depths(b))
     lines = [f"## CLP against layer-pruning baselines, untuned and repaired ({a.ckpt}, {b.L} layers)", "",
              f"Command: `CLP_DATA=../shared/data OMP_NUM_THREADS=1 {command().replace(' --write-only', '')}` (the same command resumes; "
              f"cells: `{a.results.name}`, gate and oracle cells: `{a.gate_results.name}` in benchmarks/results/).", "",
@@ -300,9 +310,11 @@ def write_outputs(b, picture=True):
              "full layers. random-N: the random contiguous block of seed N.", "", *table(b, res), "",
              "Where CLP stands (the best other method excludes CLP's two-segment rows and the exhaustive oracles, which are CLP's own objective "
              "enumerated; random = mean of its seeds; retention above chance):", "", *(margins(b, res) or ["- no ratio has both CLP and a baseline yet."]), "",
-             "Speed (every method's pruned model at a ratio has the same architecture, so one measurement per ratio; "
-             f"batch 1, prefill {a.latency_seqlen} tokens, decode 32 tokens, median of {a.latency_runs}; on a machine shared "
-             "with other jobs these are noisy, and a speedup above the ideal is contention, not a gain):", "", *speed_lines(b), "",
+             "Speed (every method's pruned model at a ratio has the same architecture, so one model per ratio: the dense "
+             "model and every pruned depth timed in the same interleaved rounds, latency.py; batch 1, prefill "
+             f"{a.latency_seqlen} tokens, decode {NEW_TOKENS} tokens after a 128-token prompt, {a.latency_runs} timed rounds; "
+             "speedup = ratio of the median times, in brackets the range of the same-round ratios; 1-minute load "
+             f"average {sp['load'] if sp else float('nan'):.1f} at the end on this 2-core machine):", "", *speed_lines(b, sp), "",
              f"![ppl and mean retention against the pruning ratio](docs/img/{a.plot.name})"]
     update_section("compare", "\n".join(lines), a.markdown)
     if picture:

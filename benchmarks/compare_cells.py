@@ -7,6 +7,7 @@ an interrupted run loses at most the cell in progress; with `readonly` set a mis
 instead (writing the report computes nothing).
 """
 import copy
+import os
 import dataclasses
 import shutil
 import time
@@ -15,6 +16,7 @@ import torch
 
 import baselines
 import eval as ev
+import latency
 import excise
 import importance
 import load_weights
@@ -191,11 +193,21 @@ def evaluate(b, removed, tuned=None):
     return b.cell(k, lambda: measure(b, model, b.dense_logits))
 
 
-def speed(b, n_layers):
-    """Prefill and decode tokens/s of a model with n_layers of the dense model's layers (which ones does not matter)."""
-    k = key(b.fp, f"latency{b.a.latency_seqlen}x{b.a.latency_runs}", n_layers)
-    return b.cell(k, lambda: ev.latency(pruned_view(b.model, range(n_layers, b.L)), b.a.latency_seqlen,
-                                        new_tokens=32, runs=b.a.latency_runs))
+def speed(b, layer_counts):
+    """Prefill and decode of the dense model and of models keeping each of `layer_counts` of its layers (which ones
+    does not matter), all timed in the same interleaved rounds (latency.py): {n_layers: latency dict}."""
+    counts = sorted(set(layer_counts) | {b.L}, reverse=True)
+    k = key(b.fp, f"latency-interleaved{b.a.latency_seqlen}+{NEW_TOKENS}x{b.a.latency_runs}", ",".join(map(str, counts)))
+
+    def run():
+        print(f"== latency: {', '.join(map(str, counts))} layers interleaved, {b.a.latency_runs} rounds", flush=True)
+        models = {n: pruned_view(b.model, range(n, b.L)) for n in counts}
+        out, bandwidth = latency.interleaved_latency(models, b.a.latency_seqlen, NEW_TOKENS, b.a.latency_runs, verbose=True)
+        return {str(n): v for n, v in out.items()} | {"bandwidth": bandwidth, "load": os.getloadavg()[0]}
+    return b.cell(k, run)
+
+
+NEW_TOKENS = 32  # decode length of the latency measurement
 
 
 # ---------------------------------------------------------------- repair (cached)

@@ -63,6 +63,7 @@ def test_runs_end_to_end_and_resumes_without_recomputing(tiny_with_tokenizer, sm
     assert sorted(v["S"] for v in gate.values() if v.get("kind") == "gate") == [1, 2]
     assert sum(v.get("kind") == "oracle" for v in gate.values()) == 1  # exhaustive-s2 was not asked for
     assert "Two segments: " in text
+    assert "| 0% | 4 | " in text and "| 50% | 2 | " in text  # the interleaved speed table: dense and pruned
     # SLEB ran its greedy steps once, to the largest budget
     assert [len(v["order"]) for k, v in res.items() if k.endswith("|sleb")] == [2]
     assert not list((tmp_path / "work").glob("*/config.json"))  # evaluated checkpoints are removed
@@ -73,7 +74,7 @@ def test_runs_end_to_end_and_resumes_without_recomputing(tiny_with_tokenizer, sm
         monkeypatch.setattr(compare_cells, name, lambda *a, **k: pytest.fail("recomputed a stored cell"))
     monkeypatch.setattr(compare_cells.importance, "sleb", lambda *a, **k: pytest.fail("recomputed SLEB"))
     monkeypatch.setattr(compare_cells.bench_gate, "gate_run", lambda *a, **k: pytest.fail("recomputed the gate"))
-    monkeypatch.setattr(compare_cells.ev, "latency", lambda *a, **k: pytest.fail("recomputed a latency"))
+    monkeypatch.setattr(compare_cells.latency, "interleaved_latency", lambda *a, **k: pytest.fail("recomputed a latency"))
     bench_compare.main(argv)
     assert json.loads((tmp_path / "compare.json").read_text()) == res
 
