@@ -118,12 +118,22 @@ def blocks_to_layers(blocks):
     return sorted(i for s, w in blocks for i in range(s, s + w))
 
 
-def neighbours(blocks, L, radius=1):
-    """Every placement with each block moved by up to `radius` layers (the blocks themselves included)."""
+def neighbours(blocks, L, radius=1, merge=False):
+    """Every placement with each block moved by up to `radius` layers (the blocks themselves included).
+
+    merge: also every placement with one block moved to touch another, on either side. With several segments
+    the walk can then reach a placement whose blocks touch (which is a wider block: the one-segment optima are
+    placements too) from blocks that the gate left far apart."""
     starts, widths = [s for s, _ in blocks], [w for _, w in blocks]
     out = set()
     for shift in itertools.product(range(-radius, radius + 1), repeat=len(blocks)):
         out.add(place_segments([s + d for s, d in zip(starts, shift)], widths, L))
+    for i, j in itertools.permutations(range(len(blocks)), 2) if merge else ():
+        for at in (starts[j] - widths[i], starts[j] + widths[j]):  # just before block j, just after it
+            if 0 <= at <= L - widths[i]:
+                moved = list(starts)
+                moved[i] = at
+                out.add(place_segments(moved, widths, L))
     return out
 
 

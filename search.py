@@ -39,9 +39,10 @@ from gates import (ContiguousGate, blocks_to_layers, budget, initial_centres, ne
                    segment_widths, strip, tau_at)
 from teacher import build_teacher, calibration_tokens, eta, kl_backward, removed_kl, run_layers
 
-# versions of the search, by what seeds the exact read-off; benchmark rows name them (before/after a change)
-VARIANTS = {"v1": "survivors", "v2": "visited"}
-VARIANT = "v2"
+# versions of the search: what seeds the exact read-off, and whether the walk may move a block next to another
+# (merge; only multi-segment walks change); benchmark rows name them (before/after a change)
+VARIANTS = {"v1": ("survivors", False), "v2": ("visited", False), "v3": ("visited", True)}
+VARIANT = "v3"
 
 
 def first_gated_layer(keep, eps=1e-4):
@@ -141,7 +142,7 @@ def visited_blocks(trajectory, widths, L):
     return out
 
 
-def choose_block(model, teacher, gates, L, radius=1, state=None, seeds=()):
+def choose_block(model, teacher, gates, L, radius=1, state=None, seeds=(), merge=True):
     """Discrete read-off: score each surviving start's block and its neighbours by the exact calibration KL
     with the layers removed, then keep stepping to the best block's neighbours until the best one has all
     its neighbours scored (a local minimum of the discrete KL). `gates` is {start: gate}; `seeds` are more
@@ -150,7 +151,12 @@ def choose_block(model, teacher, gates, L, radius=1, state=None, seeds=()):
     Why seeds (v2): the relaxed gate sees the KL landscape smoothed over about tau layers, and it prefers a wide
     basin to a narrow deeper one. At k = 3 on smollm2-135m a start crossed the optimum 16-18 on its way to the wider
     basin 12-15, and halving stopped it; the walk from 13-15 cannot cross the bump at 14-16. Scoring what the starts
-    passed over costs one exact KL per distinct block, far fewer than all of them."""
+    passed over costs one exact KL per distinct block, far fewer than all of them.
+
+    Why merge (v3): with two segments the starts place the blocks in different halves of the depth and the gate
+    keeps them apart, so a walk of one-layer moves cannot bring them together; on smollm2-135m at k = 6 it ended
+    at 4-6,13-15 (KL 1.04) while the contiguous 13-18, also a two-block placement, has KL 0.79. A move that puts
+    one block next to another adds 2 S (S - 1) neighbours per step."""
     read = {g.blocks(): [r for r, h in gates.items() if h.blocks() == g.blocks()] for g in gates.values()}
     seeds = set(seeds) - set(read)
     print(f"read-off: {len(read)} distinct block(s) from the surviving starts, {len(seeds)} more visited; "
@@ -161,7 +167,7 @@ def choose_block(model, teacher, gates, L, radius=1, state=None, seeds=()):
         scored[blocks] = state.score(blocks, exact) if state is not None else exact()
         print(f"  {span(blocks_to_layers(blocks)):>12s}  kl {scored[blocks]:.5f}  (visited)", flush=True)
     while frontier:
-        for blocks in sorted(set().union(*(neighbours(b, L, radius) for b in frontier)) - set(scored)):
+        for blocks in sorted(set().union(*(neighbours(b, L, radius, merge) for b in frontier)) - set(scored)):
             exact = lambda: removed_kl(model, teacher, blocks_to_layers(blocks))  # noqa: E731
             scored[blocks] = state.score(blocks, exact) if state is not None else exact()
             note = f"read off by start(s) {read[blocks]}" if blocks in read else "neighbour"
@@ -185,7 +191,7 @@ def span(layers):
 
 
 def search(model, teacher, k, segments=1, starts=4, steps=30, batch_size=1, lr=1.0, tau0=2.0, tau1=0.05,
-           radius=1, halving=True, read_off="visited", seed=0, chunk=1024, log_every=1, state=None):
+           radius=1, halving=True, read_off="visited", merge=True, seed=0, chunk=1024, log_every=1, state=None):
     """The CLP gate search on a cached teacher; returns a dict with the chosen block and how it was found."""
     torch.manual_seed(seed)
     gates = make_gates(model.cfg.num_layers, k, segments, starts)
@@ -195,7 +201,7 @@ def search(model, teacher, k, segments=1, starts=4, steps=30, batch_size=1, lr=1
     t1 = time.perf_counter()
     L = model.cfg.num_layers
     seeds = visited_blocks(trajectory, gates[0].widths, L) if read_off == "visited" else ()
-    candidates = choose_block(model, teacher, {r: gates[r] for r in active}, L, radius, state, seeds)
+    candidates = choose_block(model, teacher, {r: gates[r] for r in active}, L, radius, state, seeds, merge)
     t2 = time.perf_counter()
     best = candidates[0]
     return {"removed_layers": best["removed_layers"], "kl": best["kl"], "candidates": candidates,
@@ -291,7 +297,7 @@ def main(argv=None):
     p.add_argument("--tau0", type=float, default=2.0, help="initial gate temperature, in layers")
     p.add_argument("--tau1", type=float, default=0.05, help="final gate temperature, in layers")
     p.add_argument("--radius", type=int, default=1, help="neighbours of each read-off scored exactly, in layers")
-    p.add_argument("--read-off", default="visited", choices=sorted(set(VARIANTS.values())),
+    p.add_argument("--read-off", default="visited", choices=sorted({v[0] for v in VARIANTS.values()}),
                    help="exact read-off from the surviving starts' blocks, or also from every block a start visited")
     p.add_argument("--halving", action=argparse.BooleanOptionalAction, default=True,
                    help="after each third of the steps, stop the worse half of the starts")

@@ -30,6 +30,12 @@ def key(*parts):
     return "|".join(str(p) for p in parts)
 
 
+def variant_for(segments, variant=search.VARIANT):
+    """The name a gate cell is stored under: v3 differs from v2 only in multi-segment walks, so a one-segment
+    v3 run is the stored v2 run."""
+    return "v2" if variant == "v3" and segments == 1 else variant
+
+
 def oracle(model, teacher, k, segments):
     """The exact ranking of every placement, best first, and its wall time."""
     t0 = time.perf_counter()
@@ -40,7 +46,8 @@ def oracle(model, teacher, k, segments):
 
 def gate_run(model, teacher, k, segments, seed, variant=search.VARIANT):
     t0 = time.perf_counter()
-    g = search.search(model, teacher, k, segments=segments, seed=seed, read_off=search.VARIANTS[variant], log_every=10)
+    read_off, merge = search.VARIANTS[variant]
+    g = search.search(model, teacher, k, segments=segments, seed=seed, read_off=read_off, merge=merge, log_every=10)
     return {"removed_layers": g["removed_layers"], "kl": g["kl"], "seconds": time.perf_counter() - t0,
             "scored": len(g["candidates"]), "time_s": g["time_s"], "survivors": g["survivors"],
             "candidates": [[c["removed_layers"], c["kl"]] for c in g["candidates"]],
@@ -81,7 +88,8 @@ def section(res, a, L):
              "non-overlapping blocks with the gate's widths, placements sharing their first block sharing the states up to "
              "their second one: baselines.score_placements) by the calibration KL on the same cached dense pass. "
              "Variants: v1 = exact read-off from the surviving starts' blocks and a walk to a local minimum (as first built); "
-             "v2 = the same, after also scoring every block a start's rounded window visited (stopped starts included). "
+             "v2 = the same, after also scoring every block a start's rounded window visited (stopped starts included); "
+             "v3 = v2 whose walk may also move one block next to another (multi-segment only: for S = 1 it is v2). "
              "*v1 (replayed)*: v1's read-off walk from the survivors' blocks of the v2 run, on the oracle's exact KLs (the "
              "gate steps are the same; its time is not measured). *Regret*: gate KL minus the optimum's. *scored*: placements the gate scored exactly. Times are wall times on a 2-core machine shared with other jobs, "
              "1 thread: compare them within a row, not across rows. Rows: every cell stored in "
@@ -133,13 +141,13 @@ def main(argv=None):
         teacher = None
         for k in map(int, a.budgets.split(",")):
             base = key(fp, f"{a.nsamples}x{a.seqlen}", seed, k, a.segments)
-            ok, gk = key(base, "oracle"), key(base, "gate", a.variant)
+            ok, gk = key(base, "oracle"), key(base, "gate", variant_for(a.segments, a.variant))
             if ok in res and gk in res:
                 continue
             teacher = teacher or search.make_teacher(model, tok, "wikitext2", a.nsamples, a.seqlen, seed)
             if gk not in res:
                 store_cell(a.results, res, gk, dict(gate_run(model, teacher, k, a.segments, seed, a.variant), kind="gate",
-                                                    S=a.segments, k=k, seed=seed, variant=a.variant, oracle_key=ok))
+                                                    S=a.segments, k=k, seed=seed, variant=variant_for(a.segments, a.variant), oracle_key=ok))
             if ok not in res:
                 store_cell(a.results, res, ok, dict(oracle(model, teacher, k, a.segments), kind="oracle"))
             print("\n".join(section(res, a, model.cfg.num_layers)[-1:]), flush=True)

@@ -175,3 +175,28 @@ def test_read_off_also_scores_the_blocks_the_starts_visited(monkeypatch):
     # without the seeds (v1) the same walk stops in the shallower valley
     v1 = search.choose_block(type("M", (), {})(), None, {0: gate}, 12, radius=1)
     assert v1[0]["removed_layers"] == [7, 8]
+
+
+def test_merge_moves_let_the_two_segment_walk_reach_a_contiguous_optimum(monkeypatch):
+    """A landscape where 4-6,13-15 is a local minimum of one-layer moves and the contiguous 13-18 (a two-block
+    placement whose blocks touch) is the optimum: only the walk with merge moves (v3) gets there."""
+    import gates
+
+    def kl(model, teacher, layers):
+        if list(layers) == list(range(13, 19)):
+            return 0.5
+        (a, _), (b, _) = gates_of(layers)
+        return 1 + 0.1 * abs(a - 4) + 0.1 * abs(b - 13)
+
+    def gates_of(layers):  # the two width-3 blocks of a placement (a wider block counts as two touching ones)
+        return ((layers[0], 3), (layers[3], 3))
+
+    assert gates.neighbours(((4, 3), (13, 3)), 30, 1, merge=True) - gates.neighbours(((4, 3), (13, 3)), 30, 1) == {
+        ((10, 3), (13, 3)), ((13, 3), (16, 3)), ((1, 3), (4, 3)), ((4, 3), (7, 3))}  # by hand: i next to j, both sides
+    monkeypatch.setattr(search, "removed_kl", kl)
+    g = search.ContiguousGate(30, 6, segments=2, mu=[5.5, 14.5])  # blocks 4-6 and 13-15
+    assert g.blocks() == ((4, 3), (13, 3))
+    without = search.choose_block(None, None, {0: g}, 30, radius=1, merge=False)
+    with_merge = search.choose_block(None, None, {0: g}, 30, radius=1, merge=True)
+    assert without[0]["removed_layers"] == [4, 5, 6, 13, 14, 15]
+    assert with_merge[0]["removed_layers"] == list(range(13, 19)) and with_merge[0]["kl"] == 0.5
