@@ -237,7 +237,7 @@ def margins(b, res):
                 if row is not None:
                     val[m] = (row["ppl"], retention(b, row, informative(b))[0])
             rnd = [val.pop(m) for m in list(val) if m.startswith("random-")]
-            if rnd:
+            if len(rnd) >= 2:  # a mean of one seed is that seed's block, not "random"
                 val["random (mean)"] = (statistics.mean(v[0] for v in rnd), summary_of([v[1] for v in rnd])[0])
             others = {m: v for m, v in val.items() if m not in OURS}
             if "clp-gate" not in val or not others:
@@ -339,7 +339,7 @@ def plot(b, res, path):
             for r in b.a.ratios:
                 rows = [x[stage] for (rr, m), x in res.items() if rr == r and (m == name or
                         (name == "random" and m.startswith("random-"))) and x[stage] is not None]
-                if rows:
+                if rows and (name != "random" or len(rows) >= 2):
                     xs.append(r)
                     ppl.append(statistics.mean(x["ppl"] for x in rows))
                     ret.append(summary_of([retention(b, x, informative(b))[0] for x in rows])[0])
