@@ -333,7 +333,7 @@ def plot(b, res, path):
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     names = [m for m in b.a.methods if not m.startswith("random-")] + ["random"]
     for i, name in enumerate(names):
-        color = f"C{i % 10}"
+        color = plt.cm.tab20(i % 20)
         for stage, style in (("untuned", "-"), ("best_tuned", "--")):
             xs, ppl, ret = [], [], []
             for r in b.a.ratios:
@@ -348,7 +348,9 @@ def plot(b, res, path):
                 ax1.plot(xs, ppl, style, color=color, marker="o", label=label)
                 if any(v is not None for v in ret):
                     ax2.plot(xs, [v if v is not None else float("nan") for v in ret], style, color=color, marker="o")
-    ax1.set(yscale="log", xlabel="pruning ratio", ylabel="WikiText-2 ppl (subset)", title="perplexity (lower is better)")
+    top = 3 * max(x["ppl"] for row in res.values() for x in [row["untuned"]] if x and row["choice"]["kl"] < 10)
+    ax1.set(yscale="log", ylim=(None, top), xlabel="pruning ratio", ylabel="WikiText-2 ppl (subset)",
+            title="perplexity (lower is better; off the top: calib. KL > 10)")
     ax2.set(xlabel="pruning ratio", ylabel="mean zero-shot retention", title="retention, tasks above chance (higher is better)")
     fig.legend(*ax1.get_legend_handles_labels(), loc="center right", fontsize=7)
     fig.tight_layout(rect=(0, 0, 0.8, 1))
