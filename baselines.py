@@ -36,7 +36,7 @@ import importance
 import load_weights
 import placement
 import plan
-from gates import blocks_to_layers, budget, segment_widths
+from gates import blocks_to_layers, budget, layers_to_blocks, segment_widths
 from devices import peak_memory
 from errors import cli
 from load_weights import write_json
@@ -89,17 +89,6 @@ def exhaustive_segments(model, teacher, k, segments=2, quiet=False):
     return sorted(({"removed_layers": list(layers), "kl": kl} for layers, kl in zip(sets, scores)), key=lambda c: c["kl"])
 
 
-def runs(layers):
-    """Maximal runs of consecutive layers: [(start, length), ...]."""
-    out = []
-    for i in sorted(layers):
-        if out and out[-1][0] + out[-1][1] == i:
-            out[-1] = (out[-1][0], out[-1][1] + 1)
-        else:
-            out.append((i, 1))
-    return out
-
-
 @torch.no_grad()
 def score_placements(model, teacher, sets, batch=4, chunk=1024, quiet=False, max_cache=2 ** 30):
     """teacher.removed_kl of every layer set in `sets`, computed with less work and the same numbers.
@@ -142,10 +131,10 @@ def score_placements(model, teacher, sets, batch=4, chunk=1024, quiet=False, max
         carried[lead] = (p, xs)
         return xs
 
-    order = sorted(range(len(sets)), key=lambda n: runs(sets[n]))
+    order = sorted(range(len(sets)), key=lambda n: layers_to_blocks(sorted(sets[n])))
     out, t0 = [None] * len(sets), time.perf_counter()
     for m, n in enumerate(order):
-        blocks = tuple(runs(sets[n]))
+        blocks = tuple(layers_to_blocks(sorted(sets[n])))
         a, w = blocks[-1]
         xs = advance(state_at(blocks[:-1], a), a + w, L)
         total = 0.0

@@ -118,6 +118,17 @@ def blocks_to_layers(blocks):
     return sorted(i for s, w in blocks for i in range(s, s + w))
 
 
+def layers_to_blocks(layers):
+    """The inverse: [(start, width), ...], one per run of consecutive layers, in the order given."""
+    out = []
+    for i in layers:
+        if out and i == out[-1][0] + out[-1][1]:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((i, 1))
+    return out
+
+
 def neighbours(blocks, L, radius=1, merge=False):
     """Every placement with each block moved by up to `radius` layers (the blocks themselves included).
 

@@ -35,7 +35,7 @@ from devices import peak_memory
 from errors import cli
 from load_weights import write_json
 from resume import GateState
-from gates import (ContiguousGate, blocks_to_layers, budget, initial_centres, neighbours, place_segments,
+from gates import (ContiguousGate, blocks_to_layers, budget, initial_centres, layers_to_blocks, neighbours, place_segments,
                    segment_widths, strip, tau_at)
 from teacher import build_teacher, calibration_tokens, eta, kl_backward, removed_kl, run_layers
 
@@ -181,13 +181,7 @@ def choose_block(model, teacher, gates, L, radius=1, state=None, seeds=(), merge
 
 def span(layers):
     """'17-22' for a contiguous block, '3-5,20-22' otherwise (original indices, inclusive)."""
-    runs = []
-    for i in layers:
-        if runs and i == runs[-1][1] + 1:
-            runs[-1][1] = i
-        else:
-            runs.append([i, i])
-    return ",".join(f"{a}-{b}" if a != b else f"{a}" for a, b in runs)
+    return ",".join(f"{a}-{a + w - 1}" if w > 1 else f"{a}" for a, w in layers_to_blocks(layers))
 
 
 def search(model, teacher, k, segments=1, starts=4, steps=30, batch_size=1, lr=1.0, tau0=2.0, tau1=0.05,
