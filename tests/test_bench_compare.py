@@ -107,3 +107,21 @@ def test_two_runs_sharing_a_results_file_lose_no_cell(tmp_path):
     store_cell(path, b, "y", 2)  # b never saw x
     store_cell(path, a, "z", 3)
     assert load_cells(path) == {"x": 1, "y": 2, "z": 3} and b == {"x": 1, "y": 2}
+
+
+def test_a_run_over_fewer_ratios_reuses_the_wider_speed_measurement(tmp_path, monkeypatch):
+    from argparse import Namespace
+    from benchmarks.common import load_cells, store_cell
+    path = tmp_path / "cells.json"
+    wide = {"30": {"prefill": 1.0}, "24": {"prefill": 2.0}, "18": {"prefill": 3.0}}
+    store_cell(path, {}, "fp|latency-interleaved512+32x5|30,24,18", wide)
+    b = object.__new__(compare_cells.Bench)
+    b.a, b.fp, b.L, b.readonly = Namespace(results=path, latency_seqlen=512, latency_runs=5), "fp", 30, False
+    b.res, b.gates = load_cells(path), {}
+    monkeypatch.setattr(compare_cells.latency, "interleaved_latency", lambda *a, **k: pytest.fail("re-timed"))
+    assert compare_cells.speed(b, [24]) == wide  # depths 30 and 24 were timed together already
+    b.a.latency_runs = 3  # other settings: a new measurement
+    monkeypatch.setattr(compare_cells.latency, "interleaved_latency", lambda models, *a, **k: ({n: {} for n in models}, 0.0))
+    monkeypatch.setattr(compare_cells, "pruned_view", lambda model, removed: None)
+    b.model = None
+    assert set(compare_cells.speed(b, [24])) == {"30", "24", "bandwidth", "load"}
