@@ -22,6 +22,7 @@ import importance
 import load_weights
 import search
 import tune
+import zeroshot
 from benchmarks import bench_gate
 from data import find_data_dir
 from benchmarks.common import load_cells, store_cell
@@ -172,7 +173,7 @@ def measure(b, model, teacher):
     m = ev.text_metrics(model, b.windows, teacher=teacher, label="ppl")
     row = {"ppl": m["ppl"], "kl": m.get("kl")}
     root = find_data_dir(b.a.data_dir)
-    row["tasks"] = {t: ev.run_task(model, b.tok, t, root, limit=b.a.limit) for t in b.tasks}
+    row["tasks"] = {t: zeroshot.run_task(model, b.tok, t, root, limit=b.a.limit) for t in b.tasks}
     return row
 
 

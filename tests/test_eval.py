@@ -1,4 +1,4 @@
-"""eval.py and tasks.py against hand-computed values and invariants (fast, CPU)."""
+"""eval.py, zeroshot.py and tasks.py against hand-computed values and invariants (fast, CPU)."""
 import dataclasses
 import json
 import math
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import eval as ev
+import zeroshot as zs
 import tasks
 from conftest import DATA, need
 from data import eval_windows
@@ -109,7 +110,7 @@ def test_kl_matches_hand_value_and_is_chunk_size_invariant():
 # ---------------------------------------------------------------- zero-shot
 
 def test_encode_pair_moves_trailing_space_to_the_continuation():
-    ctx, cont = ev.encode_pair(CharTok(), "Answer: ", "yes")
+    ctx, cont = zs.encode_pair(CharTok(), "Answer: ", "yes")
     assert ctx == [ord(c) for c in "Answer:"] and cont == [ord(c) for c in " yes"]
 
 
@@ -117,12 +118,12 @@ def test_forced_answer_and_loglikelihoods_equal_hand_sums():
     table = torch.zeros(128, 128)
     table[ord(" "), ord("b")] = 6.0  # after a space, "b" is far more likely than "a"
     item = tasks.mc_item("Q:", ["a", "b"], gold=1)
-    reqs = [ev.encode_pair(CharTok(), c, k) for c, k in zip(item.contexts, item.continuations)]
-    lls = ev.loglikelihoods(Bigram(table), reqs, batch_size=2)
+    reqs = [zs.encode_pair(CharTok(), c, k) for c, k in zip(item.contexts, item.continuations)]
+    lls = zs.loglikelihoods(Bigram(table), reqs, batch_size=2)
     assert lls == pytest.approx([hand_ll(table, "Q:", " a"), hand_ll(table, "Q:", " b")], rel=1e-6)
-    assert ev.task_metrics([item], lls)["acc"] == 1.0
+    assert zs.task_metrics([item], lls)["acc"] == 1.0
     wrong = tasks.mc_item("Q:", ["a", "b"], gold=0)
-    assert ev.task_metrics([wrong], lls)["acc"] == 0.0
+    assert zs.task_metrics([wrong], lls)["acc"] == 0.0
 
 
 def test_acc_and_acc_norm_differ_when_lengths_differ():
@@ -132,12 +133,12 @@ def test_acc_and_acc_norm_differ_when_lengths_differ():
     model = Bigram(row.repeat(128, 1))
     item = tasks.mc_item("Q:", ["x", "yyyy"], gold=1)
     assert item.norm_lens == [1, 4]  # characters of the choice, without the leading space
-    reqs = [ev.encode_pair(CharTok(), c, k) for c, k in zip(item.contexts, item.continuations)]
-    lls = ev.loglikelihoods(model, reqs)
+    reqs = [zs.encode_pair(CharTok(), c, k) for c, k in zip(item.contexts, item.continuations)]
+    lls = zs.loglikelihoods(model, reqs)
     assert lls == pytest.approx([math.log(0.3 * 0.01), math.log(0.3 ** 5)], rel=1e-6)
     # summed: " x" wins (-5.81 > -6.02); per character of the choice: "yyyy" wins (-1.50 > -5.81)
     assert lls[0] > lls[1] and lls[0] / 1 < lls[1] / 4
-    m = ev.task_metrics([item], lls)
+    m = zs.task_metrics([item], lls)
     assert (m["acc"], m["acc_norm"], m["n"]) == (0.0, 1.0, 1)
 
 
@@ -151,10 +152,10 @@ def test_winogrande_partial_scoring_scores_only_the_shared_continuation():
     table[ord("n"), ord(" ")] = 5.0  # ... but " was" follows "Ann" far better than "Tom"
     full = [hand_ll(table, "", s) for s in ("Tom hit Ann so Tom was sad.", "Tom hit Ann so Ann was sad.")]
     assert full[0] > full[1]  # scoring whole sentences would choose option 1
-    reqs = [ev.encode_pair(CharTok(), c, k) for c, k in zip(item.contexts, item.continuations)]
-    lls = ev.loglikelihoods(Bigram(table), reqs)
+    reqs = [zs.encode_pair(CharTok(), c, k) for c, k in zip(item.contexts, item.continuations)]
+    lls = zs.loglikelihoods(Bigram(table), reqs)
     assert lls == pytest.approx([hand_ll(table, c, " was sad.") for c in item.contexts], rel=1e-6)
-    m = ev.task_metrics([item], lls)
+    m = zs.task_metrics([item], lls)
     assert m["acc"] == 1.0 and m["acc_norm"] == m["acc"]
 
 
@@ -168,7 +169,7 @@ def test_batched_scoring_equals_one_sequence_at_a_time():
         logp = torch.log_softmax(model(torch.tensor([c + k]))[0], dim=-1)
         ref.append(sum(logp[len(c) - 1 + j, t].item() for j, t in enumerate(k)))
     for bs in (1, 2, 8):
-        assert ev.loglikelihoods(model, reqs, batch_size=bs) == pytest.approx(ref, abs=1e-4)
+        assert zs.loglikelihoods(model, reqs, batch_size=bs) == pytest.approx(ref, abs=1e-4)
 
 
 def test_shared_context_scoring_equals_independent_requests():
@@ -178,18 +179,18 @@ def test_shared_context_scoring_equals_independent_requests():
              for ctx, ks in [(torch.randint(128, (n,), generator=g).tolist(), ks)
                              for n, ks in [(12, [1, 4, 2]), (5, [3, 3]), (20, [1, 1])]]]
     flat = [q for r in items for q in r]
-    ref = ev.loglikelihoods(model, flat, batch_size=1)
-    assert ev.choice_loglikelihoods(model, items) == pytest.approx(ref, abs=1e-4)  # shared KV-cache path
-    assert ev.shared_context_loglikelihoods(model, items[0][0][0], [k for _, k in items[0]]) == pytest.approx(ref[:3], abs=1e-4)
+    ref = zs.loglikelihoods(model, flat, batch_size=1)
+    assert zs.choice_loglikelihoods(model, items) == pytest.approx(ref, abs=1e-4)  # shared KV-cache path
+    assert zs.shared_context_loglikelihoods(model, items[0][0][0], [k for _, k in items[0]]) == pytest.approx(ref[:3], abs=1e-4)
     items[1][1] = ([7] + items[1][1][0][1:], items[1][1][1])  # contexts differ: the independent path
     flat = [q for r in items for q in r]
-    assert ev.choice_loglikelihoods(model, items) == pytest.approx(ev.loglikelihoods(model, flat, 1), abs=1e-4)
+    assert zs.choice_loglikelihoods(model, items) == pytest.approx(zs.loglikelihoods(model, flat, 1), abs=1e-4)
 
 
 def test_overlong_requests_keep_their_last_tokens():
     table = torch.randn(128, 128, generator=torch.Generator().manual_seed(6))
     ctx, cont = "abcdefghij", " kl"
-    lls = ev.loglikelihoods(Bigram(table, max_len=5), [ev.encode_pair(CharTok(), ctx, cont)])
+    lls = zs.loglikelihoods(Bigram(table, max_len=5), [zs.encode_pair(CharTok(), ctx, cont)])
     assert lls[0] == pytest.approx(hand_ll(table, ctx, cont), rel=1e-6)  # a bigram needs only the last token
 
 
@@ -241,9 +242,9 @@ def test_bad_task_files_give_errors_naming_file_and_line(tmp_path):
 
 def test_limit_larger_than_the_set_warns_and_reports_the_true_n(capsys):
     items = [tasks.mc_item("Q:", ["a", "b"], 0)] * 3
-    assert len(ev.limit_items(items, 10, "piqa")) == 3
+    assert len(zs.limit_items(items, 10, "piqa")) == 3
     assert "larger than piqa (3 items)" in capsys.readouterr().out
-    assert len(ev.limit_items(items, 2, "piqa")) == 2
+    assert len(zs.limit_items(items, 2, "piqa")) == 2
 
 
 def test_cli_rejects_bad_flags():
