@@ -225,7 +225,7 @@ def run(ckpt, method, out, prune_layers=None, prune_ratio=None, calib="wikitext2
     return report
 
 
-@cli(memory="--nsamples or --seqlen")
+@cli(memory="--nsamples or --seqlen", resume="the finished blocks' scores are kept in --out/scores.json; the same command continues from them")
 def main(argv=None):
     p = argparse.ArgumentParser(description="Choose layers to remove with a baseline method (same report as search.py).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)

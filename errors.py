@@ -118,10 +118,15 @@ def user_message(e, memory=""):
     return None
 
 
-def cli(memory=""):
+EXIT_INTERRUPTED = 130  # the shell's status for a command stopped by Ctrl-C (128 + SIGINT)
+
+
+def cli(memory="", resume=""):
     """Decorate a CLI's main(argv=None): user errors print `prog: error: message` on one line and exit 2.
 
-    `memory` names the flags that lower the memory a run needs (said when it runs out)."""
+    `memory` names the flags that lower the memory a run needs (said when it runs out); `resume` says what an
+    interrupted run keeps and how to continue it (said on Ctrl-C, which exits 130 without a traceback: every
+    output is written atomically, so an interruption leaves no half-written file to explain)."""
     def wrap(main):
         prog = Path(main.__code__.co_filename).name
 
@@ -129,7 +134,10 @@ def cli(memory=""):
         def run(*args, **kwargs):
             try:
                 return main(*args, **kwargs)
-            except Exception as e:  # MemoryError included; KeyboardInterrupt and SystemExit pass
+            except KeyboardInterrupt:
+                print(f"\n{prog}: interrupted; {resume or 'no output was written or changed'}", file=sys.stderr)
+                raise SystemExit(EXIT_INTERRUPTED) from None
+            except Exception as e:  # MemoryError included; SystemExit passes
                 msg = user_message(e, memory)
                 if msg is None:
                     raise

@@ -326,7 +326,7 @@ def parse_args(argv=None):
     return a
 
 
-@cli(memory="--nsamples or --seqlen")
+@cli(memory="--nsamples or --seqlen", resume="the finished layers are kept in OUT.partial; the same command continues from them")
 def main(argv=None):
     a = parse_args(argv)
     plan.check(a, "quantize")

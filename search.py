@@ -273,7 +273,8 @@ def run(ckpt, out, prune_layers=None, prune_ratio=None, calib="wikitext2", nsamp
     return report
 
 
-@cli(memory="--nsamples, --seqlen or --chunk")
+@cli(memory="--nsamples, --seqlen or --chunk",
+     resume="a run with --save-every N kept its state every N steps in --out; the same command with --resume continues it")
 def main(argv=None):
     p = argparse.ArgumentParser(description="Find the contiguous block of layers to remove with the CLP gate.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -381,3 +381,24 @@ def test_no_unsafe_deserialisation_in_the_code():
         for n, line in enumerate(f.read_text().splitlines(), 1):
             for pat in UNSAFE:
                 assert not re.search(pat, line), f"{f.name}:{n}: {line.strip()}"
+
+
+@pytest.mark.parametrize("module,work,argv,hint", [
+    ("search", "run", ["--prune-layers", "1"], "--resume continues it"),
+    ("baselines", "run", ["--prune-layers", "1"], "scores.json; the same command continues"),
+    ("quantize", "quantize_checkpoint", ["--out", "q"], "OUT.partial; the same command continues"),
+    ("tune", "tune", ["--ckpt", "p", "--out", "t"], "no output was written or changed"),
+], ids=["search.py", "baselines.py", "quantize.py", "tune.py"])
+def test_ctrl_c_is_one_line_saying_what_is_kept(module, work, argv, hint, monkeypatch, capsys):
+    import importlib
+
+    mod = importlib.import_module(module)
+
+    def interrupted(*_, **__):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(mod, work, interrupted)
+    with pytest.raises(SystemExit) as e:
+        mod.main(argv)
+    assert e.value.code == 130  # 128 + SIGINT, as a shell reports it
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"{module}.py: interrupted; ") and hint in err[0], err

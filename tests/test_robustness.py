@@ -187,6 +187,10 @@ OTHER_ROWS = [
      "the rerun succeeds", "the old output until the rerun, then the new one"),
     ("test_kill_a_cli_while_it_writes[tune.py]", "the same for tune.py", "the rerun succeeds", "as above"),
     ("test_kill_a_cli_while_it_writes[quantize.py]", "the same for quantize.py", "the rerun succeeds", "as above"),
+    ("test_ctrl_c_is_one_line_saying_what_is_kept[search.py]", "Ctrl-C during search.py, baselines.py, quantize.py "
+     "or tune.py", "one line, `interrupted; ` and what was kept and how to continue (exit status 130)",
+     "what the run saved so far (search with --save-every, the baselines' scores, GPTQ's finished layers); "
+     "otherwise nothing new"),
     ("test_two_writers_of_one_checkpoint_take_turns", "two processes write one output directory at once",
      "the second prints that it waits for the first", "one complete checkpoint (the later one)"),
     ("test_two_json_writers_never_mix", "two processes write one JSON file at once", "nothing", "one complete file"),
