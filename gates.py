@@ -148,6 +148,23 @@ def neighbours(blocks, L, radius=1, merge=False):
     return out
 
 
+def boundary_moves(layers, L, segments):
+    """Every removed set of the same size made by moving one layer from an end of a block to just outside the
+    end of a block (the same one or another), with at most `segments` blocks: shifts a block by one layer, or
+    hands one layer from one block to another, so that the walk can change the widths (5 + 4 -> 6 + 3 -> 7 + 2),
+    and a block of one layer can move away to grow another."""
+    layers, out = set(layers), set()
+    runs = [(s, s + w - 1) for s, w in layers_to_blocks(sorted(layers))]
+    ends = {i for r in runs for i in r}
+    outside = {i for a, b in runs for i in (a - 1, b + 1) if 0 <= i < L and i not in layers}
+    for e in ends:
+        for o in outside:
+            moved = sorted(layers - {e} | {o})
+            if len(layers_to_blocks(moved)) <= segments:
+                out.add(tuple(moved))
+    return out - {tuple(sorted(layers))}
+
+
 STRIP = " .:-=+*#%@"
 
 

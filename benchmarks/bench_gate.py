@@ -33,7 +33,7 @@ def key(*parts):
 def variant_for(segments, variant=search.VARIANT):
     """The name a gate cell is stored under: v3 differs from v2 only in multi-segment walks, so a one-segment
     v3 run is the stored v2 run."""
-    return "v2" if variant == "v3" and segments == 1 else variant
+    return "v2" if variant in ("v3", "v4") and segments == 1 else variant
 
 
 def oracle(model, teacher, k, segments):
@@ -46,12 +46,26 @@ def oracle(model, teacher, k, segments):
 
 def gate_run(model, teacher, k, segments, seed, variant=search.VARIANT):
     t0 = time.perf_counter()
-    read_off, merge = search.VARIANTS[variant]
-    g = search.search(model, teacher, k, segments=segments, seed=seed, read_off=read_off, merge=merge, log_every=10)
+    read_off, merge, resize = search.VARIANTS[variant]
+    g = search.search(model, teacher, k, segments=segments, seed=seed, read_off=read_off, merge=merge, resize=resize,
+                      log_every=10)
     return {"removed_layers": g["removed_layers"], "kl": g["kl"], "seconds": time.perf_counter() - t0,
             "scored": len(g["candidates"]), "time_s": g["time_s"], "survivors": g["survivors"],
             "candidates": [[c["removed_layers"], c["kl"]] for c in g["candidates"]],
             "read": [c["removed_layers"] for c in g["candidates"] if c["read_off_by_starts"]]}
+
+
+def continue_with_width_walk(model, teacher, prior, segments):
+    """A v4 run from the stored v3 run of the same budget and seed: v4's gate steps and first walk are v3's (the
+    same seed, the same numbers), so v4 is v3's scored placements continued by the width walk
+    (search.walk_widths); its time is v3's plus the width walk's."""
+    t0 = time.perf_counter()
+    scored = {tuple(search.layers_to_blocks(layers)): kl for layers, kl in prior["candidates"]}
+    search.walk_widths(model, teacher, scored, model.cfg.num_layers, segments)
+    dt = time.perf_counter() - t0
+    ranked = sorted(([search.blocks_to_layers(b), kl] for b, kl in scored.items()), key=lambda c: c[1])
+    return dict(prior, removed_layers=ranked[0][0], kl=ranked[0][1], seconds=prior["seconds"] + dt, scored=len(ranked),
+                time_s=dict(prior["time_s"], width_walk=dt), candidates=ranked, continued_from="v3")
 
 
 def replay_v1(read, orc, L, k):
@@ -89,7 +103,11 @@ def section(res, a, L):
              "their second one: baselines.score_placements) by the calibration KL on the same cached dense pass. "
              "Variants: v1 = exact read-off from the surviving starts' blocks and a walk to a local minimum (as first built); "
              "v2 = the same, after also scoring every block a start's rounded window visited (stopped starts included); "
-             "v3 = v2 whose walk may also move one block next to another (multi-segment only: for S = 1 it is v2). "
+             "v3 = v2 whose walk may also move one block next to another (multi-segment only: for S = 1 it is v2); "
+             "v4 = v3 followed by a walk that moves one layer at a time from the end of a block to just outside one, "
+             "so the blocks' widths can change (multi-segment only; run as v3's stored run continued: the gate steps and "
+             "first walk are the same). A v4 placement may leave the oracle's widths: its rank is then '-', and its "
+             "regret, measured against the fixed-width optimum, can be negative. "
              "*v1 (replayed)*: v1's read-off walk from the survivors' blocks of the v2 run, on the oracle's exact KLs (the "
              "gate steps are the same; its time is not measured). *Regret*: gate KL minus the optimum's. *scored*: placements the gate scored exactly. Times are wall times on a 2-core machine shared with other jobs, "
              "1 thread: compare them within a row, not across rows. Rows: every cell stored in "
@@ -109,8 +127,9 @@ def section(res, a, L):
         if orc is None:
             continue
         r = regret_row(g, orc)
+        rank = f"{r['rank']} of {r['of']}" if r["rank"] else "-"
         lines.append(f"| {g['S']} | {g['k']} | {g['seed']} | {g['variant']} | {search.span(g['removed_layers'])} "
-                     f"| {g['kl']:.4f} | {search.span(r['best'])} | {r['best_kl']:.4f} | {r['rank']} of {r['of']} "
+                     f"| {g['kl']:.4f} | {search.span(r['best'])} | {r['best_kl']:.4f} | {rank} "
                      f"| {r['regret']:.4f} | {g['scored']} of {r['of']} | {g['seconds']:,.0f} | {orc['seconds']:,.0f} | {g['seconds'] / orc['seconds']:.2f} |".replace("| nan", "| -"))
     pending = [g for g in rows if g["oracle_key"] not in res]
     if pending:
@@ -131,6 +150,8 @@ def main(argv=None):
     p.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window")
     p.add_argument("--variant", default=search.VARIANT, choices=list(search.VARIANTS),
                    help="version of the search (search.VARIANTS: what seeds the exact read-off)")
+    p.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=True,
+                   help="also enumerate every placement (--no-oracle: the gate runs only; their rows wait for it)")
     p.add_argument("--results", type=Path, default=RESULTS, help="JSON of finished cells (resumed, never recomputed)")
     p.add_argument("--write-only", action="store_true", help="run nothing: rewrite the section from the stored cells")
     a = p.parse_args(argv)
@@ -142,13 +163,16 @@ def main(argv=None):
         for k in map(int, a.budgets.split(",")):
             base = key(fp, f"{a.nsamples}x{a.seqlen}", seed, k, a.segments)
             ok, gk = key(base, "oracle"), key(base, "gate", variant_for(a.segments, a.variant))
-            if ok in res and gk in res:
+            if gk in res and (ok in res or not a.oracle):
                 continue
             teacher = teacher or search.make_teacher(model, tok, "wikitext2", a.nsamples, a.seqlen, seed)
+            prior = res.get(key(base, "gate", "v3")) if variant_for(a.segments, a.variant) == "v4" else None
             if gk not in res:
-                store_cell(a.results, res, gk, dict(gate_run(model, teacher, k, a.segments, seed, a.variant), kind="gate",
-                                                    S=a.segments, k=k, seed=seed, variant=variant_for(a.segments, a.variant), oracle_key=ok))
-            if ok not in res:
+                run = continue_with_width_walk(model, teacher, prior, a.segments) if prior else \
+                    gate_run(model, teacher, k, a.segments, seed, a.variant)
+                store_cell(a.results, res, gk, dict(run, kind="gate", S=a.segments, k=k, seed=seed,
+                                                    variant=variant_for(a.segments, a.variant), oracle_key=ok))
+            if ok not in res and a.oracle:
                 store_cell(a.results, res, ok, dict(oracle(model, teacher, k, a.segments), kind="oracle"))
             print("\n".join(section(res, a, model.cfg.num_layers)[-1:]), flush=True)
     print("\n".join(section(res, a, model.cfg.num_layers)))

@@ -125,3 +125,24 @@ def test_a_run_over_fewer_ratios_reuses_the_wider_speed_measurement(tmp_path, mo
     monkeypatch.setattr(compare_cells, "pruned_view", lambda model, removed: None)
     b.model = None
     assert set(compare_cells.speed(b, [24])) == {"30", "24", "bandwidth", "load"}
+
+
+def test_v4_continued_from_a_stored_v3_run_equals_a_v4_run(monkeypatch):
+    """bench_gate stores v4 as v3's run continued by the width walk: the same choice and the same scored
+    placements as search.choose_block with resize on, from the same gate."""
+    from types import SimpleNamespace
+    from benchmarks import bench_gate
+    import search
+
+    target = {2, 3, 10, 11, 12, 13, 14, 15}
+    monkeypatch.setattr(search, "removed_kl", lambda model, teacher, layers: 1 + 0.05 * len(set(layers) ^ target)
+                        + 0.001 * min(layers))  # no ties
+    model = SimpleNamespace(cfg=SimpleNamespace(num_layers=20))
+    gate = search.ContiguousGate(20, 8, segments=2, mu=[4.0, 12.0])
+    v3 = search.choose_block(model, None, {0: gate}, 20, radius=1, merge=True)
+    live = search.choose_block(model, None, {0: gate}, 20, radius=1, merge=True, resize=True)
+    prior = {"candidates": [[c["removed_layers"], c["kl"]] for c in v3], "seconds": 10.0, "time_s": {"gate_steps": 1.0}}
+    got = bench_gate.continue_with_width_walk(model, None, prior, 2)
+    assert got["removed_layers"] == live[0]["removed_layers"] == sorted(target) and got["kl"] == live[0]["kl"]
+    assert sorted(c[0] for c in got["candidates"]) == sorted(c["removed_layers"] for c in live)
+    assert got["seconds"] >= 10.0 and "width_walk" in got["time_s"] and got["continued_from"] == "v3"

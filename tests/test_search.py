@@ -200,3 +200,33 @@ def test_merge_moves_let_the_two_segment_walk_reach_a_contiguous_optimum(monkeyp
     with_merge = search.choose_block(None, None, {0: g}, 30, radius=1, merge=True)
     assert without[0]["removed_layers"] == [4, 5, 6, 13, 14, 15]
     assert with_merge[0]["removed_layers"] == list(range(13, 19)) and with_merge[0]["kl"] == 0.5
+
+
+def test_boundary_moves_by_hand():
+    import gates
+    # blocks 2-3 and 10 in 12 layers: an end layer (2, 3 or 10) goes next to a block (1, 4, 9 or 11), at most 2 blocks
+    assert gates.boundary_moves([2, 3, 10], 12, 2) == {
+        (3, 4, 10), (3, 9, 10), (3, 10, 11), (1, 2, 10), (2, 9, 10), (2, 10, 11), (1, 2, 3), (2, 3, 4), (2, 3, 9), (2, 3, 11)}
+    assert gates.boundary_moves([4, 5, 6], 12, 1) == {(3, 4, 5), (5, 6, 7)}  # one block: the shifts only
+    assert gates.boundary_moves([0, 11], 12, 2) == {(1, 11), (10, 11), (0, 1), (0, 10)}  # nothing leaves [0, L)
+
+
+def test_resize_moves_let_the_two_segment_walk_change_the_widths(monkeypatch):
+    """The cheapest two blocks are 2-3 and 10-15 (widths 2 + 6); the gate's segments have widths 4 + 4, so the
+    walks of v3 stop at a 4 + 4 placement or a contiguous 8; the width walk (v4) hands layers from one block to
+    the other and reaches the optimum, scoring each layer set once."""
+    target, calls = {2, 3, 10, 11, 12, 13, 14, 15}, []
+
+    def kl(model, teacher, layers):
+        calls.append(tuple(layers))
+        return 1 + 0.05 * len(set(layers) ^ target)
+
+    monkeypatch.setattr(search, "removed_kl", kl)
+    g = search.ContiguousGate(20, 8, segments=2, mu=[4.0, 12.0])  # blocks 2-5 and 10-13
+    assert g.blocks() == ((2, 4), (10, 4))
+    v3 = search.choose_block(None, None, {0: g}, 20, radius=1, merge=True)
+    assert v3[0]["kl"] >= 1.2  # two layers in, two out, whatever 4 + 4 or contiguous placement
+    calls.clear()
+    v4 = search.choose_block(None, None, {0: g}, 20, radius=1, merge=True, resize=True)
+    assert v4[0]["removed_layers"] == sorted(target) and v4[0]["kl"] == 1.0
+    assert len(calls) == len(set(calls))  # no layer set scored twice
