@@ -165,6 +165,19 @@ def boundary_moves(layers, L, segments):
     return out - {tuple(sorted(layers))}
 
 
+def relocations(layers, L):
+    """Every removed set made by moving one block (a run of consecutive layers) anywhere else inside [0, L) where it
+    does not overlap another: S (L - w) sets at most. Touching another block merges with it, so the number of
+    blocks never grows."""
+    layers, out = set(layers), set()
+    for s, w in layers_to_blocks(sorted(layers)):
+        rest = layers - set(range(s, s + w))
+        for t in range(L - w + 1):
+            if t != s and not rest & set(range(t, t + w)):
+                out.add(tuple(sorted(rest | set(range(t, t + w)))))
+    return out
+
+
 STRIP = " .:-=+*#%@"
 
 

@@ -36,14 +36,15 @@ from errors import cli
 from load_weights import write_json
 from resume import GateState
 from gates import (ContiguousGate, blocks_to_layers, boundary_moves, budget, initial_centres, layers_to_blocks, neighbours,
-                   place_segments, segment_widths, strip, tau_at)
+                   place_segments, relocations, segment_widths, strip, tau_at)
 from teacher import build_teacher, calibration_tokens, eta, kl_backward, removed_kl, run_layers
 
 # versions of the search: what seeds the exact read-off, whether the walk may move a block next to another
-# (merge), and whether a second walk may change the blocks' widths (resize); merge and resize change only
-# multi-segment walks. Benchmark rows name them (before/after a change)
-VARIANTS = {"v1": ("survivors", False, False), "v2": ("visited", False, False), "v3": ("visited", True, False),
-            "v4": ("visited", True, True)}
+# (merge), and whether a second walk may change the blocks' widths ("widths") and also move a block anywhere
+# ("anywhere"); merge and the second walk change only multi-segment searches. Benchmark rows name them
+# (before/after a change)
+VARIANTS = {"v1": ("survivors", False, None), "v2": ("visited", False, None), "v3": ("visited", True, None),
+            "v4": ("visited", True, "widths"), "v5": ("visited", True, "anywhere")}
 VARIANT = "v3"
 
 
@@ -144,7 +145,7 @@ def visited_blocks(trajectory, widths, L):
     return out
 
 
-def choose_block(model, teacher, gates, L, radius=1, state=None, seeds=(), merge=True, resize=False):
+def choose_block(model, teacher, gates, L, radius=1, state=None, seeds=(), merge=True, resize=None):
     """Discrete read-off: score each surviving start's block and its neighbours by the exact calibration KL
     with the layers removed, then keep stepping to the best block's neighbours until the best one has all
     its neighbours scored (a local minimum of the discrete KL). `gates` is {start: gate}; `seeds` are more
@@ -160,10 +161,13 @@ def choose_block(model, teacher, gates, L, radius=1, state=None, seeds=(), merge
     at 4-6,13-15 (KL 1.04) while the contiguous 13-18, also a two-block placement, has KL 0.79. A move that puts
     one block next to another adds 2 S (S - 1) neighbours per step.
 
-    Why resize (v4): the gate's segments have fixed widths (k split evenly), and the cheapest two blocks need
-    not have them: at k = 9 the walk can reach 5 + 4 layers but not 7 + 2. From the first walk's best placement,
-    a second walk moves one layer at a time from the end of a block to just outside one (gates.boundary_moves),
-    still at most S blocks, until no such move lowers the exact KL."""
+    Why resize (v4, "widths"): the gate's segments have fixed widths (k split evenly), and the cheapest two blocks
+    need not have them: at k = 9 the walk can reach 5 + 4 layers but not 7 + 2. From the first walk's best
+    placement, a second walk moves one layer from the end of a block to just outside one (gates.boundary_moves:
+    widths change by one), still at most S blocks, until no such move lowers the exact KL.
+    v5 ("anywhere"): the second walk may also move a whole block anywhere it fits (gates.relocations), so that a
+    block can leave the half of the depth the gate kept it in. On smollm2-135m at k = 9 v4 stopped at 4-5,12-18
+    (KL 1.370), while 12-18,25-26 (1.344) is one relocation away."""
     read = {g.blocks(): [r for r, h in gates.items() if h.blocks() == g.blocks()] for g in gates.values()}
     seeds = set(seeds) - set(read)
     print(f"read-off: {len(read)} distinct block(s) from the surviving starts, {len(seeds)} more visited; "
@@ -183,15 +187,15 @@ def choose_block(model, teacher, gates, L, radius=1, state=None, seeds=(), merge
         best = min(scored, key=scored.get)
         frontier = set() if best in expanded else {best}
     if resize and len(gates[next(iter(gates))].widths) > 1:
-        walk_widths(model, teacher, scored, L, len(gates[next(iter(gates))].widths), state)
+        walk_widths(model, teacher, scored, L, len(gates[next(iter(gates))].widths), state, anywhere=resize == "anywhere")
     return sorted(({"removed_layers": blocks_to_layers(b), "kl": kl, "read_off_by_starts": read.get(b, [])}
                    for b, kl in scored.items()), key=lambda c: c["kl"])
 
 
-def walk_widths(model, teacher, scored, L, segments, state=None):
-    """choose_block's second walk (resize): from the best scored placement, the boundary moves of gates.boundary_moves,
-    best first, until the best placement has all its moves scored. Adds to `scored` ({blocks: kl}); a layer set
-    already scored under another split into blocks is not scored again."""
+def walk_widths(model, teacher, scored, L, segments, state=None, anywhere=False):
+    """choose_block's second walk (resize): from the best scored placement, its boundary moves (gates.boundary_moves)
+    and, `anywhere`, its relocations (gates.relocations), until the best placement has all its moves scored. Adds
+    to `scored` ({blocks: kl}); a layer set already scored under another split into blocks is not scored again."""
     by_layers = {tuple(blocks_to_layers(b)): kl for b, kl in scored.items()}
     expanded = set()
     while True:
@@ -200,7 +204,8 @@ def walk_widths(model, teacher, scored, L, segments, state=None):
         if layers in expanded:
             return
         expanded.add(layers)
-        for moved in sorted(boundary_moves(layers, L, segments) - set(by_layers)):
+        moves = boundary_moves(layers, L, segments) | (relocations(layers, L) if anywhere else set())
+        for moved in sorted(moves - set(by_layers)):
             blocks = tuple(layers_to_blocks(moved))
             exact = lambda: removed_kl(model, teacher, list(moved))  # noqa: E731
             scored[blocks] = by_layers[moved] = state.score(blocks, exact) if state is not None else exact()
@@ -213,7 +218,7 @@ def span(layers):
 
 
 def search(model, teacher, k, segments=1, starts=4, steps=30, batch_size=1, lr=1.0, tau0=2.0, tau1=0.05,
-           radius=1, halving=True, read_off="visited", merge=True, resize=False, seed=0, chunk=1024, log_every=1, state=None):
+           radius=1, halving=True, read_off="visited", merge=True, resize=None, seed=0, chunk=1024, log_every=1, state=None):
     """The CLP gate search on a cached teacher; returns a dict with the chosen block and how it was found."""
     torch.manual_seed(seed)
     gates = make_gates(model.cfg.num_layers, k, segments, starts)

@@ -33,7 +33,7 @@ def key(*parts):
 def variant_for(segments, variant=search.VARIANT):
     """The name a gate cell is stored under: v3 differs from v2 only in multi-segment walks, so a one-segment
     v3 run is the stored v2 run."""
-    return "v2" if variant in ("v3", "v4") and segments == 1 else variant
+    return "v2" if variant in ("v3", "v4", "v5") and segments == 1 else variant
 
 
 def oracle(model, teacher, k, segments):
@@ -55,13 +55,13 @@ def gate_run(model, teacher, k, segments, seed, variant=search.VARIANT):
             "read": [c["removed_layers"] for c in g["candidates"] if c["read_off_by_starts"]]}
 
 
-def continue_with_width_walk(model, teacher, prior, segments):
-    """A v4 run from the stored v3 run of the same budget and seed: v4's gate steps and first walk are v3's (the
-    same seed, the same numbers), so v4 is v3's scored placements continued by the width walk
-    (search.walk_widths); its time is v3's plus the width walk's."""
+def continue_with_width_walk(model, teacher, prior, segments, anywhere=False):
+    """A v4 or v5 run from the stored v3 run of the same budget and seed: their gate steps and first walk are v3's
+    (the same seed, the same numbers), so they are v3's scored placements continued by the second walk
+    (search.walk_widths); the time is v3's plus the second walk's."""
     t0 = time.perf_counter()
     scored = {tuple(search.layers_to_blocks(layers)): kl for layers, kl in prior["candidates"]}
-    search.walk_widths(model, teacher, scored, model.cfg.num_layers, segments)
+    search.walk_widths(model, teacher, scored, model.cfg.num_layers, segments, anywhere=anywhere)
     dt = time.perf_counter() - t0
     ranked = sorted(([search.blocks_to_layers(b), kl] for b, kl in scored.items()), key=lambda c: c[1])
     return dict(prior, removed_layers=ranked[0][0], kl=ranked[0][1], seconds=prior["seconds"] + dt, scored=len(ranked),
@@ -104,9 +104,9 @@ def section(res, a, L):
              "Variants: v1 = exact read-off from the surviving starts' blocks and a walk to a local minimum (as first built); "
              "v2 = the same, after also scoring every block a start's rounded window visited (stopped starts included); "
              "v3 = v2 whose walk may also move one block next to another (multi-segment only: for S = 1 it is v2); "
-             "v4 = v3 followed by a walk that moves one layer at a time from the end of a block to just outside one, "
-             "so the blocks' widths can change (multi-segment only; run as v3's stored run continued: the gate steps and "
-             "first walk are the same). A v4 placement may leave the oracle's widths: its rank is then '-', and its "
+             "v4 = v3 followed by a walk that moves one layer from the end of a block to just outside one (the blocks' "
+             "widths change), v5 = the same walk, which may also move one whole block anywhere it fits (both multi-segment only; run as v3's stored run continued: the gate steps and "
+             "first walk are the same). A v4 or v5 placement may leave the oracle's widths: its rank is then '-', and its "
              "regret, measured against the fixed-width optimum, can be negative. "
              "*v1 (replayed)*: v1's read-off walk from the survivors' blocks of the v2 run, on the oracle's exact KLs (the "
              "gate steps are the same; its time is not measured). *Regret*: gate KL minus the optimum's. *scored*: placements the gate scored exactly. Times are wall times on a 2-core machine shared with other jobs, "
@@ -166,9 +166,9 @@ def main(argv=None):
             if gk in res and (ok in res or not a.oracle):
                 continue
             teacher = teacher or search.make_teacher(model, tok, "wikitext2", a.nsamples, a.seqlen, seed)
-            prior = res.get(key(base, "gate", "v3")) if variant_for(a.segments, a.variant) == "v4" else None
+            prior = res.get(key(base, "gate", "v3")) if variant_for(a.segments, a.variant) in ("v4", "v5") else None
             if gk not in res:
-                run = continue_with_width_walk(model, teacher, prior, a.segments) if prior else \
+                run = continue_with_width_walk(model, teacher, prior, a.segments, a.variant == "v5") if prior else \
                     gate_run(model, teacher, k, a.segments, seed, a.variant)
                 store_cell(a.results, res, gk, dict(run, kind="gate", S=a.segments, k=k, seed=seed,
                                                     variant=variant_for(a.segments, a.variant), oracle_key=ok))

@@ -140,9 +140,13 @@ def test_v4_continued_from_a_stored_v3_run_equals_a_v4_run(monkeypatch):
     model = SimpleNamespace(cfg=SimpleNamespace(num_layers=20))
     gate = search.ContiguousGate(20, 8, segments=2, mu=[4.0, 12.0])
     v3 = search.choose_block(model, None, {0: gate}, 20, radius=1, merge=True)
-    live = search.choose_block(model, None, {0: gate}, 20, radius=1, merge=True, resize=True)
+    live = search.choose_block(model, None, {0: gate}, 20, radius=1, merge=True, resize="widths")
     prior = {"candidates": [[c["removed_layers"], c["kl"]] for c in v3], "seconds": 10.0, "time_s": {"gate_steps": 1.0}}
     got = bench_gate.continue_with_width_walk(model, None, prior, 2)
     assert got["removed_layers"] == live[0]["removed_layers"] == sorted(target) and got["kl"] == live[0]["kl"]
     assert sorted(c[0] for c in got["candidates"]) == sorted(c["removed_layers"] for c in live)
+    live5 = search.choose_block(model, None, {0: gate}, 20, radius=1, merge=True, resize="anywhere")
+    got5 = bench_gate.continue_with_width_walk(model, None, prior, 2, anywhere=True)
+    assert sorted(c[0] for c in got5["candidates"]) == sorted(c["removed_layers"] for c in live5)
+    assert len(got5["candidates"]) > len(got["candidates"]) and got5["removed_layers"] == sorted(target)
     assert got["seconds"] >= 10.0 and "width_walk" in got["time_s"] and got["continued_from"] == "v3"

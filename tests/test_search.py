@@ -209,6 +209,9 @@ def test_boundary_moves_by_hand():
         (3, 4, 10), (3, 9, 10), (3, 10, 11), (1, 2, 10), (2, 9, 10), (2, 10, 11), (1, 2, 3), (2, 3, 4), (2, 3, 9), (2, 3, 11)}
     assert gates.boundary_moves([4, 5, 6], 12, 1) == {(3, 4, 5), (5, 6, 7)}  # one block: the shifts only
     assert gates.boundary_moves([0, 11], 12, 2) == {(1, 11), (10, 11), (0, 1), (0, 10)}  # nothing leaves [0, L)
+    # a block moves anywhere it does not overlap the other: 2-3 to 8 starts (not 9 or 10), 10 to 9 places
+    moves = gates.relocations([2, 3, 10], 12)
+    assert len(moves) == 8 + 9 and (8, 9, 10) in moves and (2, 3, 11) in moves and (9, 10, 11) not in moves
 
 
 def test_resize_moves_let_the_two_segment_walk_change_the_widths(monkeypatch):
@@ -227,6 +230,23 @@ def test_resize_moves_let_the_two_segment_walk_change_the_widths(monkeypatch):
     v3 = search.choose_block(None, None, {0: g}, 20, radius=1, merge=True)
     assert v3[0]["kl"] >= 1.2  # two layers in, two out, whatever 4 + 4 or contiguous placement
     calls.clear()
-    v4 = search.choose_block(None, None, {0: g}, 20, radius=1, merge=True, resize=True)
+    v4 = search.choose_block(None, None, {0: g}, 20, radius=1, merge=True, resize="widths")
     assert v4[0]["removed_layers"] == sorted(target) and v4[0]["kl"] == 1.0
     assert len(calls) == len(set(calls))  # no layer set scored twice
+
+
+def test_relocations_let_a_block_leave_its_half(monkeypatch):
+    """Blocks 2-3 and 10-15 of a planted landscape whose optimum is 10-15 with 25-26: one boundary move at a time
+    only raises the KL (a local minimum of v4), one relocation reaches the optimum (v5)."""
+    target = {10, 11, 12, 13, 14, 15, 25, 26}
+
+    def kl(model, teacher, layers):
+        layers = set(layers)
+        return 0.5 if layers == target else 1 + 0.05 * len(layers ^ {2, 3, 10, 11, 12, 13, 14, 15})
+
+    monkeypatch.setattr(search, "removed_kl", kl)
+    g = search.ContiguousGate(30, 8, segments=2, mu=[4.0, 12.0])  # blocks 2-5 and 10-13
+    v4 = search.choose_block(None, None, {0: g}, 30, radius=1, merge=True, resize="widths")
+    v5 = search.choose_block(None, None, {0: g}, 30, radius=1, merge=True, resize="anywhere")
+    assert v4[0]["removed_layers"] == [2, 3, 10, 11, 12, 13, 14, 15] and v4[0]["kl"] == 1.0
+    assert v5[0]["removed_layers"] == sorted(target) and v5[0]["kl"] == 0.5
