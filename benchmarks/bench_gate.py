@@ -55,6 +55,15 @@ def gate_run(model, teacher, k, segments, seed, variant=search.VARIANT):
             "read": [c["removed_layers"] for c in g["candidates"] if c["read_off_by_starts"]]}
 
 
+def gate_cell(model, teacher, k, segments, seed, variant, res, base):
+    """The stored form of one gate run: v4 and v5 continue the stored v3 run under `base` when there is one."""
+    v = variant_for(segments, variant)
+    prior = res.get(key(base, "gate", "v3")) if v in ("v4", "v5") else None
+    run = continue_with_width_walk(model, teacher, prior, segments, v == "v5") if prior else \
+        gate_run(model, teacher, k, segments, seed, v)
+    return dict(run, kind="gate", S=segments, k=k, seed=seed, variant=v, oracle_key=key(base, "oracle"))
+
+
 def continue_with_width_walk(model, teacher, prior, segments, anywhere=False):
     """A v4 or v5 run from the stored v3 run of the same budget and seed: their gate steps and first walk are v3's
     (the same seed, the same numbers), so they are v3's scored placements continued by the second walk
@@ -166,12 +175,8 @@ def main(argv=None):
             if gk in res and (ok in res or not a.oracle):
                 continue
             teacher = teacher or search.make_teacher(model, tok, "wikitext2", a.nsamples, a.seqlen, seed)
-            prior = res.get(key(base, "gate", "v3")) if variant_for(a.segments, a.variant) in ("v4", "v5") else None
             if gk not in res:
-                run = continue_with_width_walk(model, teacher, prior, a.segments, a.variant == "v5") if prior else \
-                    gate_run(model, teacher, k, a.segments, seed, a.variant)
-                store_cell(a.results, res, gk, dict(run, kind="gate", S=a.segments, k=k, seed=seed,
-                                                    variant=variant_for(a.segments, a.variant), oracle_key=ok))
+                store_cell(a.results, res, gk, gate_cell(model, teacher, k, a.segments, seed, a.variant, res, base))
             if ok not in res and a.oracle:
                 store_cell(a.results, res, ok, dict(oracle(model, teacher, k, a.segments), kind="oracle"))
             print("\n".join(section(res, a, model.cfg.num_layers)[-1:]), flush=True)

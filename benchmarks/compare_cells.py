@@ -90,9 +90,7 @@ def choose(b, method, k):
         base = bench_gate.key(b.fp, b.calib, b.a.seed, k, S)
         if method.startswith("clp-gate"):
             v = bench_gate.variant_for(S)
-            g = b.cell(key(base, "gate", v), lambda: dict(
-                bench_gate.gate_run(m, t(), k, S, b.a.seed, v), kind="gate", S=S, k=k, seed=b.a.seed,
-                variant=v, oracle_key=key(base, "oracle")), b.gates)
+            g = b.cell(key(base, "gate", v), lambda: bench_gate.gate_cell(m, t(), k, S, b.a.seed, v, b.gates, base), b.gates)
             return {"removed_layers": g["removed_layers"], "kl": g["kl"], "seconds": g["seconds"]}
         o = b.cell(key(base, "oracle"), lambda: dict(bench_gate.oracle(m, t(), k, S), kind="oracle"), b.gates)
         return {"removed_layers": o["ranked"][0][0], "kl": o["ranked"][0][1], "seconds": o["seconds"]}
