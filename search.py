@@ -327,6 +327,10 @@ def main(argv=None):
     p.add_argument("--radius", type=int, default=1, help="neighbours of each read-off scored exactly, in layers")
     p.add_argument("--read-off", default="visited", choices=sorted({v[0] for v in VARIANTS.values()}),
                    help="exact read-off from the surviving starts' blocks, or also from every block a start visited")
+    p.add_argument("--second-walk", dest="resize", default=VARIANTS[VARIANT][2] or "none",
+                   choices=["none", "widths", "anywhere"],
+                   help="with --segments > 1: after the read-off, walk on by moving one layer between the ends of blocks "
+                        "(widths) and also whole blocks anywhere they fit (anywhere)")
     p.add_argument("--halving", action=argparse.BooleanOptionalAction, default=True,
                    help="after each third of the steps, stop the worse half of the starts")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows and minibatch order")
@@ -348,6 +352,7 @@ def main(argv=None):
         p.error("give exactly one of --prune-ratio and --prune-layers")
     kwargs = vars(a)
     kwargs["excise_to"] = kwargs.pop("excise")
+    kwargs["resize"] = None if a.resize == "none" else a.resize
     plot = kwargs.pop("plot")
     run(**kwargs)
     if plot:

@@ -250,3 +250,12 @@ def test_relocations_let_a_block_leave_its_half(monkeypatch):
     v5 = search.choose_block(None, None, {0: g}, 30, radius=1, merge=True, resize="anywhere")
     assert v4[0]["removed_layers"] == [2, 3, 10, 11, 12, 13, 14, 15] and v4[0]["kl"] == 1.0
     assert v5[0]["removed_layers"] == sorted(target) and v5[0]["kl"] == 0.5
+
+
+def test_second_walk_flag_reaches_the_search(monkeypatch):
+    got = []
+    monkeypatch.setattr(search, "run", lambda **kw: got.append(kw["resize"]))
+    for flag, want in (([], search.VARIANTS[search.VARIANT][2]), (["--second-walk", "none"], None),
+                       (["--second-walk", "anywhere"], "anywhere")):
+        search.main(["--prune-layers", "2", "--segments", "2", *flag])
+        assert got.pop() == want
