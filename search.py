@@ -45,7 +45,7 @@ from teacher import build_teacher, calibration_tokens, eta, kl_backward, removed
 # (before/after a change)
 VARIANTS = {"v1": ("survivors", False, None), "v2": ("visited", False, None), "v3": ("visited", True, None),
             "v4": ("visited", True, "widths"), "v5": ("visited", True, "anywhere")}
-VARIANT = "v3"
+VARIANT = "v5"
 
 
 def first_gated_layer(keep, eps=1e-4):
@@ -218,7 +218,7 @@ def span(layers):
 
 
 def search(model, teacher, k, segments=1, starts=4, steps=30, batch_size=1, lr=1.0, tau0=2.0, tau1=0.05,
-           radius=1, halving=True, read_off="visited", merge=True, resize=None, seed=0, chunk=1024, log_every=1, state=None):
+           radius=1, halving=True, read_off="visited", merge=True, resize="anywhere", seed=0, chunk=1024, log_every=1, state=None):
     """The CLP gate search on a cached teacher; returns a dict with the chosen block and how it was found."""
     torch.manual_seed(seed)
     gates = make_gates(model.cfg.num_layers, k, segments, starts)
