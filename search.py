@@ -186,8 +186,9 @@ def choose_block(model, teacher, gates, L, radius=1, state=None, seeds=(), merge
         expanded |= frontier
         best = min(scored, key=scored.get)
         frontier = set() if best in expanded else {best}
-    if resize and len(gates[next(iter(gates))].widths) > 1:
-        walk_widths(model, teacher, scored, L, len(gates[next(iter(gates))].widths), state, anywhere=resize == "anywhere")
+    S = len(next(iter(gates.values())).widths)
+    if resize and S > 1:
+        walk_widths(model, teacher, scored, L, S, state, anywhere=resize == "anywhere")
     return sorted(({"removed_layers": blocks_to_layers(b), "kl": kl, "read_off_by_starts": read.get(b, [])}
                    for b, kl in scored.items()), key=lambda c: c["kl"])
 

@@ -33,7 +33,8 @@ def key(*parts):
 def variant_for(segments, variant=search.VARIANT):
     """The name a gate cell is stored under: v3 differs from v2 only in multi-segment walks, so a one-segment
     v3 run is the stored v2 run."""
-    return "v2" if variant in ("v3", "v4", "v5") and segments == 1 else variant
+    read_off, _, _ = search.VARIANTS[variant]
+    return "v2" if read_off == "visited" and segments == 1 else variant
 
 
 def oracle(model, teacher, k, segments):
@@ -58,8 +59,9 @@ def gate_run(model, teacher, k, segments, seed, variant=search.VARIANT):
 def gate_cell(model, teacher, k, segments, seed, variant, res, base):
     """The stored form of one gate run: v4 and v5 continue the stored v3 run under `base` when there is one."""
     v = variant_for(segments, variant)
-    prior = res.get(key(base, "gate", "v3")) if v in ("v4", "v5") else None
-    run = continue_with_width_walk(model, teacher, prior, segments, v == "v5") if prior else \
+    second_walk = search.VARIANTS[v][2]
+    prior = res.get(key(base, "gate", "v3")) if second_walk else None
+    run = continue_with_width_walk(model, teacher, prior, segments, second_walk == "anywhere") if prior else \
         gate_run(model, teacher, k, segments, seed, v)
     return dict(run, kind="gate", S=segments, k=k, seed=seed, variant=v, oracle_key=key(base, "oracle"))
 
