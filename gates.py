@@ -178,6 +178,19 @@ def relocations(layers, L):
     return out
 
 
+def swaps(layers, L, segments):
+    """Every removed set made by putting back one removed layer and removing one kept layer instead, with at most
+    `segments` blocks: k (L - k) sets before that filter. They contain the boundary moves, and they can also split
+    a block (16-18 -> 13,17-18) or start a new one anywhere, which no boundary move or relocation can."""
+    layers, out = set(layers), set()
+    for e in layers:
+        for o in set(range(L)) - layers:
+            moved = tuple(sorted(layers - {e} | {o}))
+            if len(layers_to_blocks(moved)) <= segments:
+                out.add(moved)
+    return out
+
+
 STRIP = " .:-=+*#%@"
 
 

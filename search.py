@@ -36,16 +36,23 @@ from errors import cli
 from load_weights import write_json
 from resume import GateState
 from gates import (ContiguousGate, blocks_to_layers, boundary_moves, budget, initial_centres, layers_to_blocks, neighbours,
-                   place_segments, relocations, segment_widths, strip, tau_at)
+                   place_segments, relocations, segment_widths, strip, swaps, tau_at)
 from teacher import build_teacher, calibration_tokens, eta, kl_backward, removed_kl, run_layers
 
 # versions of the search: what seeds the exact read-off, whether the walk may move a block next to another
-# (merge), and whether a second walk may change the blocks' widths ("widths") and also move a block anywhere
-# ("anywhere"); merge and the second walk change only multi-segment searches. Benchmark rows name them
-# (before/after a change)
+# (merge), and whether a second walk may change the blocks' widths ("widths"), also move a block anywhere
+# ("anywhere"), and then also swap any removed layer for a kept one ("swaps"); merge and the second walk change
+# only multi-segment searches. Benchmark rows name them (before/after a change)
 VARIANTS = {"v1": ("survivors", False, None), "v2": ("visited", False, None), "v3": ("visited", True, None),
-            "v4": ("visited", True, "widths"), "v5": ("visited", True, "anywhere")}
+            "v4": ("visited", True, "widths"), "v5": ("visited", True, "anywhere"), "v6": ("visited", True, "swaps")}
 VARIANT = "v5"
+
+# the moves of each second walk, and the walks each setting runs in turn: "swaps" first exhausts v5's cheaper
+# moves (about 4 S + S L per step) and only then pays for the k (L - k) swaps
+MOVES = {"widths": lambda layers, L, S: boundary_moves(layers, L, S),
+         "anywhere": lambda layers, L, S: boundary_moves(layers, L, S) | relocations(layers, L),
+         "swaps": lambda layers, L, S: swaps(layers, L, S) | relocations(layers, L)}
+WALKS = {"widths": ("widths",), "anywhere": ("anywhere",), "swaps": ("anywhere", "swaps")}
 
 
 def first_gated_layer(keep, eps=1e-4):
@@ -167,7 +174,10 @@ def choose_block(model, teacher, gates, L, radius=1, state=None, seeds=(), merge
     widths change by one), still at most S blocks, until no such move lowers the exact KL.
     v5 ("anywhere"): the second walk may also move a whole block anywhere it fits (gates.relocations), so that a
     block can leave the half of the depth the gate kept it in. On smollm2-135m at k = 9 v4 stopped at 4-5,12-18
-    (KL 1.370), while 12-18,25-26 (1.344) is one relocation away."""
+    (KL 1.370), while 12-18,25-26 (1.344) is one relocation away.
+    v6 ("swaps"): after v5's walk, a third one whose moves also put back any removed layer and remove any kept one
+    (gates.swaps), so a block can split: at k = 3 v5 stopped at the one block 16-18 (KL 0.395), while 13-14,17
+    (0.367) has two blocks of widths 2 + 1 that no boundary move or relocation of 16-18 reaches."""
     read = {g.blocks(): [r for r, h in gates.items() if h.blocks() == g.blocks()] for g in gates.values()}
     seeds = set(seeds) - set(read)
     print(f"read-off: {len(read)} distinct block(s) from the surviving starts, {len(seeds)} more visited; "
@@ -188,15 +198,16 @@ def choose_block(model, teacher, gates, L, radius=1, state=None, seeds=(), merge
         frontier = set() if best in expanded else {best}
     S = len(next(iter(gates.values())).widths)
     if resize and S > 1:
-        walk_widths(model, teacher, scored, L, S, state, anywhere=resize == "anywhere")
+        for moves in WALKS[resize]:
+            walk_widths(model, teacher, scored, L, S, state, moves)
     return sorted(({"removed_layers": blocks_to_layers(b), "kl": kl, "read_off_by_starts": read.get(b, [])}
                    for b, kl in scored.items()), key=lambda c: c["kl"])
 
 
-def walk_widths(model, teacher, scored, L, segments, state=None, anywhere=False):
-    """choose_block's second walk (resize): from the best scored placement, its boundary moves (gates.boundary_moves)
-    and, `anywhere`, its relocations (gates.relocations), until the best placement has all its moves scored. Adds
-    to `scored` ({blocks: kl}); a layer set already scored under another split into blocks is not scored again."""
+def walk_widths(model, teacher, scored, L, segments, state=None, moves="widths"):
+    """choose_block's second walk (resize): from the best scored placement, its MOVES[moves] (boundary moves,
+    relocations, swaps), until the best placement has all its moves scored. Adds to `scored` ({blocks: kl}); a
+    layer set already scored under another split into blocks is not scored again."""
     by_layers = {tuple(blocks_to_layers(b)): kl for b, kl in scored.items()}
     expanded = set()
     while True:
@@ -205,12 +216,11 @@ def walk_widths(model, teacher, scored, L, segments, state=None, anywhere=False)
         if layers in expanded:
             return
         expanded.add(layers)
-        moves = boundary_moves(layers, L, segments) | (relocations(layers, L) if anywhere else set())
-        for moved in sorted(moves - set(by_layers)):
+        for moved in sorted(MOVES[moves](layers, L, segments) - set(by_layers)):
             blocks = tuple(layers_to_blocks(moved))
             exact = lambda: removed_kl(model, teacher, list(moved))  # noqa: E731
             scored[blocks] = by_layers[moved] = state.score(blocks, exact) if state is not None else exact()
-            print(f"  {span(list(moved)):>12s}  kl {scored[blocks]:.5f}  (width move)", flush=True)
+            print(f"  {span(list(moved)):>12s}  kl {scored[blocks]:.5f}  ({moves} move)", flush=True)
 
 
 def span(layers):
@@ -329,9 +339,10 @@ def main(argv=None):
     p.add_argument("--read-off", default="visited", choices=sorted({v[0] for v in VARIANTS.values()}),
                    help="exact read-off from the surviving starts' blocks, or also from every block a start visited")
     p.add_argument("--second-walk", dest="resize", default=VARIANTS[VARIANT][2] or "none",
-                   choices=["none", "widths", "anywhere"],
+                   choices=["none", *WALKS],
                    help="with --segments > 1: after the read-off, walk on by moving one layer between the ends of blocks "
-                        "(widths) and also whole blocks anywhere they fit (anywhere)")
+                        "(widths), also whole blocks anywhere they fit (anywhere), then also any removed layer for a kept "
+                        "one (swaps: can split a block; costs about k (L - k) exact KLs per step)")
     p.add_argument("--halving", action=argparse.BooleanOptionalAction, default=True,
                    help="after each third of the steps, stop the worse half of the starts")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows and minibatch order")

@@ -57,26 +57,40 @@ def gate_run(model, teacher, k, segments, seed, variant=search.VARIANT):
 
 
 def gate_cell(model, teacher, k, segments, seed, variant, res, base):
-    """The stored form of one gate run: v4 and v5 continue the stored v3 run under `base` when there is one."""
+    """The stored form of one gate run: a variant with a second walk continues the longest stored run under `base`
+    whose walks begin its own (v4, v5: v3's; v6: v5's, else v3's) when there is one."""
     v = variant_for(segments, variant)
-    second_walk = search.VARIANTS[v][2]
-    prior = res.get(key(base, "gate", "v3")) if second_walk else None
-    run = continue_with_width_walk(model, teacher, prior, segments, second_walk == "anywhere") if prior else \
+    prior, walks = stored_prefix(v, res, base)
+    run = continue_with_width_walk(model, teacher, prior, segments, walks) if prior else \
         gate_run(model, teacher, k, segments, seed, v)
     return dict(run, kind="gate", S=segments, k=k, seed=seed, variant=v, oracle_key=key(base, "oracle"))
 
 
-def continue_with_width_walk(model, teacher, prior, segments, anywhere=False):
-    """A v4 or v5 run from the stored v3 run of the same budget and seed: their gate steps and first walk are v3's
-    (the same seed, the same numbers), so they are v3's scored placements continued by the second walk
-    (search.walk_widths); the time is v3's plus the second walk's."""
+def stored_prefix(v, res, base):
+    """(stored run, the walks still to do) for variant v: the stored variant with the same read-off and merge whose
+    second walks are the longest prefix of v's, or (None, None)."""
+    read_off, merge, resize = search.VARIANTS[v]
+    walks = search.WALKS[resize] if resize else ()
+    for n in range(len(walks) - 1, -1, -1):
+        for name, (r, m, z) in search.VARIANTS.items():
+            if (r, m) == (read_off, merge) and (search.WALKS[z] if z else ()) == walks[:n] and key(base, "gate", name) in res:
+                return dict(res[key(base, "gate", name)], continued_from=name), walks[n:]
+    return None, None
+
+
+def continue_with_width_walk(model, teacher, prior, segments, walks=("widths",)):
+    """A run that continues a stored one of the same budget and seed whose gate steps and walks are its first ones
+    (the same seed, the same numbers): the stored scored placements, continued by the remaining `walks`
+    (search.walk_widths); the time is the stored run's plus theirs."""
     t0 = time.perf_counter()
     scored = {tuple(search.layers_to_blocks(layers)): kl for layers, kl in prior["candidates"]}
-    search.walk_widths(model, teacher, scored, model.cfg.num_layers, segments, anywhere=anywhere)
+    for moves in walks:
+        search.walk_widths(model, teacher, scored, model.cfg.num_layers, segments, moves=moves)
     dt = time.perf_counter() - t0
     ranked = sorted(([search.blocks_to_layers(b), kl] for b, kl in scored.items()), key=lambda c: c[1])
     return dict(prior, removed_layers=ranked[0][0], kl=ranked[0][1], seconds=prior["seconds"] + dt, scored=len(ranked),
-                time_s=dict(prior["time_s"], width_walk=dt), candidates=ranked, continued_from="v3")
+                time_s=dict(prior["time_s"], **{f"walk_{'_'.join(walks)}": dt}), candidates=ranked,
+                continued_from=prior.get("continued_from", "v3"))
 
 
 def replay_v1(read, orc, L, k):
@@ -117,7 +131,8 @@ def section(res, a, L):
              "v3 = v2 whose walk may also move one block next to another (multi-segment only: for S = 1 it is v2); "
              "v4 = v3 followed by a walk that moves one layer from the end of a block to just outside one (the blocks' "
              "widths change), v5 = the same walk, which may also move one whole block anywhere it fits (both multi-segment only; run as v3's stored run continued: the gate steps and "
-             "first walk are the same). A v4 or v5 placement may leave the oracle's widths: its rank is then '-', and its "
+             "first walk are the same); v6 = v5 followed by a walk whose moves also put back any removed layer and remove any kept one, "
+             "which can split a block (run as v5's stored run continued). A v4, v5 or v6 placement may leave the oracle's widths: its rank is then '-', and its "
              "regret, measured against the fixed-width optimum, can be negative. "
              "*v1 (replayed)*: v1's read-off walk from the survivors' blocks of the v2 run, on the oracle's exact KLs (the "
              "gate steps are the same; its time is not measured). *Regret*: gate KL minus the optimum's. *scored*: placements the gate scored exactly. Times are wall times on a 2-core machine shared with other jobs, "

@@ -146,7 +146,33 @@ def test_v4_continued_from_a_stored_v3_run_equals_a_v4_run(monkeypatch):
     assert got["removed_layers"] == live[0]["removed_layers"] == sorted(target) and got["kl"] == live[0]["kl"]
     assert sorted(c[0] for c in got["candidates"]) == sorted(c["removed_layers"] for c in live)
     live5 = search.choose_block(model, None, {0: gate}, 20, radius=1, merge=True, resize="anywhere")
-    got5 = bench_gate.continue_with_width_walk(model, None, prior, 2, anywhere=True)
+    got5 = bench_gate.continue_with_width_walk(model, None, prior, 2, ("anywhere",))
     assert sorted(c[0] for c in got5["candidates"]) == sorted(c["removed_layers"] for c in live5)
     assert len(got5["candidates"]) > len(got["candidates"]) and got5["removed_layers"] == sorted(target)
-    assert got["seconds"] >= 10.0 and "width_walk" in got["time_s"] and got["continued_from"] == "v3"
+    assert got["seconds"] >= 10.0 and "walk_widths" in got["time_s"] and got["continued_from"] == "v3"
+
+
+def test_v6_continues_the_stored_v5_run_and_equals_a_live_v6_run(monkeypatch):
+    """v6's walks begin with v5's, so bench_gate stores v6 as the stored v5 run continued by the swap walk (and
+    falls back to v3's with both walks): the same choice and scored placements as a live v6 search."""
+    from types import SimpleNamespace
+    from benchmarks import bench_gate
+    import search
+
+    path = {(13, 14, 17): 0.367, (13, 16, 17): 0.38, (16, 17, 18): 0.395}  # as in test_search: v5 stops at 16-18
+    monkeypatch.setattr(search, "removed_kl", lambda model, teacher, layers: path.get(tuple(layers), 1 + 0.001 * abs(min(layers) - 16)))
+    model = SimpleNamespace(cfg=SimpleNamespace(num_layers=30))
+    gate = search.ContiguousGate(30, 3, segments=2, mu=[16.0, 18.5])
+    target = {13, 14, 17}
+    runs = {v: search.choose_block(model, None, {0: gate}, 30, radius=1, merge=True, resize=search.VARIANTS[v][2])
+            for v in ("v3", "v5", "v6")}
+    assert runs["v5"][0]["kl"] == 0.395 and runs["v6"][0]["removed_layers"] == sorted(target)
+    stored = lambda v: {"candidates": [[c["removed_layers"], c["kl"]] for c in runs[v]], "seconds": 1.0, "time_s": {}}  # noqa: E731
+    for have, want_prior, want_walks in ((("v3", "v5"), "v5", ("swaps",)), (("v3",), "v3", ("anywhere", "swaps")), ((), None, None)):
+        res = {bench_gate.key("b", "gate", v): stored(v) for v in have}
+        prior, walks = bench_gate.stored_prefix("v6", res, "b")
+        assert (prior and prior["continued_from"]) == want_prior and walks == want_walks
+        if prior:
+            got = bench_gate.continue_with_width_walk(model, None, prior, 2, walks)
+            assert got["removed_layers"] == sorted(target) and got["continued_from"] == want_prior
+            assert {tuple(c[0]) for c in got["candidates"]} == {tuple(c["removed_layers"]) for c in runs["v6"]}

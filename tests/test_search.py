@@ -1,5 +1,6 @@
 """The search: cached-teacher KL against full forwards, chunked gradients, finding a planted redundant block, the CLI."""
 import json
+import random
 
 import pytest
 import torch
@@ -212,6 +213,39 @@ def test_boundary_moves_by_hand():
     # a block moves anywhere it does not overlap the other: 2-3 to 8 starts (not 9 or 10), 10 to 9 places
     moves = gates.relocations([2, 3, 10], 12)
     assert len(moves) == 8 + 9 and (8, 9, 10) in moves and (2, 3, 11) in moves and (9, 10, 11) not in moves
+
+
+def test_swaps_by_hand():
+    import gates
+    # 4-6 in 8 layers, at most 2 blocks: put back 4 (or 6) and remove any of 0-3 or 7; put back 5 and remove 3 or 7
+    assert gates.swaps([4, 5, 6], 8, 2) == {(0, 5, 6), (1, 5, 6), (2, 5, 6), (3, 5, 6), (5, 6, 7), (0, 4, 5), (1, 4, 5),
+                                            (2, 4, 5), (3, 4, 5), (4, 5, 7), (3, 4, 6), (4, 6, 7)}
+    rng = random.Random(0)
+    for _ in range(50):  # the swaps contain the boundary moves; from one block of 2 or more they are the same sets
+        L = rng.randint(4, 14)
+        layers = sorted(rng.sample(range(L), rng.randint(1, L - 1)))
+        for S in (1, 2, 3):
+            assert gates.boundary_moves(layers, L, S) <= gates.swaps(layers, L, S)
+        if len(gates.layers_to_blocks(layers)) == 1 and len(layers) > 1:
+            assert gates.swaps(layers, L, 1) == gates.boundary_moves(layers, L, 1)
+
+
+def test_swaps_let_the_walk_split_a_block(monkeypatch):
+    """A landscape like smollm2-135m's at k = 3: the one block 16-18 beats every placement a boundary move or a
+    relocation away, and the way down to the optimum 13-14,17 (2 + 1) splits it (13,16-17, then 13-14,17): v5 stops
+    at 16-18, v6's swap walk goes on to the optimum."""
+    path = {(13, 14, 17): 0.367, (13, 16, 17): 0.38, (16, 17, 18): 0.395}
+
+    def kl(model, teacher, layers):
+        return path.get(tuple(layers), 1 + 0.001 * abs(min(layers) - 16))
+
+    monkeypatch.setattr(search, "removed_kl", kl)
+    g = search.ContiguousGate(30, 3, segments=2, mu=[16.0, 18.5])  # blocks 15-16 and 18
+    assert g.blocks() == ((15, 2), (18, 1))
+    v5 = search.choose_block(None, None, {0: g}, 30, radius=1, merge=True, resize="anywhere")
+    v6 = search.choose_block(None, None, {0: g}, 30, radius=1, merge=True, resize="swaps")
+    assert v5[0]["removed_layers"] == [16, 17, 18] and v6[0]["removed_layers"] == [13, 14, 17]
+    assert v6[0]["kl"] == 0.367 and len(v6) > len(v5)
 
 
 def test_resize_moves_let_the_two_segment_walk_change_the_widths(monkeypatch):
