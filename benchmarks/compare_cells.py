@@ -69,16 +69,21 @@ class Bench:
             self._teacher = search.make_teacher(self.model, self.tok, "wikitext2", self.a.nsamples, self.a.seqlen, self.a.seed)
         return self._teacher
 
+    def refresh(self, store):
+        """Add the cells that another run sharing the store's file has finished meanwhile."""
+        path = self.a.results if store is self.res else self.a.gate_results
+        store.update({c: v for c, v in load_cells(path).items() if c not in store})
+        return path
+
     def cell(self, k, compute, store=None):
         """The stored value under key k, or compute() stored at once (atomically) and returned."""
         store = self.res if store is None else store
         if k not in store and self.readonly:
             raise Missing(k)
-        path = self.a.results if store is self.res else self.a.gate_results
-        if k not in store:  # another run sharing the file may have finished it meanwhile
-            store.update({c: v for c, v in load_cells(path).items() if c not in store})
         if k not in store:
-            store_cell(path, store, k, compute())
+            path = self.refresh(store)
+            if k not in store:
+                store_cell(path, store, k, compute())
         return store[k]
 
 
@@ -200,7 +205,7 @@ def speed(b, layer_counts):
     head = key(b.fp, f"latency-interleaved{b.a.latency_seqlen}+{NEW_TOKENS}x{b.a.latency_runs}")
     k = key(head, ",".join(map(str, counts)))
     # a run over a subset of the ratios reuses a stored measurement that timed every depth it needs
-    b.res.update({c: v for c, v in load_cells(b.a.results).items() if c not in b.res})
+    b.refresh(b.res)
     wider = [c for c in b.res if c.startswith(head + "|") and set(counts) <= {int(n) for n in c[len(head) + 1:].split(",")}]
     k = k if k in b.res or not wider else wider[0]
 
