@@ -44,15 +44,18 @@ from teacher import build_teacher, calibration_tokens, eta, kl_backward, removed
 # ("anywhere"), and then also swap any removed layer for a kept one ("swaps"); merge and the second walk change
 # only multi-segment searches. Benchmark rows name them (before/after a change)
 VARIANTS = {"v1": ("survivors", False, None), "v2": ("visited", False, None), "v3": ("visited", True, None),
-            "v4": ("visited", True, "widths"), "v5": ("visited", True, "anywhere"), "v6": ("visited", True, "swaps")}
+            "v4": ("visited", True, "widths"), "v5": ("visited", True, "anywhere"), "v6": ("visited", True, "swaps"),
+            "v7": ("visited", True, "swaps2")}
 VARIANT = "v5"
 
-# the moves of each second walk, and the walks each setting runs in turn: "swaps" first exhausts v5's cheaper
-# moves (about 4 S + S L per step) and only then pays for the k (L - k) swaps
+# the moves of each second walk, and the walks (moves, beam) each setting runs in turn: "swaps" first exhausts
+# v5's cheaper moves (about 4 S + S L per step) and only then pays for the k (L - k) swaps; "swaps2" then also
+# expands the second-best placement (a beam-2 walk begins as the beam-1 walk does, so each run continues the last)
 MOVES = {"widths": lambda layers, L, S: boundary_moves(layers, L, S),
          "anywhere": lambda layers, L, S: boundary_moves(layers, L, S) | relocations(layers, L),
          "swaps": lambda layers, L, S: swaps(layers, L, S) | relocations(layers, L)}
-WALKS = {"widths": ("widths",), "anywhere": ("anywhere",), "swaps": ("anywhere", "swaps")}
+WALKS = {"widths": (("widths", 1),), "anywhere": (("anywhere", 1),), "swaps": (("anywhere", 1), ("swaps", 1)),
+         "swaps2": (("anywhere", 1), ("swaps", 1), ("swaps", 2))}
 
 
 def first_gated_layer(keep, eps=1e-4):
@@ -198,23 +201,24 @@ def choose_block(model, teacher, gates, L, radius=1, state=None, seeds=(), merge
         frontier = set() if best in expanded else {best}
     S = len(next(iter(gates.values())).widths)
     if resize and S > 1:
-        for moves in WALKS[resize]:
-            walk_widths(model, teacher, scored, L, S, state, moves)
+        for moves, beam in WALKS[resize]:
+            walk_widths(model, teacher, scored, L, S, state, moves, beam)
     return sorted(({"removed_layers": blocks_to_layers(b), "kl": kl, "read_off_by_starts": read.get(b, [])}
                    for b, kl in scored.items()), key=lambda c: c["kl"])
 
 
-def walk_widths(model, teacher, scored, L, segments, state=None, moves="widths"):
+def walk_widths(model, teacher, scored, L, segments, state=None, moves="widths", beam=1):
     """choose_block's second walk (resize): from the best scored placement, its MOVES[moves] (boundary moves,
-    relocations, swaps), until the best placement has all its moves scored. Adds to `scored` ({blocks: kl}); a
-    layer set already scored under another split into blocks is not scored again."""
+    relocations, swaps), until the `beam` best placements have all their moves scored (beam 1: a local minimum;
+    beam 2 may step over one placement uphill of the best). Adds to `scored` ({blocks: kl}); a layer set already
+    scored under another split into blocks is not scored again."""
     by_layers = {tuple(blocks_to_layers(b)): kl for b, kl in scored.items()}
     expanded = set()
     while True:
-        best = min(scored, key=scored.get)
-        layers = tuple(blocks_to_layers(best))
-        if layers in expanded:
+        todo = [ls for ls in sorted(by_layers, key=by_layers.get)[:beam] if ls not in expanded]
+        if not todo:
             return
+        layers = todo[0]
         expanded.add(layers)
         for moved in sorted(MOVES[moves](layers, L, segments) - set(by_layers)):
             blocks = tuple(layers_to_blocks(moved))
@@ -342,7 +346,8 @@ def main(argv=None):
                    choices=["none", *WALKS],
                    help="with --segments > 1: after the read-off, walk on by moving one layer between the ends of blocks "
                         "(widths), also whole blocks anywhere they fit (anywhere), then also any removed layer for a kept "
-                        "one (swaps: can split a block; costs about k (L - k) exact KLs per step)")
+                        "one (swaps: can split a block; costs about k (L - k) exact KLs per step), and expand the second-best "
+                        "placement too (swaps2)")
     p.add_argument("--halving", action=argparse.BooleanOptionalAction, default=True,
                    help="after each third of the steps, stop the worse half of the starts")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows and minibatch order")

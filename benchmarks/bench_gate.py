@@ -58,7 +58,7 @@ def gate_run(model, teacher, k, segments, seed, variant=search.VARIANT):
 
 def gate_cell(model, teacher, k, segments, seed, variant, res, base):
     """The stored form of one gate run: a variant with a second walk continues the longest stored run under `base`
-    whose walks begin its own (v4, v5: v3's; v6: v5's, else v3's) when there is one."""
+    whose walks begin its own (v4, v5: v3's; v6: v5's, else v3's; v7: v6's, ...) when there is one."""
     v = variant_for(segments, variant)
     prior, walks = stored_prefix(v, res, base)
     run = continue_with_width_walk(model, teacher, prior, segments, walks) if prior else \
@@ -78,18 +78,18 @@ def stored_prefix(v, res, base):
     return None, None
 
 
-def continue_with_width_walk(model, teacher, prior, segments, walks=("widths",)):
+def continue_with_width_walk(model, teacher, prior, segments, walks=(("widths", 1),)):
     """A run that continues a stored one of the same budget and seed whose gate steps and walks are its first ones
     (the same seed, the same numbers): the stored scored placements, continued by the remaining `walks`
     (search.walk_widths); the time is the stored run's plus theirs."""
     t0 = time.perf_counter()
     scored = {tuple(search.layers_to_blocks(layers)): kl for layers, kl in prior["candidates"]}
-    for moves in walks:
-        search.walk_widths(model, teacher, scored, model.cfg.num_layers, segments, moves=moves)
+    for moves, beam in walks:
+        search.walk_widths(model, teacher, scored, model.cfg.num_layers, segments, moves=moves, beam=beam)
     dt = time.perf_counter() - t0
     ranked = sorted(([search.blocks_to_layers(b), kl] for b, kl in scored.items()), key=lambda c: c[1])
     return dict(prior, removed_layers=ranked[0][0], kl=ranked[0][1], seconds=prior["seconds"] + dt, scored=len(ranked),
-                time_s=dict(prior["time_s"], **{f"walk_{'_'.join(walks)}": dt}), candidates=ranked,
+                time_s=dict(prior["time_s"], **{"walk_" + "_".join(f"{m}{b}" for m, b in walks): dt}), candidates=ranked,
                 continued_from=prior.get("continued_from", "v3"))
 
 
@@ -132,7 +132,8 @@ def section(res, a, L):
              "v4 = v3 followed by a walk that moves one layer from the end of a block to just outside one (the blocks' "
              "widths change), v5 = the same walk, which may also move one whole block anywhere it fits (both multi-segment only; run as v3's stored run continued: the gate steps and "
              "first walk are the same); v6 = v5 followed by a walk whose moves also put back any removed layer and remove any kept one, "
-             "which can split a block (run as v5's stored run continued). A v4, v5 or v6 placement may leave the oracle's widths: its rank is then '-', and its "
+             "which can split a block (run as v5's stored run continued); v7 = v6 whose swap walk goes on until the two best "
+             "placements have been expanded (run as v6's stored run continued). A v4-v7 placement may leave the oracle's widths: its rank is then '-', and its "
              "regret, measured against the fixed-width optimum, can be negative. "
              "*v1 (replayed)*: v1's read-off walk from the survivors' blocks of the v2 run, on the oracle's exact KLs (the "
              "gate steps are the same; its time is not measured). *Regret*: gate KL minus the optimum's. *scored*: placements the gate scored exactly. Times are wall times on a 2-core machine shared with other jobs, "

@@ -146,10 +146,10 @@ def test_v4_continued_from_a_stored_v3_run_equals_a_v4_run(monkeypatch):
     assert got["removed_layers"] == live[0]["removed_layers"] == sorted(target) and got["kl"] == live[0]["kl"]
     assert sorted(c[0] for c in got["candidates"]) == sorted(c["removed_layers"] for c in live)
     live5 = search.choose_block(model, None, {0: gate}, 20, radius=1, merge=True, resize="anywhere")
-    got5 = bench_gate.continue_with_width_walk(model, None, prior, 2, ("anywhere",))
+    got5 = bench_gate.continue_with_width_walk(model, None, prior, 2, (("anywhere", 1),))
     assert sorted(c[0] for c in got5["candidates"]) == sorted(c["removed_layers"] for c in live5)
     assert len(got5["candidates"]) > len(got["candidates"]) and got5["removed_layers"] == sorted(target)
-    assert got["seconds"] >= 10.0 and "walk_widths" in got["time_s"] and got["continued_from"] == "v3"
+    assert got["seconds"] >= 10.0 and "walk_widths1" in got["time_s"] and got["continued_from"] == "v3"
 
 
 def test_v6_continues_the_stored_v5_run_and_equals_a_live_v6_run(monkeypatch):
@@ -168,7 +168,8 @@ def test_v6_continues_the_stored_v5_run_and_equals_a_live_v6_run(monkeypatch):
             for v in ("v3", "v5", "v6")}
     assert runs["v5"][0]["kl"] == 0.395 and runs["v6"][0]["removed_layers"] == sorted(target)
     stored = lambda v: {"candidates": [[c["removed_layers"], c["kl"]] for c in runs[v]], "seconds": 1.0, "time_s": {}}  # noqa: E731
-    for have, want_prior, want_walks in ((("v3", "v5"), "v5", ("swaps",)), (("v3",), "v3", ("anywhere", "swaps")), ((), None, None)):
+    for have, want_prior, want_walks in ((("v3", "v5"), "v5", (("swaps", 1),)), (("v3",), "v3", (("anywhere", 1), ("swaps", 1))),
+                                         ((), None, None)):
         res = {bench_gate.key("b", "gate", v): stored(v) for v in have}
         prior, walks = bench_gate.stored_prefix("v6", res, "b")
         assert (prior and prior["continued_from"]) == want_prior and walks == want_walks
@@ -176,3 +177,9 @@ def test_v6_continues_the_stored_v5_run_and_equals_a_live_v6_run(monkeypatch):
             got = bench_gate.continue_with_width_walk(model, None, prior, 2, walks)
             assert got["removed_layers"] == sorted(target) and got["continued_from"] == want_prior
             assert {tuple(c[0]) for c in got["candidates"]} == {tuple(c["removed_layers"]) for c in runs["v6"]}
+    # v7 (a beam of two) continues the stored v6 run the same way
+    runs["v7"] = search.choose_block(model, None, {0: gate}, 30, radius=1, merge=True, resize="swaps2")
+    prior, walks = bench_gate.stored_prefix("v7", {bench_gate.key("b", "gate", v): stored(v) for v in ("v3", "v5", "v6")}, "b")
+    assert prior["continued_from"] == "v6" and walks == (("swaps", 2),)
+    got = bench_gate.continue_with_width_walk(model, None, prior, 2, walks)
+    assert {tuple(c[0]) for c in got["candidates"]} == {tuple(c["removed_layers"]) for c in runs["v7"]}

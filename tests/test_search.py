@@ -248,6 +248,23 @@ def test_swaps_let_the_walk_split_a_block(monkeypatch):
     assert v6[0]["kl"] == 0.367 and len(v6) > len(v5)
 
 
+def test_a_beam_of_two_steps_over_one_placement_uphill(monkeypatch):
+    """smollm2-135m at k = 3, measured: 16-18 (0.395) is a local minimum of every swap (the best, 13,16-17, has
+    0.420), and 13-14,17 (0.367) is one swap beyond that one. v6 stops at 16-18; v7 also expands the second-best
+    placement and gets there, then stops when the two best have been expanded."""
+    path = {(13, 14, 17): 0.367, (16, 17, 18): 0.395, (13, 16, 17): 0.420}
+
+    def kl(model, teacher, layers):
+        return path.get(tuple(layers), 1 + 0.001 * abs(min(layers) - 16))
+
+    monkeypatch.setattr(search, "removed_kl", kl)
+    g = search.ContiguousGate(30, 3, segments=2, mu=[16.0, 18.5])
+    v6 = search.choose_block(None, None, {0: g}, 30, radius=1, merge=True, resize="swaps")
+    v7 = search.choose_block(None, None, {0: g}, 30, radius=1, merge=True, resize="swaps2")
+    assert v6[0]["removed_layers"] == [16, 17, 18] and v7[0]["removed_layers"] == [13, 14, 17]
+    assert {tuple(c["removed_layers"]) for c in v6} < {tuple(c["removed_layers"]) for c in v7}
+
+
 def test_resize_moves_let_the_two_segment_walk_change_the_widths(monkeypatch):
     """The cheapest two blocks are 2-3 and 10-15 (widths 2 + 6); the gate's segments have widths 4 + 4, so the
     walks of v3 stop at a 4 + 4 placement or a contiguous 8; the width walk (v4) hands layers from one block to
