@@ -46,7 +46,7 @@ from teacher import build_teacher, calibration_tokens, eta, kl_backward, removed
 VARIANTS = {"v1": ("survivors", False, None), "v2": ("visited", False, None), "v3": ("visited", True, None),
             "v4": ("visited", True, "widths"), "v5": ("visited", True, "anywhere"), "v6": ("visited", True, "swaps"),
             "v7": ("visited", True, "swaps2")}
-VARIANT = "v5"
+VARIANT = "v7"
 
 # the moves of each second walk, and the walks (moves, beam) each setting runs in turn: "swaps" first exhausts
 # v5's cheaper moves (about 4 S + S L per step) and only then pays for the k (L - k) swaps; "swaps2" then also
