@@ -180,7 +180,10 @@ def choose_block(model, teacher, gates, L, radius=1, state=None, seeds=(), merge
     (KL 1.370), while 12-18,25-26 (1.344) is one relocation away.
     v6 ("swaps"): after v5's walk, a third one whose moves also put back any removed layer and remove any kept one
     (gates.swaps), so a block can split: at k = 3 v5 stopped at the one block 16-18 (KL 0.395), while 13-14,17
-    (0.367) has two blocks of widths 2 + 1 that no boundary move or relocation of 16-18 reaches."""
+    (0.367) has two blocks of widths 2 + 1 that no boundary move or relocation of 16-18 reaches.
+    v7 ("swaps2"): measured, v6 was not enough: 16-18 is a local minimum of every swap too (the best swap,
+    13,16-17, has 0.420), and 13-14,17 is one swap beyond it. So the swap walk goes on until the two best
+    placements have been expanded, which steps over one placement uphill; it reaches 13-14,17."""
     read = {g.blocks(): [r for r, h in gates.items() if h.blocks() == g.blocks()] for g in gates.values()}
     seeds = set(seeds) - set(read)
     print(f"read-off: {len(read)} distinct block(s) from the surviving starts, {len(seeds)} more visited; "
