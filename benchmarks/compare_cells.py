@@ -69,11 +69,12 @@ class Bench:
             self._teacher = search.make_teacher(self.model, self.tok, "wikitext2", self.a.nsamples, self.a.seqlen, self.a.seed)
         return self._teacher
 
+    def path(self, store):
+        return self.a.results if store is self.res else self.a.gate_results
+
     def refresh(self, store):
         """Add the cells that another run sharing the store's file has finished meanwhile."""
-        path = self.a.results if store is self.res else self.a.gate_results
-        store.update({c: v for c, v in load_cells(path).items() if c not in store})
-        return path
+        store.update({c: v for c, v in load_cells(self.path(store)).items() if c not in store})
 
     def cell(self, k, compute, store=None):
         """The stored value under key k, or compute() stored at once (atomically) and returned."""
@@ -81,9 +82,9 @@ class Bench:
         if k not in store and self.readonly:
             raise Missing(k)
         if k not in store:
-            path = self.refresh(store)
-            if k not in store:
-                store_cell(path, store, k, compute())
+            self.refresh(store)
+        if k not in store:
+            store_cell(self.path(store), store, k, compute())
         return store[k]
 
 
