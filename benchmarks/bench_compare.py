@@ -41,9 +41,9 @@ def run_all(b):
     a = b.a
     ks = {r: budget(b.L, prune_ratio=r) for r in a.ratios}
     order = [m for m in CHEAP_FIRST if m in a.methods]
-    b.rows = {}
-    evaluate(b, [])
-    if "untuned" in a.stages:
+    b.rows, full = {}, a.full_ppl
+    evaluate(b, [], full=full and "untuned" in a.stages)
+    if "untuned" in a.stages and not full:
         speed(b, depths(b))
     for stage in a.stages:
         # CLP, then the cheap methods first, at every ratio, so an interrupted run has whole columns of the table
@@ -53,10 +53,10 @@ def run_all(b):
                 ch = choose(b, method, k)
                 print(f"-- {r:.0%} {method}: layers {search.span(ch['removed_layers'])}  calib KL {ch['kl']:.4f}", flush=True)
                 if stage == "untuned":
-                    evaluate(b, ch["removed_layers"])
+                    evaluate(b, ch["removed_layers"], full=full)
                 else:
                     for v in variants(ch["removed_layers"]):
-                        repaired(b, ch["removed_layers"], v)
+                        repaired(b, ch["removed_layers"], v, full)
                     shutil.rmtree(work_dir(b, ch["removed_layers"]), ignore_errors=True)
                 write_outputs(b, picture=False)
 
@@ -86,6 +86,8 @@ def parse_args(argv=None):
     p.add_argument("--work", type=Path, default=Path("runs/bench_compare"), help="pruned and tuned checkpoints (deleted once evaluated)")
     p.add_argument("--markdown", type=Path, default=BENCHMARKS, help="file whose 'compare' section is rewritten")
     p.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "compare.png", help="picture of ppl and retention vs ratio")
+    p.add_argument("--full-ppl", action="store_true", help="measure only perplexity on the whole WikiText-2 test set, for the "
+                   "--methods, --ratios and --stages given (the headline rows; a repair is tuned again if its checkpoint is gone)")
     p.add_argument("--write-only", action="store_true", help="run nothing: rewrite the section and the picture from stored cells")
     a = p.parse_args(argv)
     a.methods, a.stages = a.methods.split(","), a.stages.split(",")
@@ -101,8 +103,8 @@ def main(argv=None):
     b = Bench(a)
     b.tasks = a.tasks.split(",") if a.tasks else []
     (w, b.ppl_desc), = ev.text_windows(b.tok, ["wikitext2"], a.ppl_seqlen, a.data_dir, bos=False).values()
-    b.ppl_total, b.windows = w.shape[0], w[: a.ppl_windows]
-    b.dense_logits = None if a.write_only else DenseLogits(b.model, b.windows)
+    b.ppl_total, b.windows, b.all_windows = w.shape[0], w[: a.ppl_windows], w
+    b.dense_logits = None if a.write_only or a.full_ppl else DenseLogits(b.model, b.windows)
     if not a.write_only:
         run_all(b)
     write_outputs(b)
@@ -315,11 +317,38 @@ def write_outputs(b, picture=True):
              f"{a.latency_seqlen} tokens, decode {NEW_TOKENS} tokens after a 128-token prompt, {a.latency_runs} timed rounds; "
              "speedup = ratio of the median times, in brackets the range of the same-round ratios; 1-minute load "
              f"average {sp['load'] if sp else float('nan'):.1f} at the end on this 2-core machine):", "", *speed_lines(b, sp), "",
-             f"![ppl and mean retention against the pruning ratio](docs/img/{a.plot.name})"]
+             *whole_test_set(b, res), f"![ppl and mean retention against the pruning ratio](docs/img/{a.plot.name})"]
     update_section("compare", "\n".join(lines), a.markdown)
     if picture:
         plot(b, res, a.plot)
     print("\n".join(lines))
+
+
+def whole_test_set(b, res):
+    """The rows measured again on every WikiText-2 test window (--full-ppl), beside their subset figure."""
+    lines = []
+    for (r, method), x in res.items():
+        rem = x["choice"]["removed_layers"]
+        for tag, sub in [(None, x["untuned"])] + [(f"{v}@{t['lr']:g}", t) for v, t in x["tuned"].items()]:
+            f = lookup(b, evaluate, rem, tag, True)
+            if f is None or sub is None:
+                continue
+            what = "none" if tag is None else f"{sub['variant']}, lr {sub['lr']:g}"
+            check = "" if tag is None else f"{sub['tune']['heldout_kl']['after']:.4f}"
+            if "retuned_heldout_kl" in f:
+                check += f" / {f['retuned_heldout_kl']:.4f}"
+            lines.append(f"| {r:.0%} | {method} | {search.span(rem)} | {what} | {sub['ppl']:,.2f} | {f['ppl']:,.2f} | {check} |")
+    if not lines:
+        return []
+    dense = lookup(b, evaluate, [], None, True)
+    n = getattr(b, "ppl_total", "?")
+    return [f"Whole test set (all {n} windows of {b.a.ppl_seqlen} tokens, perplexity only; `--full-ppl` with the same "
+            "command and the rows' --methods, --ratios and --stages). A repair's checkpoint is deleted once evaluated, so "
+            "it was tuned again with the same seed and data; *held-out KL*: the stored run's, then the new run's.", "",
+            "| ratio | method | removed layers | repair | ppl, first " f"{b.a.ppl_windows} windows | ppl, all {n} windows | held-out KL |",
+            "|---|---|---|---|---:|---:|---:|",
+            *([f"| 0 | dense | - | - | {lookup(b, evaluate, [])['ppl']:,.2f} | {dense['ppl']:,.2f} | |"] if dense else []),
+            *lines, ""]
 
 
 def plot(b, res, path):
@@ -348,7 +377,8 @@ def plot(b, res, path):
                 ax1.plot(xs, ppl, style, color=color, marker="o", label=label)
                 if any(v is not None for v in ret):
                     ax2.plot(xs, [v if v is not None else float("nan") for v in ret], style, color=color, marker="o")
-    top = 3 * max(x["ppl"] for row in res.values() for x in [row["untuned"]] if x and row["choice"]["kl"] < 10)
+    shown = [x["ppl"] for row in res.values() for x in [row["untuned"]] if x and row["choice"]["kl"] < 10]
+    top = 3 * max(shown) if shown else None  # None: a run over blocks that all destroy the model (e.g. only tail)
     ax1.set(yscale="log", ylim=(None, top), xlabel="pruning ratio", ylabel="WikiText-2 ppl (subset)",
             title="perplexity (lower is better; off the top: calib. KL > 10)")
     ax2.set(xlabel="pruning ratio", ylabel="mean zero-shot retention", title="retention, tasks above chance (higher is better)")

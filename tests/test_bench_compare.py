@@ -48,7 +48,7 @@ def small_data(tmp_path, monkeypatch):
 def test_runs_end_to_end_and_resumes_without_recomputing(tiny_with_tokenizer, small_data, tmp_path, monkeypatch):
     argv = ["--ckpt", str(tiny_with_tokenizer), "--ratios", "0.5", "--methods", "clp-gate,exhaustive,clp-gate-s2,sleb,random-0,random-1",
             "--nsamples", "2", "--seqlen", "32", "--ppl-windows", "1", "--ppl-seqlen", "128", "--tasks", "piqa,boolq", "--limit", "3",
-            "--steps", "2", "--lrs", "1e-3", "--batch-size", "1", "--tune-nsamples", "2", "--latency-seqlen", "16",
+            "--steps", "2", "--lrs", "1e-3,3e-3", "--batch-size", "1", "--tune-nsamples", "2", "--latency-seqlen", "16",
             "--latency-runs", "1", "--results", str(tmp_path / "compare.json"), "--gate-results", str(tmp_path / "gate.json"),
             "--work", str(tmp_path / "work"), "--markdown", str(tmp_path / "BENCH.md"), "--plot", str(tmp_path / "compare.png")]
     bench_compare.main(argv)
@@ -69,12 +69,29 @@ def test_runs_end_to_end_and_resumes_without_recomputing(tiny_with_tokenizer, sm
     assert not list((tmp_path / "work").glob("*/config.json"))  # evaluated checkpoints are removed
     if (tmp_path / "compare.png").exists():
         assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
-    # the same command again computes nothing
+    # the whole test set for CLP's rows: each repair's chosen lr (only) is tuned again, to the same held-out KL
+    tuned_again, tune_one = [], compare_cells.tune_one
+    monkeypatch.setattr(compare_cells, "tune_one", lambda *a: tuned_again.append(a[1:]) or tune_one(*a))
+    full = argv[:5] + ["clp-gate"] + argv[6:] + ["--full-ppl"]
+    bench_compare.main(full)
+    res = json.loads((tmp_path / "compare.json").read_text())
+    rows = {k: v for k, v in res.items() if "|wt2[:all]|ppl-only|" in k}
+    gate = [k for k, v in res.items() if k.endswith("|endpoints|lr0.001")][0].split("|")[4]
+    assert sorted(rows) == sorted(k for k in rows if f"|{gate}|" in k or k.endswith("|dense|untuned")) and len(rows) == 3
+    assert len(tuned_again) == 1 and tuned_again[0][1] == "endpoints"
+    (k_again, again), = [(k, v) for k, v in rows.items() if "endpoints@" in k]
+    stored = res[next(k for k in res if k.endswith(f"|{gate}|endpoints|lr{k_again.split('@')[1]}"))]
+    assert again["retuned_heldout_kl"] == pytest.approx(stored["heldout_kl"]["after"], rel=1e-4)
+    assert all(v["windows"] > 1 for v in rows.values())  # every window, not the first one
+    assert "Whole test set (all " in (tmp_path / "BENCH.md").read_text()
+    # the same commands again compute nothing
     for name in ("tune_one", "measure", "cheap_choice", "timed_scores"):
         monkeypatch.setattr(compare_cells, name, lambda *a, **k: pytest.fail("recomputed a stored cell"))
+    monkeypatch.setattr(compare_cells.ev, "text_metrics", lambda *a, **k: pytest.fail("recomputed a perplexity"))
     monkeypatch.setattr(compare_cells.importance, "sleb", lambda *a, **k: pytest.fail("recomputed SLEB"))
     monkeypatch.setattr(compare_cells.bench_gate, "gate_run", lambda *a, **k: pytest.fail("recomputed the gate"))
     monkeypatch.setattr(compare_cells.latency, "interleaved_latency", lambda *a, **k: pytest.fail("recomputed a latency"))
+    bench_compare.main(full)
     bench_compare.main(argv)
     assert json.loads((tmp_path / "compare.json").read_text()) == res
 
