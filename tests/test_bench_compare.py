@@ -200,3 +200,28 @@ def test_v6_continues_the_stored_v5_run_and_equals_a_live_v6_run(monkeypatch):
     assert prior["continued_from"] == "v6" and walks == (("swaps", 2),)
     got = bench_gate.continue_with_width_walk(model, None, prior, 2, walks)
     assert {tuple(c[0]) for c in got["candidates"]} == {tuple(c["removed_layers"]) for c in runs["v7"]}
+
+
+def test_spearman_by_hand():
+    from benchmarks.compare_report import ranks, spearman
+    assert ranks([10, 20, 20, 30]) == [1, 2.5, 2.5, 4]
+    # rank differences 0, 1, 1, 0: rho = 1 - 6 * 2 / (4 * (16 - 1)) = 0.8
+    assert spearman([1, 2, 3, 4], [5, 7, 6, 9]) == pytest.approx(0.8)
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+
+
+def test_repair_ranking_places_the_sets_by_their_repaired_figures():
+    from argparse import Namespace
+    from benchmarks.compare_report import repair_ranking
+
+    def row(layers, calib, held, ppl):
+        return {"choice": {"removed_layers": layers, "kl": calib},
+                "tuned": {"endpoints": {"tune": {"heldout_kl": {"after": held}}, "ppl": ppl}}}
+    res = {(0.2, "clp-gate"): row([2, 3], 0.5, 0.30, 40.0),   # best before, second after by held-out KL, third by ppl
+           (0.2, "exhaustive"): row([2, 3], 0.5, 0.30, 40.0),  # the same set again counts once
+           (0.2, "random-0"): row([0, 1], 3.0, 0.20, 30.0),
+           (0.2, "tail"): row([6, 7], 9.0, 0.90, 35.0)}
+    b = Namespace(a=Namespace(ratios=[0.2], ppl_windows=2))
+    lines = repair_ranking(b, res)
+    # calib (0.5, 3, 9) vs held (0.3, 0.2, 0.9): ranks (1,2,3) vs (2,1,3) -> rho 0.5; held vs ppl (40, 30, 35): (2,1,3) vs (3,1,2) -> 0.5
+    assert lines[-2] == "| 20% | 3 | 0.50 | 0.50 | 2-3 | 2 / 3 | 2-3 | 2 / 3 |"
