@@ -232,19 +232,22 @@ def repair_ranking(b, res):
 
 
 def whole_test_set(b, res):
-    """The rows measured again on every WikiText-2 test window (--full-ppl), beside their subset figure."""
-    lines = []
+    """The rows measured again on every WikiText-2 test window (--full-ppl), beside their subset figure; methods
+    that chose the same layers share a row."""
+    rows = {}
     for (r, method), x in res.items():
         rem = x["choice"]["removed_layers"]
         for tag, sub in [(None, x["untuned"])] + [(f"{v}@{t['lr']:g}", t) for v, t in x["tuned"].items()]:
             f = lookup(b, evaluate, rem, tag, True)
-            if f is None or sub is None:
-                continue
-            what = "none" if tag is None else f"{sub['variant']}, lr {sub['lr']:g}"
-            check = "" if tag is None else f"{sub['tune']['heldout_kl']['after']:.4f}"
-            if "retuned_heldout_kl" in f:
-                check += f" / {f['retuned_heldout_kl']:.4f}"
-            lines.append(f"| {r:.0%} | {method} | {search.span(rem)} | {what} | {sub['ppl']:,.2f} | {f['ppl']:,.2f} | {check} |")
+            if f is not None and sub is not None:
+                rows.setdefault((r, search.span(rem), tag), ([], sub, f))[0].append(method)
+    lines = []
+    for (r, span, tag), (methods, sub, f) in rows.items():
+        what = "none" if tag is None else f"{sub['variant']}, lr {sub['lr']:g}"
+        check = "" if tag is None else f"{sub['tune']['heldout_kl']['after']:.4f}"
+        if "retuned_heldout_kl" in f:
+            check += f" / {f['retuned_heldout_kl']:.4f}"
+        lines.append(f"| {r:.0%} | {' = '.join(methods)} | {span} | {what} | {sub['ppl']:,.2f} | {f['ppl']:,.2f} | {check} |")
     if not lines:
         return []
     dense = lookup(b, evaluate, [], None, True)
