@@ -82,22 +82,27 @@ def placements(L, widths):
     return sorted(out)
 
 
-def exhaustive_segments(model, teacher, k, segments=2, quiet=False):
-    """Calibration KL of every placement of `segments` blocks with the gate's widths: the S-segment oracle."""
+def exhaustive_segments(model, teacher, k, segments=2, quiet=False, done=None):
+    """Calibration KL of every placement of `segments` blocks with the gate's widths: the S-segment oracle.
+    `done` (resume.Scores) keeps each finished placement's KL, so an interrupted run scores only the rest."""
     sets = placements(model.cfg.num_layers, segment_widths(k, segments))
-    scores = score_placements(model, teacher, sets, quiet=quiet)
-    return sorted(({"removed_layers": list(layers), "kl": kl} for layers, kl in zip(sets, scores)), key=lambda c: c["kl"])
+    kl = {} if done is None else {s: done.scores[span(s)] for s in sets if span(s) in done.scores}
+    todo = [s for s in sets if s not in kl]
+    save = None if done is None else lambda layers, v, seconds: done.put(span(layers), v, seconds)
+    kl |= dict(zip(todo, score_placements(model, teacher, todo, quiet=quiet, on_score=save)))
+    return sorted(({"removed_layers": list(s), "kl": kl[s]} for s in sets), key=lambda c: c["kl"])
 
 
 @torch.no_grad()
-def score_placements(model, teacher, sets, batch=4, chunk=1024, quiet=False, max_cache=2 ** 30):
+def score_placements(model, teacher, sets, batch=4, chunk=1024, quiet=False, max_cache=2 ** 30, on_score=None):
     """teacher.removed_kl of every layer set in `sets`, computed with less work and the same numbers.
 
     Placements that share their leading blocks share the states between them: the states entering layer p with
     the leading blocks removed are carried forward one layer at a time (sets are visited in order of their last
     block), so only each placement's tail, from its last block to the end, runs afresh. The teacher's log-probs
     are made once and kept when they take at most `max_cache` bytes (4 N T V). Every operation is the one
-    removed_kl does, on the same batches and chunks, so the KLs are identical to it."""
+    removed_kl does, on the same batches and chunks, so the KLs are identical to it. on_score(set, kl, seconds)
+    is called as each one finishes (seconds: since the previous one)."""
     L = model.cfg.num_layers
     cos, sin = model.rope(0, teacher.tokens.shape[1])
     finals = [th.reshape(-1, th.shape[-1]) for th in teacher.final.split(batch)]
@@ -133,6 +138,7 @@ def score_placements(model, teacher, sets, batch=4, chunk=1024, quiet=False, max
 
     order = sorted(range(len(sets)), key=lambda n: layers_to_blocks(sorted(sets[n])))
     out, t0 = [None] * len(sets), time.perf_counter()
+    last = t0
     for m, n in enumerate(order):
         blocks = tuple(layers_to_blocks(sorted(sets[n])))
         a, w = blocks[-1]
@@ -143,6 +149,10 @@ def score_placements(model, teacher, sets, batch=4, chunk=1024, quiet=False, max
             total += sum(float(token_kl(model, h[j: j + chunk], teacher_logp(b, j).to(h.device)).sum())
                          for j in range(0, len(h), chunk))
         out[n] = total / teacher.num_tokens
+        if on_score is not None:
+            t1 = time.perf_counter()
+            on_score(sets[n], out[n], t1 - last)
+            last = t1
         if not quiet and (m + 1) % 25 == 0:
             print(f"  {m + 1}/{len(sets)} placements  ({eta(t0, m + 1, len(sets))})", flush=True)
     return out

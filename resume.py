@@ -8,7 +8,8 @@
   OUT.partial/layer-NNNNN.safetensors. A rerun with the same settings reloads them, sets those layers to their
   dequantized weights (what the uninterrupted run held at that point) and quantizes from the first layer not
   written. The checkpoint itself appears only when every layer is done; the work directory is then removed.
-- Exhaustive and the other baselines (baselines.py): finished block scores in OUT/scores.json.
+- Exhaustive and the other baselines (baselines.py): finished block scores in OUT/scores.json; the
+  two-segment enumeration of benchmarks/bench_gate.py keeps its finished placements the same way.
 Each file records the settings it was made with; a mismatch is an error, never a silent mix of two runs.
 Every write is atomic (a temporary file, then a rename).
 """
@@ -16,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -171,18 +173,24 @@ class LayerStore:
 # ---------------------------------------------------------------- baselines
 
 class Scores:
-    """Finished scores of a baseline in OUT/scores.json, keyed by block; reused when the settings match."""
+    """Finished scores of a baseline in OUT/scores.json, keyed by block; reused when the settings match.
+    `seconds` adds up the time spent computing them, over every run that contributed."""
 
     def __init__(self, path, settings):
-        self.path, self.settings, self.scores = Path(path), settings, {}
+        self.path, self.settings, self.scores, self.seconds = Path(path), settings, {}, 0.0
         if self.path.is_file():
             saved = json.loads(self.path.read_text())
             check_same(saved["settings"], settings, "baseline run", self.path)
-            self.scores = saved["scores"]
+            self.scores, self.seconds = saved["scores"], saved.get("seconds", 0.0)
             print(f"reusing {len(self.scores)} finished score(s) from {self.path}")
 
     def get(self, key, compute):
         if key not in self.scores:
-            self.scores[key] = compute()
-            write_json(self.path, {"settings": self.settings, "scores": self.scores})
+            t0 = time.perf_counter()
+            value = compute()
+            self.put(key, value, time.perf_counter() - t0)
         return self.scores[key]
+
+    def put(self, key, value, seconds):
+        self.scores[key], self.seconds = value, self.seconds + seconds
+        write_json(self.path, {"settings": self.settings, "scores": self.scores, "seconds": self.seconds})

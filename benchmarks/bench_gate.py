@@ -8,7 +8,9 @@ baselines.exhaustive_segments (every placement of two non-overlapping blocks wit
 Both score placements by the calibration KL on the same cached dense pass as the gate. Every finished
 cell (one oracle ranking, or one gate run) is kept in --results under a key naming the model
 fingerprint, the calibration draw, the budget and the settings, so a rerun only computes what is
-missing, and a change of the search (--variant) reruns the gate against the stored rankings.
+missing, and a change of the search (--variant) reruns the gate against the stored rankings. An oracle
+in progress keeps each scored placement in --work, so an interrupted enumeration (hours for S = 2 on a
+CPU) continues where it stopped; its time is the sum of the scoring times of every run.
 Rewrites the "gate" section of BENCHMARKS.md from every stored row.
 """
 import argparse
@@ -22,6 +24,7 @@ import excise  # noqa: E402
 import load_weights  # noqa: E402
 import search  # noqa: E402
 from benchmarks.common import ROOT, command, load_cells, store_cell, update_section  # noqa: E402
+from resume import Scores  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "gate.json"
 
@@ -37,12 +40,28 @@ def variant_for(segments, variant=search.VARIANT):
     return "v2" if read_off == "visited" and segments == 1 else variant
 
 
-def oracle(model, teacher, k, segments):
-    """The exact ranking of every placement, best first, and its wall time."""
+def oracle(model, teacher, k, segments, done=None):
+    """The exact ranking of every placement, best first, and its wall time. With `done` (resume.Scores) each
+    finished placement is kept as it is scored, an interrupted run continues where it stopped, and the time is
+    the sum of the scoring times of every run that contributed."""
     t0 = time.perf_counter()
-    ranked = baselines.exhaustive(model, teacher, k) if segments == 1 else \
-        baselines.exhaustive_segments(model, teacher, k, segments)
-    return {"ranked": [[r["removed_layers"], r["kl"]] for r in ranked], "seconds": time.perf_counter() - t0}
+    ranked = baselines.exhaustive(model, teacher, k, done=done) if segments == 1 else \
+        baselines.exhaustive_segments(model, teacher, k, segments, done=done)
+    seconds = done.seconds if done is not None else time.perf_counter() - t0
+    return {"ranked": [[r["removed_layers"], r["kl"]] for r in ranked], "seconds": seconds}
+
+
+def oracle_partial(base, work):
+    """Where an unfinished oracle run keeps its scored placements (an S = 2 enumeration takes hours on a CPU);
+    the caller removes it once the finished cell is stored."""
+    return Path(work) / f"oracle-{base.replace('|', '_')}.json"
+
+
+def oracle_cell(model, teacher, k, segments, base, work):
+    """The stored form of an oracle run, continuing the placements an interrupted one scored."""
+    done = Scores(oracle_partial(base, work), {"cell": key(base, "oracle")})
+    reused = len(done.scores)  # placements an interrupted run had scored
+    return dict(oracle(model, teacher, k, segments, done), kind="oracle", reused=reused)
 
 
 def gate_run(model, teacher, k, segments, seed, variant=search.VARIANT):
@@ -180,6 +199,7 @@ def main(argv=None):
     p.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=True,
                    help="also enumerate every placement (--no-oracle: the gate runs only; their rows wait for it)")
     p.add_argument("--results", type=Path, default=RESULTS, help="JSON of finished cells (resumed, never recomputed)")
+    p.add_argument("--work", type=Path, default=Path("runs/bench_gate"), help="an unfinished oracle's scored placements")
     p.add_argument("--write-only", action="store_true", help="run nothing: rewrite the section from the stored cells")
     a = p.parse_args(argv)
     res = load_cells(a.results)
@@ -196,7 +216,8 @@ def main(argv=None):
             if gk not in res:
                 store_cell(a.results, res, gk, gate_cell(model, teacher, k, a.segments, seed, a.variant, res, base))
             if ok not in res and a.oracle:
-                store_cell(a.results, res, ok, dict(oracle(model, teacher, k, a.segments), kind="oracle"))
+                store_cell(a.results, res, ok, oracle_cell(model, teacher, k, a.segments, base, a.work))
+                oracle_partial(base, a.work).unlink(missing_ok=True)
             print("\n".join(section(res, a, model.cfg.num_layers)[-1:]), flush=True)
     print("\n".join(section(res, a, model.cfg.num_layers)))
 

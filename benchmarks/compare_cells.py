@@ -98,7 +98,8 @@ def choose(b, method, k):
             v = bench_gate.variant_for(S)
             g = b.cell(key(base, "gate", v), lambda: bench_gate.gate_cell(m, t(), k, S, b.a.seed, v, b.gates, base), b.gates)
             return {"removed_layers": g["removed_layers"], "kl": g["kl"], "seconds": g["seconds"]}
-        o = b.cell(key(base, "oracle"), lambda: dict(bench_gate.oracle(m, t(), k, S), kind="oracle"), b.gates)
+        o = b.cell(key(base, "oracle"), lambda: bench_gate.oracle_cell(m, t(), k, S, base, b.a.work), b.gates)
+        bench_gate.oracle_partial(base, b.a.work).unlink(missing_ok=True)
         return {"removed_layers": o["ranked"][0][0], "kl": o["ranked"][0][1], "seconds": o["seconds"]}
     if method == "sleb":
         layers, seconds = sleb_prefix(b, k)
