@@ -35,7 +35,7 @@ demo: $(VENV)/.installed $(VENV)/.plots
 	$(PY) plots.py --report runs/demo/report.json --tuning runs/demo/tuned --out runs/demo
 
 # one thread: the test models are tiny, and a second OpenMP thread only adds waiting on 2 shared cores
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(VENV)/.plots
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q tests
 
 clean:

@@ -3,7 +3,7 @@
     python benchmarks/gpu_check.py            # one GPU: rewrites the "gpu-check" section of BENCHMARKS.md
     python benchmarks/gpu_check.py --smoke    # tiny sizes on the CPU: only checks that the script runs
 
-It uses only what travels with the repository: the tiny fixtures ($CLP_SHARED, shared/ or ../shared) and
+It uses only what travels with the repository: the tiny fixtures (tests/fixtures) and
 models of real shapes with seeded random weights (random:NAME reads configs/NAME/config.json). It measures
 1. bf16 logits of the tiny fixtures against the fp32 references of an independent implementation;
 2. latency of random:llama2-7b and random:llama3-8b, dense against 30% of the layers excised in memory
@@ -16,7 +16,6 @@ Random weights: speed and memory only, no quality figure.
 import argparse
 import dataclasses
 import gc
-import os
 import statistics
 import sys
 import time
@@ -35,9 +34,7 @@ from model import Transformer  # noqa: E402
 from teacher import build_teacher  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-# $CLP_SHARED, else shared/ inside the checkout (how a device machine receives it), else beside it
-FIXTURES = next((Path(p) / "fixtures" for p in (os.environ.get("CLP_SHARED"), ROOT / "shared", ROOT.parent / "shared")
-                 if p and (Path(p) / "fixtures").is_dir()), ROOT.parent / "shared" / "fixtures")
+FIXTURES = ROOT / "tests" / "fixtures"  # the reference fixtures travel with the repository
 TINY = ["tiny-llama2", "tiny-llama3", "tiny-qwen2", "tiny-qwen3"]
 FULL = dict(latency_models=["llama2-7b", "llama3-8b"], prefill=2048, decode=128, runs=5, ratio=0.3,
             search_model="llama2-7b", search=(16, 512), gate_steps=3, gptq=(128, 2048),
@@ -67,7 +64,7 @@ def fixture_rows(device):
     for name in TINY:
         d = FIXTURES / name
         if not (d / "reference.safetensors").is_file():
-            rows.append(f"| {name} | fixture not found at $CLP_SHARED/fixtures | | |")
+            rows.append(f"| {name} | fixture not found at tests/fixtures | | |")
             continue
         ref = load_file(d / "reference.safetensors")
         ids, want = ref["input_ids"], ref["logits"].to(device)

@@ -1,4 +1,10 @@
-"""Paths to the independent references in ../shared and small shared fixtures."""
+"""Where the suite's references and data live: all of it inside the repository.
+
+tests/fixtures: the independent reference checkpoints and outputs (tests/fixtures/README.md).
+tests/data: the first lines of each real data file (tests/data/README.md). When $CLP_DATA names the whole
+data (e.g. ../shared/data), the tests read that instead, and the few that need the whole files run too;
+without it they skip, saying so (the `whole_data` mark).
+"""
 import os
 import sys
 from pathlib import Path
@@ -8,10 +14,11 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SHARED = Path(os.environ.get("CLP_SHARED", ROOT.parent / "shared"))
-FIXTURES = SHARED / "fixtures"
+FIXTURES = ROOT / "tests" / "fixtures"
+EXCERPT = ROOT / "tests" / "data"
 # an empty CLP_DATA counts as unset
-DATA = Path(os.environ.get("CLP_DATA") or SHARED / "data").resolve()  # absolute: tests symlink into it
+WHOLE = Path(os.environ["CLP_DATA"]).resolve() if os.environ.get("CLP_DATA") else None
+DATA = WHOLE or EXCERPT  # absolute: tests symlink into it
 # the code under test finds the data the way a user's run would: through $CLP_DATA
 os.environ["CLP_DATA"] = str(DATA)
 TINY = ["tiny-llama2", "tiny-llama3", "tiny-qwen2", "tiny-qwen3"]
@@ -22,9 +29,17 @@ os.environ.setdefault("CLP_OFFLINE", "1")
 def need(path):
     """Fail loudly (not skip) when a reference the suite depends on is missing."""
     if not Path(path).exists():
-        pytest.fail(f"reference {path} is missing: run the tests from a checkout with ../shared beside it, "
-                    f"or set CLP_SHARED / CLP_DATA")
+        pytest.fail(f"reference {path} is missing from the checkout (tests/fixtures, tests/data, or $CLP_DATA)")
     return Path(path)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked whole_data read $CLP_DATA's whole files (as WHOLE); with only the excerpt they skip."""
+    if WHOLE is None:
+        skip = pytest.mark.skip(reason="needs the whole data: set CLP_DATA (e.g. CLP_DATA=../shared/data make test)")
+        for item in items:
+            if "whole_data" in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(params=TINY)
@@ -41,6 +56,7 @@ def smollm2():
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "whole_data: reads the whole data files of $CLP_DATA (skipped without them)")
     """Scratch files in RAM (/dev/shm) when it has room: checkpoint writes fsync, and on a busy disk the
     waits would dominate the suite's time. Removed at the end of the session."""
     import shutil

@@ -8,6 +8,7 @@ from safetensors import safe_open
 import excise
 import load_weights
 import search
+from conftest import FIXTURES
 
 
 def reference_ids(tiny_dir):
@@ -66,8 +67,6 @@ def test_parse_layers():
 
 
 def test_report_from_another_model_is_refused(tmp_path):
-    llama2, llama3 = "../shared/fixtures/tiny-llama2", "../shared/fixtures/tiny-llama3"
-    from conftest import FIXTURES
     llama2, llama3 = FIXTURES / "tiny-llama2", FIXTURES / "tiny-llama3"
     search.main(["--ckpt", str(llama2), "--prune-layers", "2", "--steps", "3", "--starts", "1", "--nsamples", "2",
                  "--seqlen", "16", "--out", str(tmp_path / "s")])

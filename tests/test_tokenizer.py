@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import DATA, FIXTURES, need
+from conftest import FIXTURES, WHOLE, need
 from data import wikitext_text
 from tokenizer import byte_decoder, load_tokenizer
 
@@ -18,11 +18,12 @@ def test_embedded_tokenizer_matches_golden_ids(smollm2):
         assert tok.decode(item["ids"]) == item["text"]
 
 
+@pytest.mark.whole_data
 @pytest.mark.parametrize("fname", ["wiki.test.raw", "wiki.valid.raw"])
 def test_embedded_tokenizer_matches_golden_on_all_of_wikitext2(smollm2, fname):
     _, tok = smollm2
     golden = json.loads(need(FIXTURES / "smollm2-135m" / "tokenizer_golden_wikitext2.json").read_text())[fname]
-    ids = tok.encode(wikitext_text(need(DATA / "wikitext-2-raw" / fname)))
+    ids = tok.encode(wikitext_text(need(WHOLE / "wikitext-2-raw" / fname)))
     assert len(ids) == golden["n_tokens"]
     assert ids[:64] == golden["first_64"]
     assert hashlib.sha256(np.asarray(ids, dtype="<i4").tobytes()).hexdigest() == golden["sha256"]
