@@ -42,19 +42,12 @@ def forward_bytes(cfg, b, tokens):
     return tokens * b * (3 * cfg.intermediate_size + 4 * cfg.hidden_size)
 
 
-def kl_bytes(cfg, b, n, grad, teacher_head):
+def kl_bytes(cfg, b, n, grad):
     """One KL chunk of n tokens: the student's logits (n V b) and its fp32 log-softmax, the teacher's
     probabilities, their difference and product (4 fp32 n x V), 2 more for the backward; plus the teacher's
-    own logits and log-softmax (n V (b + 4)) when its head is applied per chunk instead of read from a cache."""
+    own logits and log-softmax (n V (b + 4)): its head is applied per chunk to the cached last hidden state."""
     V = cfg.vocab_size
-    return n * V * (b + 4 * (6 if grad else 4)) + (n * V * (b + 4) if teacher_head else 0)
-
-
-def lean_teacher():
-    """True when teacher.py keeps the last hidden state instead of (N, T, V) log-probs (a feature check, so the
-    plan models whichever teacher cache this checkout has)."""
-    import teacher
-    return "logp" not in getattr(teacher.Teacher, "__dataclass_fields__", {})
+    return n * V * (b + 4 * (6 if grad else 4)) + n * V * (b + 4)
 
 
 # ---------------------------------------------------------------- placement
@@ -142,15 +135,14 @@ def place_model(rows, cfg, b, devices, offload, layers=None):
     return parts
 
 
-def place_cache(rows, parts, devices, on_host, per_boundary, extra_last=0, phase=None):
-    """Teacher cache: boundary h[i] beside layer i, h[L] and `extra_last` (log-probs) on the last device; all in
-    host memory when `on_host`. With `phase`, the bytes are that phase's transient (a second copy)."""
+def place_cache(rows, parts, devices, on_host, per_boundary):
+    """Teacher cache: boundary h[i] beside layer i, h[L] on the last device; all in host memory when `on_host`."""
     if on_host:
-        add(rows[-1], "teacher_cache", (sum(len(r) for r in parts) + 1) * per_boundary + extra_last, phase)
+        add(rows[-1], "teacher_cache", (sum(len(r) for r in parts) + 1) * per_boundary)
         return
     last = len(devices) - 1
     for j, r in enumerate(parts):
-        add(rows[j], "teacher_cache", per_boundary * (len(r) + (j == last)) + (extra_last if j == last else 0), phase)
+        add(rows[j], "teacher_cache", per_boundary * (len(r) + (j == last)))
 
 
 def gate_activations(rows, parts, cfg, b, tokens, offload, phase="step"):
@@ -174,33 +166,27 @@ def halving_work(starts, steps, halving):
 
 
 def plan_search(cfg, b, devices, capacity, offload, nsamples, seqlen, k, gate=True, batch_size=1, chunk=1024,
-                steps=30, starts=4, halving=True, radius=1, method="clp", lean=None, cache_on_cpu=False):
+                steps=30, starts=4, halving=True, radius=1, method="clp", cache_on_cpu=False):
     """Gate search (gate=True) or a baseline (gate=False) on a cached teacher.
 
-    Teacher cache: (L+1) N T C b for the hidden states at the layer boundaries, plus N T V fp32 log-probs when
-    this checkout's teacher still stores them (not `lean`). Its pass holds, besides: lean, one boundary's
-    pieces and their concatenation (2 N T C b); otherwise a second copy of the whole cache and 4 windows'
-    logits. A gate step: the activations of every layer for batch_size T tokens and one KL chunk with
-    gradients. Read-off: 4 windows through the layers without gradients and a KL chunk without gradients."""
-    lean = lean_teacher() if lean is None else lean
-    N, T, L, C, V = nsamples, seqlen, cfg.num_layers, cfg.hidden_size, cfg.vocab_size
+    Teacher cache: (L+1) N T C b for the hidden states at the layer boundaries (the teacher's log-probs are
+    not cached: its head runs per KL chunk on the last hidden state). Its pass holds, besides, one boundary's
+    pieces and their concatenation (2 N T C b). A gate step: the activations of every layer for batch_size T
+    tokens and one KL chunk with gradients. Read-off: 4 windows through the layers without gradients and a KL
+    chunk without gradients."""
+    N, T, L, C = nsamples, seqlen, cfg.num_layers, cfg.hidden_size
     rows = make_rows(devices, capacity, offload)
     parts = place_model(rows, cfg, b, devices, offload)
     hd = rows[0] if offload else rows[len(devices) - 1]  # where the norm and head compute
-    logp = 0 if lean else N * T * V * 4
-    place_cache(rows, parts, devices, cache_on_cpu, N * T * C * b, logp)
+    place_cache(rows, parts, devices, cache_on_cpu, N * T * C * b)
     for j in range(len(devices)):
         add(rows[j], "activations", forward_bytes(cfg, b, 4 * T), "teacher")
-        if lean:
-            add(rows[j], "teacher_cache", 2 * N * T * C * b, "teacher")
-    if not lean:  # the old pass concatenates all its pieces at the end: a second copy of the cache
-        place_cache(rows, parts, devices, cache_on_cpu, N * T * C * b, logp, phase="teacher")
-        add(hd, "kl_chunk", 4 * T * V * (b + 4), "teacher")
+        add(rows[j], "teacher_cache", 2 * N * T * C * b, "teacher")
     if gate:
         gate_activations(rows, parts, cfg, b, batch_size * T, offload)
-        add(hd, "kl_chunk", kl_bytes(cfg, b, min(chunk, batch_size * T), True, lean), "step")
+        add(hd, "kl_chunk", kl_bytes(cfg, b, min(chunk, batch_size * T), True), "step")
     # read-off / scoring: no-grad forwards of 4 windows and a KL chunk without gradients
-    add(hd, "kl_chunk", kl_bytes(cfg, b, min(chunk, 4 * T), False, lean), "score")
+    add(hd, "kl_chunk", kl_bytes(cfg, b, min(chunk, 4 * T), False), "score")
     add(hd, "activations", 4 * T * C * b + forward_bytes(cfg, b, 4 * T), "score")
     forward, backward = L * N, 0
     if gate:
@@ -212,7 +198,7 @@ def plan_search(cfg, b, devices, capacity, offload, nsamples, seqlen, k, gate=Tr
         forward += N * (L - k) * (L - k + 1) // 2
     else:
         forward += (L - k) * N
-    notes = [f"teacher cache {'lean: hidden states only' if lean else 'with N T V fp32 log-probs'}",
+    notes = ["teacher cache: hidden states only",
              "gate passes are an upper bound: every step counted over all L layers"] if gate else []
     return Plan("search" if gate else f"baselines ({method})", rows, forward, backward, notes)
 
@@ -255,7 +241,7 @@ def plan_tune(cfg, tcfg, b, devices, capacity, offload, tuned, nsamples=64, val_
     else:
         for j, r in enumerate(parts):
             add(rows[j], "activations", activation_bytes(cfg, b, tokens) * len([i for i in r if i >= first]), "step")
-    add(hd, "kl_chunk", kl_bytes(cfg, b, min(chunk, tokens), True, True), "step")
+    add(hd, "kl_chunk", kl_bytes(cfg, b, min(chunk, tokens), True), "step")
     student = b * (Lp * layer_params(cfg) + cfg.vocab_size * C * (1 if cfg.tie_word_embeddings else 2))
     add(rows[-1], "weights", student * (1 if "cpu" in devices else 2), "save")
     forward = tcfg.num_layers * N + first * N + (steps * batch_size + 2 * val_samples) * (Lp - first)
