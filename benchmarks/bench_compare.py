@@ -40,7 +40,7 @@ from benchmarks import bench_gate  # noqa: E402
 from benchmarks.common import BENCHMARKS, ROOT, command, update_section  # noqa: E402
 from benchmarks.compare_cells import (CHEAP_FIRST, METHODS, NEW_TOKENS, TASKS, Bench, DenseLogits, choose,  # noqa: E402
                                       evaluate, repaired, speed, variants, work_dir)
-from benchmarks.compare_report import (informative, lookup, margins, plot, repair_ranking, results,  # noqa: E402
+from benchmarks.compare_report import (headline, informative, lookup, margins, plot, repair_ranking, results,  # noqa: E402
                                        speed_lines, table, whole_test_set)
 from gates import budget  # noqa: E402
 
@@ -147,7 +147,7 @@ def write_outputs(b, picture=True):
              "windows of the first 90% of WikiText-2 valid, KL to the dense model), at each peak lr in "
              f"{{{a.lrs}}}, the lowest held-out KL kept; *endpoints* = the kept layers next to every cut (tune.py's "
              "default); non-contiguous methods also get *LoRA on all layers* with as many trainable parameters as two "
-             "full layers. random-N: the random contiguous block of seed N.", "", *table(b, res), "",
+             "full layers. random-N: the random contiguous block of seed N.", "", *headline(b, res), *table(b, res), "",
              "Where CLP stands (the best other method excludes CLP's two-segment rows and the exhaustive oracles, which are CLP's own objective "
              "enumerated; random = mean of its seeds; retention above chance):", "", *(margins(b, res) or ["- no ratio has both CLP and a baseline yet."]), "",
              "Speed (every method's pruned model at a ratio has the same architecture, so one model per ratio: the dense "
@@ -155,8 +155,8 @@ def write_outputs(b, picture=True):
              f"{a.latency_seqlen} tokens, decode {NEW_TOKENS} tokens after a 128-token prompt, {a.latency_runs} timed rounds; "
              "speedup = ratio of the median times, in brackets the range of the same-round ratios; 1-minute load "
              f"average {sp['load'] if sp else float('nan'):.1f} at the end on this 2-core machine):", "", *speed_lines(b, sp), "",
-             *repair_ranking(b, res), *whole_test_set(b, res), f"![ppl and mean retention against the pruning ratio](docs/img/{a.plot.name})"]
-    update_section("compare", "\n".join(lines), a.markdown)
+             *repair_ranking(b, res), *whole_test_set(b, res), f"![repaired ppl and mean retention against the pruning ratio, the best of each method family](docs/img/{a.plot.name})"]
+    update_section("compare", "\n".join(lines), a.markdown, keep_stamp=a.write_only)
     if picture:
         plot(b, res, a.plot)
     print("\n".join(lines))

@@ -35,16 +35,19 @@ def command():
     return "python " + shlex.join(sys.argv)
 
 
-def update_section(name, body, path=None):
+def update_section(name, body, path=None, keep_stamp=False):
     """Replace (or append) the section between <!-- BEGIN name --> and <!-- END name --> of `path` (BENCHMARKS.md)
     atomically; the lock keeps two scripts that finish at once from each writing back a file without the other's
-    section."""
+    section. keep_stamp: a rewrite that measured nothing keeps the section's "_Measured <date> on: <machine>._" line."""
     path = Path(path) if path is not None else BENCHMARKS
-    stamp = time.strftime("%Y-%m-%d")
-    block = f"<!-- BEGIN {name} -->\n{body.rstrip()}\n\n_Measured {stamp} on: {machine()}._\n<!-- END {name} -->"
+    stamp = f"_Measured {time.strftime('%Y-%m-%d')} on: {machine()}._"
     pat = re.compile(rf"<!-- BEGIN {re.escape(name)} -->.*?<!-- END {re.escape(name)} -->", re.S)
     with atomic.locked(path):
         text = path.read_text() if path.exists() else HEADER
+        old = pat.search(text)
+        if keep_stamp and old and (m := re.search(r"^_Measured .*\._$", old[0], re.M)):
+            stamp = m[0]
+        block = f"<!-- BEGIN {name} -->\n{body.rstrip()}\n\n{stamp}\n<!-- END {name} -->"
         text = pat.sub(lambda _: block, text) if pat.search(text) else text.rstrip() + "\n\n" + block + "\n"
         atomic.write_text(path, text)
 

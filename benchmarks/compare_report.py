@@ -262,41 +262,116 @@ def whole_test_set(b, res):
 
 
 def plot(b, res, path):
-    """Perplexity and mean retention against the ratio, one line per method, solid untuned, dashed repaired."""
+    """The headline table as a picture: per method family its best repaired member (family_best, which member it is
+    may change with the ratio), perplexity on the test subset and mean retention above chance against the ratio;
+    CLP's two columns drawn thick and bright."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return print("no picture: matplotlib is missing (pip install matplotlib)")
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    names = [m for m in b.a.methods if not m.startswith("random-")] + ["random"]
-    for i, name in enumerate(names):
-        color = plt.cm.tab20(i % 20)
-        for stage, style in (("untuned", "-"), ("best_tuned", "--")):
-            xs, ppl, ret = [], [], []
-            for r in b.a.ratios:
-                rows = [x[stage] for (rr, m), x in res.items() if rr == r and (m == name or
-                        (name == "random" and m.startswith("random-"))) and x[stage] is not None]
-                if rows and (name != "random" or len(rows) >= 2):
-                    xs.append(r)
-                    ppl.append(statistics.mean(x["ppl"] for x in rows))
-                    ret.append(summary_of([retention(b, x, informative(b))[0] for x in rows])[0])
-            if xs:
-                label = f"{name} ({'untuned' if stage == 'untuned' else 'repaired'})"
-                ax1.plot(xs, ppl, style, color=color, marker="o", label=label)
-                if any(v is not None for v in ret):
-                    ax2.plot(xs, [v if v is not None else float("nan") for v in ret], style, color=color, marker="o")
-    shown = [x["ppl"] for row in res.values() for x in [row["untuned"]] if x and row["choice"]["kl"] < 10]
-    top = 3 * max(shown) if shown else None  # None: a run over blocks that all destroy the model (e.g. only tail)
-    ax1.set(yscale="log", ylim=(None, top), xlabel="pruning ratio", ylabel="WikiText-2 ppl (subset)",
-            title="perplexity (lower is better; off the top: calib. KL > 10)")
-    ax2.set(xlabel="pruning ratio", ylabel="mean zero-shot retention", title="retention, tasks above chance (higher is better)")
-    fig.legend(*ax1.get_legend_handles_labels(), loc="center right", fontsize=7)
-    fig.tight_layout(rect=(0, 0, 0.8, 1))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    others = iter(["#8c6d31", "#7b7b7b", "#9467bd", "#17becf", "#bcbd22"])
+    for i, (fam, members) in enumerate(families(b) or [(m, [m]) for m in b.a.methods[:1]]):
+        pts = [(r, c) for r in b.a.ratios if (c := family_best(b, res, r, members)) is not None]
+        if not pts:
+            continue
+        ours = fam in (FAMILIES[0][0], FAMILIES[1][0])
+        one = fam == FAMILIES[0][0]  # drawn over two segments, thinner: where both chose the same set both show
+        style = dict(color="#d62728" if one else "#1f77b4" if ours else next(others), lw=2.5 if one else 5 if ours else 1.3,
+                     ms=7 if one else 10 if ours else 5, marker="o", zorder=4 if one else 3 if ours else 2, label=fam)
+        xs = [r for r, _ in pts]
+        ax1.plot(xs, [c[1] for _, c in pts], **style)
+        ax2.plot(xs, [100 * c[3] if c[3] is not None else float("nan") for _, c in pts], **style)
+    ax1.set(yscale="log", xlabel="pruning ratio", ylabel=f"WikiText-2 ppl, first {b.a.ppl_windows} test windows",
+            title="repaired perplexity (lower is better)")
+    ax2.set(xlabel="pruning ratio", ylabel="mean zero-shot retention above chance, %",
+            title="repaired retention (higher is better; s.e. about 9 points)")
+    for ax in (ax1, ax2):
+        ax.set_xticks(b.a.ratios, [f"{r:.0%}" for r in b.a.ratios])
+        ax.grid(alpha=0.3)
+    lo, hi = ax1.get_ylim()
+    ticks = [t for t in (1, 2, 3, 5, 7, 10, 15, 20, 30, 40, 50, 70, 100, 150, 200, 300, 500, 700, 1000) if lo <= t <= hi]
+    if len(ticks) >= 2:
+        ax1.set_yticks(ticks, [str(t) for t in ticks])
+        ax1.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    fig.legend(*ax1.get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=9, frameon=False)
+    fig.suptitle(f"Best of each method family after the same repair ({b.a.ckpt}, {b.L} layers)", fontsize=11)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(path)
     print(f"picture: {path}")
+
+
+# ---------------------------------------------------------------- the headline table (README's copy)
+
+# the columns of the headline table: one per method family, its members (random: the mean of its seeds)
+FAMILIES = [("CLP, one block", ["clp-gate"]), ("CLP, two segments", ["clp-gate-s2"]),
+            ("Block Influence / angular", ["block-influence", "angular"]), ("SLEB", ["sleb"]),
+            ("Shortened-LLaMA (PPL / Taylor)", ["shortened-ppl", "shortened-taylor"]), ("tail / random", ["tail", "random"])]
+SHORT = {"block-influence": "BI", "angular": "angular", "shortened-ppl": "PPL", "shortened-taylor": "Taylor", "tail": "tail"}
+
+
+def family_best(b, res, r, members):
+    """The family's member with the lowest repaired subset ppl at ratio r (each member's repair: the one with the
+    lower held-out KL, as in the table): (name, subset ppl, whole-test-set ppl or None, retention above chance)."""
+    cands = []
+    for m in members:
+        if m == "random":
+            rows = [x["best_tuned"] for (rr, mm), x in res.items() if rr == r and mm.startswith("random-") and x["best_tuned"]]
+            if len(rows) >= 2:  # one seed is that seed's block, not "random"
+                cands.append((f"random, mean of {len(rows)}", statistics.mean(x["ppl"] for x in rows), None,
+                              summary_of([retention(b, x, informative(b))[0] for x in rows])[0]))
+            continue
+        x = res.get((r, m))
+        t = x and x["best_tuned"]
+        if t:
+            full = lookup(b, evaluate, x["choice"]["removed_layers"], f"{t['variant']}@{t['lr']:g}", True)
+            cands.append((m, t["ppl"], full and full["ppl"], retention(b, t, informative(b))[0]))
+    return min(cands, key=lambda c: c[1]) if cands else None
+
+
+def families(b):
+    """The families with a member among --methods (random: at least two seeds)."""
+    asked = set(b.a.methods) | ({"random"} if sum(m.startswith("random-") for m in b.a.methods) >= 2 else set())
+    return [(f, members) for f, members in FAMILIES if asked & set(members)]
+
+
+def headline(b, res):
+    """One row per ratio, one column per method family: the repaired perplexity (on the whole test set where it was
+    measured, else the subset, marked) and mean zero-shot retention of the family's best member, and CLP's place."""
+    rows, fams = [], families(b)
+    if not fams or fams[0][0] != FAMILIES[0][0]:
+        return []
+    for r in b.a.ratios:
+        best = [family_best(b, res, r, members) for _, members in fams]
+        if best[0] is None:
+            continue
+        cells = []
+        for (_, members), c in zip(fams, best):
+            if c is None:
+                cells.append("not run")
+                continue
+            name, sub, full, ret = c
+            who = f"{SHORT.get(name, name)}: " if len(members) > 1 else ""
+            ppl = f"**{full:.1f}** ({sub:.1f}†)" if full is not None else f"{sub:.1f}†"
+            cells.append(f"{who}{ppl} · {'-' if ret is None else f'{100 * ret:.0f}%'}")
+        subs = [c[1] for c in best if c is not None]
+        place = lambda i: "-" if best[i] is None else f"{1 + sum(s < best[i][1] for s in subs)}"  # noqa: E731
+        two = f" / {place(1)}" if len(fams) > 1 and fams[1][0] == FAMILIES[1][0] else ""
+        rows.append(f"| {r:.0%} ({budget(b.L, prune_ratio=r)} of {b.L}) | " + " | ".join(cells) + f" | {place(0)}{two} of {len(subs)} |")
+    if not rows:
+        return []
+    return ["At a glance: the repaired models, the best member of each family of methods (the member with the lowest "
+            f"repaired perplexity on the first {b.a.ppl_windows} test windows; each method's repair is the one with the "
+            "lower held-out KL, as in the table below). Cell: WikiText-2 test perplexity · mean zero-shot retention "
+            f"above chance (one standard error about ±9 points). **Bold**: the whole test set ({getattr(b, 'ppl_total', '?')} "
+            f"windows), where it was measured; †: the first {b.a.ppl_windows} test windows only. *Place*: rank of one-block "
+            f"CLP / two-segment CLP among the families by the {b.a.ppl_windows}-window perplexity (1 = lowest; ties share "
+            "the better place). Random: the mean of its seeds.", "",
+            "| ratio (layers removed) | " + " | ".join(f for f, _ in fams) + " | CLP's place (one block / two segments) |",
+            "|---|" + "---|" * len(fams) + "---|", *rows, ""]

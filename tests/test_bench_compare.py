@@ -1,6 +1,7 @@
 """bench_compare.py end to end on a tiny model with a real tokenizer: the table, the picture, and a resume
 that recomputes nothing."""
 import json
+import re
 
 import pytest
 import torch
@@ -63,6 +64,11 @@ def test_runs_end_to_end_and_resumes_without_recomputing(tiny_with_tokenizer, sm
     assert sorted(v["S"] for v in gate.values() if v.get("kind") == "gate") == [1, 2]
     assert sum(v.get("kind") == "oracle" for v in gate.values()) == 1  # exhaustive-s2 was not asked for
     assert "Two segments: " in text
+    # the at-a-glance table: one column per family asked for (random: its mean), CLP's place among them
+    head = next(line for line in text.splitlines() if line.startswith("| ratio (layers removed) |"))
+    assert head.split(" | ")[1:5] == ["CLP, one block", "CLP, two segments", "SLEB", "tail / random"]
+    glance = next(line for line in text.splitlines() if line.startswith("| 50% (2 of 4) | "))
+    assert glance.endswith(" of 4 |") and "†" in glance and "random, mean of 2" in glance
     assert "| 0% | 4 | " in text and "| 50% | 2 | " in text  # the interleaved speed table: dense and pruned
     # SLEB ran its greedy steps once, to the largest budget
     assert [len(v["order"]) for k, v in res.items() if k.endswith("|sleb")] == [2]
@@ -94,6 +100,11 @@ def test_runs_end_to_end_and_resumes_without_recomputing(tiny_with_tokenizer, sm
     bench_compare.main(full)
     bench_compare.main(argv)
     assert json.loads((tmp_path / "compare.json").read_text()) == res
+    # --write-only measures nothing, so it keeps the section's measured-on line
+    md = tmp_path / "BENCH.md"
+    md.write_text(re.sub(r"_Measured \S+ on: ", "_Measured 2000-01-01 on: ", md.read_text()))
+    bench_compare.main(argv + ["--write-only"])
+    assert "_Measured 2000-01-01 on: " in md.read_text() and "--write-only" not in md.read_text()
 
 
 def test_bad_method_is_a_clear_error(capsys):
