@@ -12,37 +12,11 @@ from pathlib import Path
 
 import torch
 
+import fetch as fetcher
 from errors import cli
+from paths import ROOT, shown
 
-ROOT = Path(__file__).resolve().parent
 WIKITEXT_FILES = {"test": "wiki.test.raw", "valid": "wiki.valid.raw", "validation": "wiki.valid.raw"}
-
-
-def cache_root():
-    """Where converted models and fetched data live: $CLP_CACHE, default ~/.cache/clp."""
-    return Path(os.environ.get("CLP_CACHE", Path.home() / ".cache" / "clp"))
-
-
-def shown(path):
-    """A path as a reader on another machine can read it (reports and BENCHMARKS.md quote it): a relative path
-    as given; an absolute one relative to the repository or as $CLP_DATA/..., $CLP_CACHE/..., ~/... when it
-    lies there; any other absolute path as it is."""
-    if not Path(path).expanduser().is_absolute():  # as the user gave it: already machine-independent
-        return str(path)
-    p = Path(path).expanduser()
-    roots = [(os.environ.get("CLP_DATA"), "$CLP_DATA"), (cache_root(), "$CLP_CACHE"), (ROOT, None),
-             (Path.home(), "~")]
-    for root, name in roots:
-        if not root:
-            continue
-        try:
-            rel = p.relative_to(Path(root).expanduser().absolute())
-        except ValueError:
-            continue
-        if name is None:
-            return str(rel)
-        return name if str(rel) == "." else f"{name}/{rel}"
-    return str(path)
 
 
 def find_data_dir(data_dir=None, fetch=True):
@@ -55,8 +29,6 @@ def find_data_dir(data_dir=None, fetch=True):
             return Path(cand)
     if data_dir:
         raise FileNotFoundError(f"data directory {data_dir} does not exist")
-    import fetch as fetcher
-
     return fetcher.cached_data(download=fetch)
 
 
@@ -134,8 +106,6 @@ def calibration_batch(ids, nsamples, seqlen, seed=0):
 
 @cli()
 def main(argv=None):
-    import fetch as fetcher
-
     p = argparse.ArgumentParser(description="Where the evaluation data is found; --fetch downloads it into "
                                             "$CLP_CACHE/data from pinned public sources (sha256-checked).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)

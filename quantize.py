@@ -23,7 +23,7 @@ import torch
 
 import devices
 import placement
-from data import shown
+from paths import shown
 from devices import peak_memory
 from errors import check_finite, cli
 from gptq import Quantized, gptq, proxy_error, rtn

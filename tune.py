@@ -29,6 +29,7 @@ import data
 import devices
 import excise
 import load_weights
+import paths
 import placement
 import plan
 from devices import peak_memory
@@ -233,7 +234,7 @@ def tune(ckpt, out, teacher=None, layers="endpoints", method="full", steps=100, 
     prefix, val_prefix = (frozen_prefix(model, t, chosen[0]) for t in (train_t, val_t))
     kl_before = mean_kl(model, val_prefix, head, val_teacher_h, chosen[0], batch_size, chunk)
     t1 = time.perf_counter()
-    print(f"tuning pruned layers {chosen} ({method}) of {model.cfg.num_layers} against {data.shown(teacher_name)}; "
+    print(f"tuning pruned layers {chosen} ({method}) of {model.cfg.num_layers} against {paths.shown(teacher_name)}; "
           f"{train_t.numel():,} tokens ({desc}); held-out KL before {kl_before:.4f}  [setup {t1 - t0:.0f} s]")
     torch.manual_seed(seed)
     params = tuned_parameters(model, chosen, method, rank, alpha)

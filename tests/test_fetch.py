@@ -10,6 +10,7 @@ import pytest
 
 import data
 import fetch
+import paths
 from conftest import DATA, WHOLE, need
 
 SMALL = ["hellaswag/hellaswag_small.jsonl", "winogrande/dev.jsonl", "piqa/valid-labels.lst"]
@@ -161,7 +162,7 @@ def test_shown_paths_are_machine_independent(tmp_path, monkeypatch):
     monkeypatch.setenv("CLP_CACHE", str(tmp_path / "c"))
     for sub in ("d/wikitext-2-raw", "c/smollm2-135m"):
         (tmp_path / sub).mkdir(parents=True)
-    assert data.shown(tmp_path / "d" / "wikitext-2-raw") == "$CLP_DATA/wikitext-2-raw"
-    assert data.shown(tmp_path / "c" / "smollm2-135m") == "$CLP_CACHE/smollm2-135m"
-    assert data.shown(data.ROOT / "tests") == "tests"
-    assert data.shown("smollm2-135m") == "smollm2-135m"  # a name, not a path
+    assert paths.shown(tmp_path / "d" / "wikitext-2-raw") == "$CLP_DATA/wikitext-2-raw"
+    assert paths.shown(tmp_path / "c" / "smollm2-135m") == "$CLP_CACHE/smollm2-135m"
+    assert paths.shown(paths.ROOT / "tests") == "tests"
+    assert paths.shown("smollm2-135m") == "smollm2-135m"  # a name, not a path
