@@ -134,13 +134,40 @@ def glob_escape(name):
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
-def check_replaceable(out_dir):
+def check_replaceable(out_dir, flag="--out"):
     """Only a checkpoint (a directory with config.json) or an empty directory may be replaced by a new one."""
     if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
         raise UserError(f"{out_dir} exists and is not a directory: refusing to replace it")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "config.json").is_file():
         raise UserError(f"{out_dir} is a non-empty directory that is not a checkpoint: refusing to replace it; "
-                        f"choose another --out")
+                        f"choose another {flag}")
+
+
+def check_out(out, inputs, flag="--out", kind="checkpoint"):
+    """Refuse, before any work, an output that would destroy an input or that the write would refuse at the end.
+
+    `out` may not be, lie inside or contain one of the input checkpoint directories `inputs` ({flag: directory};
+    None entries are skipped). `kind` is what is written there: a "checkpoint" (replaced whole: check_replaceable),
+    a "directory" of files (must not be a file), or a "file" (must not be a directory)."""
+    if out is None:
+        return
+    out = Path(out).expanduser()
+    where = out.resolve()
+    for name, directory in inputs.items():
+        if directory is None:
+            continue
+        d = Path(directory).expanduser().resolve()
+        how = ("is" if where == d else "lies inside" if where.is_relative_to(d) else
+               "contains" if d.is_relative_to(where) else None)
+        if how:
+            raise UserError(f"{flag} {out} {how} the directory of {name} ({directory}): writing there would destroy "
+                            f"that input; choose another {flag}")
+    if kind == "checkpoint":
+        check_replaceable(out, flag)
+    elif kind == "directory" and out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {out} exists and is not a directory")
+    elif kind == "file" and out.is_dir():
+        raise UserError(f"{flag} {out} is a directory; give the path of a file")
 
 
 @contextlib.contextmanager

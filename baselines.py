@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import atomic
 import devices
 import excise
 import importance
@@ -41,7 +42,7 @@ from devices import peak_memory
 from errors import cli
 from load_weights import write_json
 from resume import Scores
-from search import make_teacher, random_note, span
+from search import check_settings, make_teacher, random_note, span
 from model import follow
 from teacher import eta, log_probs, removed_kl, token_kl
 
@@ -209,9 +210,13 @@ def run(ckpt, method, out, prune_layers=None, prune_ratio=None, calib="wikitext2
         device=None, dtype=None, devices=None, offload=False, cache_on_cpu=False):
     """baselines.py as a function: one method, one report.json in search.py's schema."""
     t0 = time.perf_counter()
-    model, tokenizer, devs, dt = placement.load(ckpt, device, dtype, devices, offload, seed)
-    L = model.cfg.num_layers
+    # what the flags and config.json can tell, before the model loads
+    L = placement.config(ckpt).num_layers
     k = budget(L, prune_layers, prune_ratio)
+    check_settings(k, nsamples=nsamples, seqlen=seqlen)
+    atomic.check_out(out, {"--ckpt": None if placement.is_random(ckpt) else load_weights.resolve(ckpt)}, "--out",
+                     kind="directory")
+    model, tokenizer, devs, dt = placement.load(ckpt, device, dtype, devices, offload, seed)
     teacher = make_teacher(model, tokenizer, calib, nsamples, seqlen, seed, "cpu" if cache_on_cpu else None)
     t1 = time.perf_counter()
     done = Scores(Path(out) / "scores.json", {"method": method, "layers": k, "calibration": teacher.description,

@@ -145,14 +145,23 @@ def ratio(a, b):
     return a / b if a is not None and b else None
 
 
+# a task scored on fewer items (the 4-item HellaSwag smoke sample) stays out of the mean retention: one standard
+# error of its accuracy is over 11 points, more than the differences the mean is read for
+MIN_ITEMS_IN_MEAN = 20
+
+
 def compare_block(dense, pruned):
-    """Retention per task (pruned / dense on the task's primary metric), its mean, and speedups vs the ideal L/(L-k)."""
+    """Retention per task (pruned / dense on the task's primary metric), its mean over the tasks scored on at least
+    MIN_ITEMS_IN_MEAN items (the others are listed in retention_mean_excludes), and speedups vs the ideal L/(L-k)."""
     ret = {t: ratio(pruned["tasks"][t][task_files.PRIMARY[t]], dense["tasks"][t][task_files.PRIMARY[t]])
            for t in dense["tasks"]}
-    valid = [v for v in ret.values() if v is not None]
+    excluded = {t: f"{dense['tasks'][t]['n']} items, fewer than {MIN_ITEMS_IN_MEAN}" for t in ret
+                if dense["tasks"][t]["n"] < MIN_ITEMS_IN_MEAN}
+    valid = [v for t, v in ret.items() if v is not None and t not in excluded]
     L, Lp = dense["settings"]["layers"], pruned["settings"]["layers"]
     sp = lat.speedups(dense["latency"], pruned["latency"]) if dense["latency"] and pruned["latency"] else {}
     return {"retention": ret, "retention_mean": statistics.mean(valid) if valid else None,
+            "retention_mean_excludes": excluded,
             "retention_metric": {t: task_files.PRIMARY[t] for t in ret}, "layers": [L, Lp], "ideal_speedup": L / Lp,
             "prefill_speedup": sp.get("prefill"), "decode_speedup": sp.get("decode")}
 
@@ -194,7 +203,8 @@ def print_table(res, dense=None, cmp=None):
         print(f"{label:34}{dense_rows.get(label, '-'):>16}{v:>16}")
     for t, r in cmp["retention"].items():
         print(f"{'retention ' + t + ' (' + cmp['retention_metric'][t] + ')':50}{fmt(r):>16}")
-    print(f"{'retention mean':50}{fmt(cmp['retention_mean']):>16}")
+    left_out = "; ".join(f"{t}: {why}" for t, why in cmp["retention_mean_excludes"].items())
+    print(f"{'retention mean':50}{fmt(cmp['retention_mean']):>16}" + (f"  without {left_out}" if left_out else ""))
     ideal = f"ideal L/(L-k) = {cmp['layers'][0]}/{cmp['layers'][1]} = {cmp['ideal_speedup']:.3f}"
     print(f"{'prefill speedup (ratio of medians)':50}{fmt(cmp['prefill_speedup'], '.3f'):>16}  {ideal}")
     print(f"{'decode speedup (ratio of medians)':50}{fmt(cmp['decode_speedup'], '.3f'):>16}  {ideal}")
@@ -212,11 +222,22 @@ def load_model(ckpt, place, decode=False):
 
 
 
+def check_json_out(json_out, inputs):
+    """Before anything loads: --json must be a file path outside every checkpoint directory it measures."""
+    if json_out is None:
+        return
+    import atomic
+    # the inputs given as directories (a name's cached copy is no place a user would write to)
+    dirs = {flag: c for flag, c in inputs.items() if c and Path(c).expanduser().is_dir()}
+    atomic.check_out(json_out, dirs, "--json", kind="file")
+
+
 def run(ckpt, compare=None, teacher=None, ppl=(), ppl_windows=None, tasks=(), limit=None, latency=False, seqlen=2048, batch_size=8,
         kl_chunk=256, runs=5, warmup=1, new_tokens=128, compile=False, probe_mbytes=256, quant_path="auto", bos="auto",
         threads=None, dtype=None, device=None, devices=None, offload=False, data_dir=None, json_out=None):
     """Evaluate `ckpt` (and `compare` against it); print the table; write the JSON result. Returns the result."""
     t0 = time.perf_counter()
+    check_json_out(json_out, {"--ckpt": ckpt, "--compare": compare, "--teacher": teacher})
     place = dict(device=device, dtype=dtype, devices=devices, offload=offload, quant_path=quant_path)
     model, tok, device, dtype = load_model(ckpt, place, decode=latency)
     opts = dict(tasks=tasks, limit=limit, seqlen=seqlen, new_tokens=new_tokens,

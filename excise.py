@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+import atomic
 import load_weights
 from errors import cli, parses, read_json
 
@@ -149,13 +150,15 @@ def excise(ckpt, out, layers=None, report=None):
     if str(ckpt).startswith("random:"):
         raise ValueError(f"{ckpt} has random weights: there is nothing to excise (random: is for memory and speed runs)")
     source = load_weights.resolve(ckpt)
+    atomic.check_out(out, {"--ckpt": source})
+    config = load_weights.read_config_dict(source)
+    if report is None:  # the layer spec needs no weights: check it first
+        removed, info = parse_layers(layers, load_weights.config_from_dict(config, str(source / "config.json")).num_layers), {}
     # load in the stored dtype: no up-cast copy of a large bf16 checkpoint
-    model, _ = load_weights.load(source, dtype=source_dtype(load_weights.read_config_dict(source)))
+    model, _ = load_weights.load(source, dtype=source_dtype(config))
     if report is not None:
         removed, rep = layers_from_report(report, model)
         info = info_from_report(rep, report)
-    else:
-        removed, info = parse_layers(layers, model.cfg.num_layers), {}
     pruning = write_pruned(model, source, removed, out, info)
     print(f"removed layers {removed} of {model.cfg.num_layers}; wrote {pruning['num_layers']}-layer checkpoint to {out}")
     return pruning

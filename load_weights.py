@@ -55,6 +55,14 @@ def hf_cache_dirs():
     return Path(hub)
 
 
+def looks_like_path(ckpt):
+    """True for a name that can only be a local path, never a repo id ORG/NAME: it starts with /, . or ~, has
+    more than one /, or its first part is a local directory (runs/x with runs/ here)."""
+    s = str(ckpt)
+    return (s.startswith(("/", ".", "~")) or s.count("/") > 1 or os.sep in s.replace("/", "")
+            or ("/" in s and Path(s.split("/")[0]).is_dir()))
+
+
 def resolve(ckpt):
     """A directory holding config.json for `ckpt` (a path, a short name or a repo id); a clear error otherwise."""
     p = Path(ckpt).expanduser()
@@ -62,14 +70,18 @@ def resolve(ckpt):
         if not (p / "config.json").is_file():
             raise FileNotFoundError(f"{p} has no config.json: not a Hugging Face checkpoint directory")
         return p
+    if p.exists():
+        raise UserError(f"{p} is a file, not a checkpoint directory: give the directory that holds config.json")
     if str(ckpt) == DEFAULT:
         from embedded import ensure_default
         return ensure_default()
+    if looks_like_path(ckpt):
+        raise FileNotFoundError(f"checkpoint directory {p} does not exist")
     repo = NAMES.get(str(ckpt), str(ckpt))
     if "/" not in repo or os.sep in repo.replace("/", "", 1):
         known = ", ".join(sorted(NAMES))
         raise FileNotFoundError(f"{ckpt!r} is neither a checkpoint directory nor a known name ({known}) nor a repo id ORG/NAME")
-    looked = []
+    looked = [f"{p} (as a local directory)"] if "/" in str(ckpt) else []
     models = os.environ.get("CLP_MODELS")
     if models:
         org, name = repo.split("/", 1)
@@ -326,6 +338,7 @@ def save_checkpoint(out_dir, config, tensors, source_dir=None, extra_files=None,
     to its text. The directory appears complete or not at all: it is built beside `out_dir` and renamed.
     """
     out_dir = Path(out_dir)
+    atomic.check_out(out_dir, {"source": source_dir})  # a last guard: the tools check this before loading
     for name, t in tensors.items():
         check_finite(t.detach(), f"tensor {name!r} to be written to {out_dir}")
     with atomic.new_dir(out_dir) as tmp:

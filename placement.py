@@ -174,6 +174,14 @@ def random_config(ckpt):
     return load_weights.config_from_dict(raw, str(path / "config.json")), path
 
 
+def config(ckpt):
+    """The Config of a checkpoint or random:NAME from its config.json alone: what can be checked before loading."""
+    if is_random(ckpt):
+        return random_config(ckpt)[0]
+    path = load_weights.resolve(ckpt)
+    return load_weights.config_from_dict(load_weights.read_config_dict(path), str(path / "config.json"))
+
+
 def random_weight(seed):
     """fetch() for seeded random weights made on the device itself: norms 1, biases 0, the rest N(0, 0.02^2),
     each tensor from its own generator seeded by its name, so a streamed layer is the same every time."""

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+import atomic
 import devices
 import placement
 from paths import shown
@@ -31,6 +32,7 @@ from latency import model_bytes
 import plan
 import resume
 from load_weights import write_json
+from model import Transformer
 from gptq_format import (LINEARS, SUPPORTED_BITS, QuantLinear, check_packable, load_quantized_model,  # noqa: F401
                          pack, quantization_config)
 from quant_paths import check_cuda_kernels  # noqa: F401  (benchmarks/gpu_check.py: the CUDA int4/int8 kernels)
@@ -160,8 +162,8 @@ def load_block(layer, work, i):
 
 # ---------------------------------------------------------------- checks, calibration data, saving
 
-def check_settings(model, raw_config, bits, group_size, blocksize, percdamp, method, nsamples):
-    """Clear errors for settings or checkpoints this quantizer cannot handle, before any work is done."""
+def check_flags(raw_config, bits, group_size, blocksize, percdamp, method, nsamples):
+    """Clear errors for settings or a config.json this quantizer cannot handle, before the model loads."""
     if raw_config.get("quantization_config"):
         qc = raw_config["quantization_config"]
         raise ValueError(f"the checkpoint is already quantized ({qc.get('quant_method')}, {qc.get('bits')} bits): "
@@ -174,6 +176,16 @@ def check_settings(model, raw_config, bits, group_size, blocksize, percdamp, met
         raise ValueError(f"--blocksize must be >= 1 and --percdamp in (0, 1), got {blocksize} and {percdamp}")
     if method == "gptq" and nsamples < 1:
         raise ValueError("GPTQ needs calibration data: --nsamples must be >= 1 (only --method rtn runs without)")
+
+
+def check_settings(model, raw_config, bits, group_size, blocksize, percdamp, method, nsamples):
+    """Clear errors for settings or checkpoints this quantizer cannot handle, before any work is done."""
+    check_flags(raw_config, bits, group_size, blocksize, percdamp, method, nsamples)
+    check_linears(model, group_size)
+
+
+def check_linears(model, group_size):
+    """Clear errors for Linears this quantizer cannot pack, before any work is done."""
     ragged = {}
     for i, layer in enumerate(model.layers):
         for name in LINEARS:
@@ -247,8 +259,12 @@ def quantize_checkpoint(ckpt, out, method="gptq", bits=4, group_size=128, sym=Fa
                          f"(benchmarks/gpu_check.py measures GPTQ's memory on random: models)")
     src = resolve(ckpt)
     raw = read_config_dict(src)
+    check_flags(raw, bits, group_size, blocksize, percdamp, method, nsamples)
+    atomic.check_out(out, {"--ckpt": src})
+    atomic.check_out(report, {"--ckpt": src, "--out": out}, "--report", kind="file")
+    with torch.device("meta"):  # the Linears' shapes from config.json alone, before the weights load
+        check_linears(Transformer(placement.config(src)), group_size)
     model, tok, devs, _ = placement.load(src, device, compute_dtype, devices, offload)
-    check_settings(model, raw, bits, group_size, blocksize, percdamp, method, nsamples)
     ram_dense = model_bytes(model)
     tokens, calib_desc = None, None
     if nsamples > 0:

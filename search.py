@@ -17,6 +17,7 @@ the worse one. Before the walk, every block a start's rounded window passed thro
 included) is scored exactly too (--read-off visited, the default; see choose_block).
 """
 import argparse
+import inspect
 import json
 import math
 import platform
@@ -26,13 +27,14 @@ from pathlib import Path
 
 import torch
 
+import atomic
 import devices
 import excise
 import load_weights
 import placement
 import plan
 from devices import peak_memory
-from errors import cli
+from errors import UserError, cli
 from load_weights import write_json
 from resume import GateState
 from gates import (ContiguousGate, blocks_to_layers, boundary_moves, budget, initial_centres, layers_to_blocks, neighbours,
@@ -256,6 +258,24 @@ def search(model, teacher, k, segments=1, starts=4, steps=30, batch_size=1, lr=1
 
 
 
+def check_settings(k, **settings):
+    """Clear errors, naming the flag, for search settings that cannot work; `settings` as search() takes them."""
+    s = {name: p.default for name, p in inspect.signature(search).parameters.items()
+         if p.default is not inspect.Parameter.empty} | settings
+    at_least_one = ("starts", "steps", "batch_size", "nsamples", "seqlen", "chunk")
+    for name in at_least_one:
+        if name in s and s[name] < 1:
+            raise UserError(f"--{name.replace('_', '-')} {s[name]} must be at least 1")
+    for name in ("lr", "tau0", "tau1"):
+        if not s[name] > 0:
+            raise UserError(f"--{name} {s[name]} must be positive (the gate temperature and step divide by it)")
+    if s["radius"] < 0:
+        raise UserError(f"--radius {s['radius']} must be at least 0")
+    if not 1 <= s["segments"] <= k:
+        raise UserError(f"--segments {s['segments']} must be between 1 and the {k} layer(s) to remove "
+                        f"(--prune-layers / --prune-ratio): each segment removes at least one layer")
+
+
 def make_teacher(model, tokenizer, calib, nsamples, seqlen, seed, cache_device=None):
     """Calibration windows and the cached dense pass over them."""
     tokens, desc = calibration_tokens(tokenizer, calib, nsamples, seqlen, seed, model.cfg.vocab_size)
@@ -287,11 +307,17 @@ def run(ckpt, out, prune_layers=None, prune_ratio=None, calib="wikitext2", nsamp
     t0 = time.perf_counter()
     if excise_to is not None and placement.is_random(ckpt):
         raise ValueError(f"{ckpt} has random weights: there is nothing to excise (random: is for memory and speed runs)")
+    # everything that can be checked from the flags and config.json, before the model loads
+    L = placement.config(ckpt).num_layers
+    k = budget(L, prune_layers, prune_ratio)
+    check_settings(k, nsamples=nsamples, seqlen=seqlen, **gate)
+    source = None if placement.is_random(ckpt) else load_weights.resolve(ckpt)
+    atomic.check_out(out, {"--ckpt": source}, "--out", kind="directory")
+    atomic.check_out(excise_to, {"--ckpt": source, "--out": out}, "--excise")
     model, tokenizer, devs, dt = placement.load(ckpt, device, dtype, devices, offload, seed)
     settings["placement"] = placement.describe_split(model)
-    source = model.random_source if placement.is_random(ckpt) else load_weights.resolve(ckpt)
-    L = model.cfg.num_layers
-    k = budget(L, prune_layers, prune_ratio)
+    if source is None:
+        source = model.random_source
     teacher = make_teacher(model, tokenizer, calib, nsamples, seqlen, seed, "cpu" if cache_on_cpu else None)
     print(f"searching for {k} of {L} layers to remove with the gate ({gate})")
     t1 = time.perf_counter()

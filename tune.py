@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import atomic
 import data
 import devices
 import excise
@@ -226,9 +227,14 @@ def tune(ckpt, out, teacher=None, layers="endpoints", method="full", steps=100, 
     if load_weights.read_config_dict(source).get("quantization_config"):
         raise ValueError(f"{source} is quantized: tune the pruned checkpoint first, then quantize it")
     pruning = read_pruning(source)
+    # the layers, the teacher and the output, before anything loads
+    chosen = choose_layers(layers, pruning, placement.config(source).num_layers)
+    dense = teacher or (pruning or {}).get("source")
+    if dense is not None:
+        refuse_random(dense, "teacher")
+    atomic.check_out(out, {"--ckpt": source, "--teacher": dense and load_weights.resolve(dense)})
     model, tokenizer, devs, _ = placement.load(source, **place)
     settings["placement"] = placement.describe_split(model)
-    chosen = choose_layers(layers, pruning, model.cfg.num_layers)
     train_t, val_t, desc = split_text_tokens(tokenizer, calib, nsamples, val_samples, seqlen, seed, model.cfg.vocab_size)
     head, teacher_name, (teacher_h, val_teacher_h) = teacher_cache(teacher, pruning, model, (train_t, val_t), place)
     prefix, val_prefix = (frozen_prefix(model, t, chosen[0]) for t in (train_t, val_t))

@@ -4,7 +4,9 @@ Every builder takes a scratch directory and returns the checkpoint path to pass 
 docs/robustness.md describes each one by the first line of its docstring.
 """
 import json
+import os
 import shutil
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -58,6 +60,16 @@ def missing(tmp):
     return tmp / "nope"
 
 
+def missing_relative(tmp):
+    """a relative path to a directory that does not exist (never taken for a repo id ORG/NAME)"""
+    return Path(os.path.relpath(tmp / "runs" / "x"))
+
+
+def a_file(tmp):
+    """a file (model.safetensors) given as the checkpoint"""
+    return tiny(tmp) / "model.safetensors"
+
+
 def no_config(tmp):
     """a directory without config.json"""
     ckpt = tiny(tmp)
@@ -92,12 +104,15 @@ def config_missing_key(tmp):
     return edit_config(tiny(tmp), vocab_size=None)
 
 
-def st_truncated(tmp):
-    """model.safetensors cut short (an interrupted copy)"""
-    ckpt = tiny(tmp)
+def cut_short(ckpt):
     f = ckpt / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     return ckpt
+
+
+def st_truncated(tmp):
+    """model.safetensors cut short (an interrupted copy)"""
+    return cut_short(tiny(tmp))
 
 
 def st_header(tmp):
@@ -250,6 +265,11 @@ def packable(tmp, name="ckpt", fill=None):
     out = lw.save_checkpoint(tmp / name, PACKABLE, tensors)
     (out / "tokenizer.json").write_text(json.dumps(byte_tokenizer()))
     return out
+
+
+def packable_truncated(tmp):
+    """a packable checkpoint whose model.safetensors is cut short"""
+    return cut_short(packable(tmp))
 
 
 def packable_huge(tmp):

@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import math
+import statistics
 from types import SimpleNamespace
 
 import pytest
@@ -324,13 +325,32 @@ def test_interleaved_rounds_alternate_models_and_speedup_uses_medians(monkeypatc
 
 def test_compare_block_retention_and_ideal_speedup():
     def res(layers, piqa, boolq, pre, dec):
-        return {"tasks": {"piqa": {"acc": 0.0, "acc_norm": piqa}, "boolq": {"acc": boolq, "acc_norm": 0.0}},
+        return {"tasks": {"piqa": {"acc": 0.0, "acc_norm": piqa, "n": 50}, "boolq": {"acc": boolq, "acc_norm": 0.0, "n": 50}},
                 "settings": {"layers": layers},
                 "latency": {"prefill_s": {"median": 1 / pre}, "decode_s": {"median": 1 / dec}}}
     c = ev.compare_block(res(30, 0.60, 0.50, 100.0, 10.0), res(24, 0.54, 0.55, 120.0, 12.5))
     assert c["retention"] == pytest.approx({"piqa": 0.9, "boolq": 1.1})
     assert c["retention_mean"] == pytest.approx(1.0) and c["ideal_speedup"] == 1.25
     assert (c["prefill_speedup"], c["decode_speedup"]) == pytest.approx((1.2, 1.25))
+
+
+def test_mean_retention_leaves_out_the_hellaswag_smoke_sample(capsys):
+    n_small = len(tasks.load_task("hellaswag", need(DATA))[0])  # what --tasks all scores of HellaSwag
+    assert "hellaswag" in tasks.TASKS and n_small < ev.MIN_ITEMS_IN_MEAN, "the full HellaSwag is here: drop this test"
+
+    def res(layers, scores):
+        return {"ckpt": "x", "ppl": {}, "kl": {}, "latency": None, "settings": {"layers": layers},
+                "tasks": {t: {"acc": a, "acc_norm": a, "n": n} for t, (a, n) in scores.items()}}
+    n = ev.MIN_ITEMS_IN_MEAN
+    dense = res(30, {"piqa": (0.6, n), "boolq": (0.5, n), "hellaswag": (0.5, n_small)})
+    pruned = res(24, {"piqa": (0.54, n), "boolq": (0.55, n), "hellaswag": (0.25, n_small)})
+    c = ev.compare_block(dense, pruned)
+    assert c["retention"]["hellaswag"] == pytest.approx(0.5)  # still reported on its own
+    assert c["retention_mean"] == pytest.approx(statistics.mean([0.54 / 0.6, 0.55 / 0.5]))
+    assert list(c["retention_mean_excludes"]) == ["hellaswag"] and f"{n_small} items" in c["retention_mean_excludes"]["hellaswag"]
+    ev.print_table(pruned, dense, c)
+    mean_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("retention mean"))
+    assert "without hellaswag" in mean_line
 
 
 def test_evaluate_writes_the_documented_schema(tmp_path):

@@ -17,6 +17,7 @@ import baselines  # noqa: E402
 import eval as ev  # noqa: E402
 import excise  # noqa: E402
 import load_weights  # noqa: E402
+import placement  # noqa: E402
 import quantize  # noqa: E402
 import search  # noqa: E402
 import tune  # noqa: E402
@@ -46,7 +47,9 @@ def rows():
     out = []
     # every way a checkpoint can be broken, through the inspecting CLI
     for b, shows, culprit in [
-        ("missing", "is neither a checkpoint directory nor a known name", "nope"),
+        ("missing", "does not exist", "nope"),
+        ("missing_relative", "does not exist", "runs/x"),
+        ("a_file", "is a file, not a checkpoint directory", "model.safetensors"),
         ("no_config", "has no config.json", "config.json"),
         ("config_bad_json", "is not valid JSON (line 1", "config.json"),
         ("config_arch", "model_type 'gpt2' is not supported", "config.json"),
@@ -70,12 +73,38 @@ def rows():
     ]:
         out.append(Row("load_weights.py", b, BASE["load_weights.py"], shows, culprit))
     # the commonest of them through every other CLI
+    # (flags valid for a checkpoint of no pruning.json, and a quantizer's packable one: they are checked first)
     for cli in ["eval.py", "search.py", "baselines.py", "excise.py", "tune.py", "quantize.py"]:
+        argv = BASE[cli] + (" --layers 0" if cli == "tune.py" else "")
         out += [Row(cli, "config_bad_json", BASE[cli], "is not valid JSON (line 1", "config.json"),
-                Row(cli, "st_truncated", BASE[cli], "not a readable safetensors file", "model.safetensors")]
+                Row(cli, "packable_truncated" if cli == "quantize.py" else "st_truncated", argv,
+                    "not a readable safetensors file", "model.safetensors")]
+    # outputs that would destroy an input, whatever the CLI: the output is, lies inside or contains a checkpoint read
+    out += [
+        Row("excise.py", "tiny", "--ckpt {ckpt} --layers 2-3 --out {ckpt}", "is the directory of --ckpt", "--out"),
+        Row("excise.py", "tiny", "--ckpt {ckpt} --layers 2-3 --out {ckpt}/pruned", "lies inside the directory of --ckpt", "--out"),
+        Row("excise.py", "tiny", "--ckpt {ckpt} --layers 2-3 --out {tmp}", "contains the directory of --ckpt", "--out"),
+        Row("search.py", "tiny", BASE["search.py"] + " --out {ckpt}", "is the directory of --ckpt", "--out"),
+        Row("search.py", "tiny", BASE["search.py"] + " --excise {ckpt}", "is the directory of --ckpt", "--excise"),
+        Row("search.py", "tiny", BASE["search.py"] + " --excise {out}", "is the directory of --out", "--excise"),
+        Row("baselines.py", "tiny", BASE["baselines.py"] + " --out {ckpt}", "is the directory of --ckpt", "--out"),
+        Row("tune.py", "pruned", BASE["tune.py"] + " --out {ckpt}", "is the directory of --ckpt", "--out"),
+        Row("tune.py", "pruned", BASE["tune.py"] + " --out {tmp}/dense", "is the directory of --teacher", "--out"),
+        Row("quantize.py", "packable", BASE["quantize.py"] + " --out {ckpt}", "is the directory of --ckpt", "--out"),
+        Row("quantize.py", "packable", BASE["quantize.py"] + " --report {ckpt}/config.json",
+            "lies inside the directory of --ckpt", "--report"),
+        Row("eval.py", "tiny", BASE["eval.py"] + " --json {ckpt}/result.json", "lies inside the directory of --ckpt", "--json"),
+        Row("excise.py", "a_file", "--ckpt {ckpt} --layers 2-3 --out {out}", "is a file, not a checkpoint directory", "model.safetensors"),
+    ]
     return out + [
         Row("search.py", "tiny", BASE["search.py"] + " --prune-layers 6", "--prune-layers 6 is out of range", "--prune-layers"),
         Row("baselines.py", "tiny", BASE["baselines.py"] + " --prune-layers 0", "--prune-layers 0 is out of range", "--prune-layers"),
+        Row("search.py", "tiny", BASE["search.py"] + " --starts 0", "--starts 0 must be at least 1", "--starts"),
+        Row("search.py", "tiny", BASE["search.py"] + " --steps 0", "--steps 0 must be at least 1", "--steps"),
+        Row("search.py", "tiny", BASE["search.py"] + " --tau1 0", "--tau1 0.0 must be positive", "--tau1"),
+        Row("search.py", "tiny", BASE["search.py"] + " --segments 3", "--segments 3 must be between 1 and the 2 layer(s) to remove", "--segments"),
+        Row("search.py", "tiny", BASE["search.py"].replace("--prune-layers 2", "--prune-ratio 0.95"),
+            "--prune-ratio 0.95 (k = 6) is out of range", "--prune-ratio"),
         Row("search.py", "tiny", BASE["search.py"] + " --calib {tmp}/nofile.txt", "is neither 'wikitext2', 'pydoc' nor an existing file", "nofile.txt"),
         Row("search.py", "tiny", BASE["search.py"] + " --calib {ckpt}/model.safetensors", "is not UTF-8 text", "model.safetensors"),
         Row("search.py", "huge", BASE["search.py"], "the gate loss of start 0 became nan at step 1: nothing was written", "gate loss"),
@@ -90,7 +119,7 @@ def rows():
         Row("excise.py", "tiny", "--ckpt {ckpt} --layers 2-3 --out {file}", "exists and is not a directory", "file.txt"),
         Row("tune.py", "pruned_bad_json", BASE["tune.py"], "is not valid JSON (line 1", "pruning.json"),
         Row("tune.py", "pruned_no_layers", BASE["tune.py"], "has no kept_layers / source_num_layers", "pruning.json"),
-        Row("tune.py", "pruned_source_gone", BASE["tune.py"], "is neither a checkpoint directory", "dense"),
+        Row("tune.py", "pruned_source_gone", BASE["tune.py"], "does not exist", "dense"),
         Row("tune.py", "pruned_huge", BASE["tune.py"], "the loss became nan at step 1: nothing was written", "--lr"),
         Row("tune.py", "pruned", BASE["tune.py"] + " --device cuda:99", "--device cuda:99", "--device"),
         Row("tune.py", "pruned", BASE["tune.py"] + " --device gpu", "--device 'gpu' is not a device", "--device"),
@@ -105,7 +134,7 @@ def rows():
         Row("eval.py", "task_missing", "--ckpt {ckpt} --tasks piqa --data-dir {tmp}/data --json {out}/result.json", "no file for task piqa", "piqa"),
         Row("eval.py", "no_tokenizer", BASE["eval.py"], "perplexity needs a tokenizer", "tokenizer"),
         Row("eval.py", "tiny", BASE["eval.py"] + " --device cuda:99", "--device cuda:99", "--device"),
-        Row("eval.py", "tiny", BASE["eval.py"] + " --json {plain}", "Is a directory", "plain"),
+        Row("eval.py", "tiny", BASE["eval.py"] + " --json {plain}", "is a directory; give the path of a file", "--json"),
     ]
 
 
@@ -147,6 +176,43 @@ def test_bad_input_is_one_line_and_changes_nothing(row, tmp_path, monkeypatch, c
     assert len(err) == 1 and err[0].startswith(f"{row.cli}: error: "), err
     assert row.shows in err[0] and row.culprit in err[0], err[0]
     assert snapshot(tmp_path) == before
+
+
+def checked_first(row):
+    """A row whose culprit is a flag that needs no weights to check (not --lr's NaN, a --device, out of memory)."""
+    return row.culprit.startswith("--") and row.patch is None and row.culprit not in ("--lr", "--device")
+
+
+EARLY = [r for r in ROWS if checked_first(r)]
+
+
+@pytest.mark.parametrize("row", EARLY, ids=[f"{ROWS.index(r):02d}-{r.cli[:-3]}" for r in EARLY])
+def test_flags_are_checked_before_the_model_loads(row, tmp_path, monkeypatch, capsys):
+    ckpt = getattr(badinputs, row.builder)(tmp_path)
+    prepare(tmp_path)
+
+    def load(*_, **__):
+        raise AssertionError("the model was loaded before the flags were checked")
+    monkeypatch.setattr(load_weights, "load", load)
+    monkeypatch.setattr(placement, "load", load)
+    places = dict(ckpt=ckpt, out=tmp_path / "out", tmp=tmp_path, text=tmp_path / "text.txt",
+                  plain=tmp_path / "plain", file=tmp_path / "file.txt")
+    with pytest.raises(SystemExit):
+        MAINS[row.cli]([a.format(**places) for a in shlex.split(row.argv)])
+    assert row.culprit in capsys.readouterr().err
+
+
+def test_a_path_is_never_taken_for_a_repo_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CLP_MODELS", str(tmp_path / "models"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    (tmp_path / "runs").mkdir()
+    for name in ["runs/x", "./x", "~/clp-no-such-dir", "a/b/c"]:
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            load_weights.resolve(name)
+    with pytest.raises(FileNotFoundError, match="not found. Looked in"):  # ORG/NAME: still looked up as a repo id
+        load_weights.resolve("SomeOrg/some-model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
 
 
 def test_programming_errors_keep_their_traceback(monkeypatch):

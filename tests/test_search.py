@@ -103,7 +103,7 @@ def test_cli_report_and_excise(tmp_path):
 @pytest.mark.parametrize("argv,msg", [(["--prune-layers", "0"], "out of range"), (["--prune-layers", "6"], "out of range"),
                                       (["--prune-ratio", "0.05"], "out of range"), ([], "exactly one of"),
                                       (["--prune-layers", "2", "--prune-ratio", "0.3"], "exactly one of"),
-                                      (["--prune-layers", "2", "--segments", "3"], "segments=3")])
+                                      (["--prune-layers", "2", "--segments", "3"], "--segments 3")])
 def test_cli_bad_budget(tmp_path, capsys, argv, msg):
     with pytest.raises(SystemExit):
         search.main(["--ckpt", str(FIXTURES / "tiny-llama2"), "--steps", "1", "--nsamples", "2", "--seqlen", "8",
