@@ -9,6 +9,7 @@ writer is gone. Readers take no lock.
 """
 import contextlib
 import ctypes
+import json
 import os
 import shutil
 import sys
@@ -223,3 +224,8 @@ def swap_in(tmp, out_dir):
         os.rename(tmp, out_dir)
         shutil.rmtree(old)
     fsync_path(out_dir.parent)
+
+
+def write_json(path, obj):
+    """Write JSON atomically (write_text): the old file or the complete new one, never half of one."""
+    write_text(path, json.dumps(obj, indent=2) + "\n")

@@ -40,7 +40,7 @@ import plan
 from gates import blocks_to_layers, budget, layers_to_blocks, segment_widths
 from devices import peak_memory
 from errors import cli
-from load_weights import write_json
+from atomic import write_json
 from resume import Scores
 from search import check_settings, make_teacher, random_note, span
 from model import follow

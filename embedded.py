@@ -227,7 +227,7 @@ def tokenizer_json(r):
 
 
 def convert(gguf_file, out):
-    from load_weights import save_checkpoint
+    from save_weights import save_checkpoint
 
     config, tensors, tok, tok_cfg = read_gguf(gguf_file)
     gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],

@@ -36,8 +36,7 @@ import quant_paths
 import tasks as task_files
 from data import eval_windows, find_data_dir, load_text
 from errors import cli
-from latency import greedy_decode, one_model as latency  # noqa: F401  (eval.latency, eval.greedy_decode)
-from load_weights import write_json
+from atomic import write_json
 from zeroshot import Progress, run_task
 
 
@@ -137,7 +136,7 @@ def evaluate(model, tok, ckpt, *, ppl=(), ppl_windows=None, teacher=None, tasks=
             res["tasks"][name] = run_task(model, tok, name, root, limit, use_bos, batch_size, device)
     if latency_runs:
         print(f"{ckpt}: latency, prefill {seqlen:,} tokens, decode {new_tokens} tokens, median of {latency_runs} runs")
-        res["latency"] = latency(model, seqlen, new_tokens, latency_runs, device, **latency_opts)
+        res["latency"] = lat.one_model(model, seqlen, new_tokens, latency_runs, device, **latency_opts)
     return res
 
 

@@ -21,6 +21,7 @@ import torch
 
 import atomic
 import load_weights
+import save_weights
 from errors import cli, parses, read_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -133,7 +134,7 @@ def write_pruned(model, source_dir, removed, out, info=None):
                "method": "manual", "budget": {"layers": len(removed), "ratio": round(len(removed) / L, 4)},
                "calibration": None, "scores": None, **(info or {}),
                "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": " ".join(sys.argv)}
-    load_weights.save_checkpoint(out, config, tensors, source_dir=source_dir,
+    save_weights.save_checkpoint(out, config, tensors, source_dir=source_dir,
                                  extra_files={"pruning.json": json.dumps(pruning, indent=2) + "\n"})
     return pruning
 

@@ -1,4 +1,6 @@
-"""The GPTQ checkpoint format (AutoGPTQ / GPTQModel layout) and a Linear that runs from it.
+"""The GPTQ checkpoint format (AutoGPTQ / GPTQModel layout): packing, unpacking, the config entry.
+
+Only the format: the Linear that runs from it is quant_paths.QuantLinear, loading is load_weights.py.
 
 Per quantized nn.Linear with in_features I, out_features O, b bits and G = ceil(I / group_size) groups
 (G = 1 for per-channel, group_size -1):
@@ -25,14 +27,9 @@ back; a zero point of 0 cannot be stored, so our asymmetric grid keeps zero >= 1
 import math
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 FORMATS = {"gptq": 1, "gptq_v2": 0}  # checkpoint_format -> offset added to stored zero points
-# the Linears of a Block that GPTQ quantizes, in the order they compute (our names = HF names minus "model.")
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 QUANT_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
 
 
@@ -103,60 +100,6 @@ def check_packable(name, in_features, out_features):
                              f"32 at a time into int32 words, so this checkpoint cannot be stored in it")
 
 
-# ---------------------------------------------------------------- the quantized Linear
-
-class QuantLinear(nn.Module):
-    """A Linear stored in the GPTQ layout. Buffers carry the format's own names, so a GPTQ state dict loads into
-    it strictly. prepare() converts them once into the form of a faster forward path (quant_paths.py); until
-    then, and on the `reference` path, the weight is dequantized on the fly in each forward.
-    """
-
-    def __init__(self, in_features, out_features, bits, group_size, bias=False, zero_offset=1):
-        super().__init__()
-        if bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits = {bits} is not supported (supported: {SUPPORTED_BITS})")
-        self.in_features, self.out_features, self.bits, self.zero_offset = in_features, out_features, bits, zero_offset
-        self.group_size, self.path, self.rt_meta, self.rt_forward = group_size, "reference", {}, None
-        G = n_groups(in_features, group_size)
-        self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32))
-        self.register_buffer("qzeros", torch.zeros(G, out_features * bits // 32, dtype=torch.int32))
-        self.register_buffer("scales", torch.zeros(G, out_features, dtype=torch.float16))
-        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
-        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
-
-    def weight_dequantized(self, dtype=torch.float32):
-        return dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.zero_offset, dtype)
-
-    def prepare(self, path, dtype=torch.float32):
-        """Convert the format tensors once into the runtime form of `path` (non-persistent buffers rt_*)."""
-        import quant_paths
-
-        for name in [n for n, _ in self.named_buffers(recurse=False) if n.startswith("rt_")]:
-            delattr(self, name)
-        tensors, self.rt_meta = quant_paths.FORMS[path](self, dtype)
-        for name, t in tensors.items():
-            self.register_buffer(name, t, persistent=False)
-        self.path, self.rt_forward = path, quant_paths.FORWARDS[path]
-
-    def forward(self, x):
-        if self.rt_forward is None:
-            y = F.linear(x, self.weight_dequantized(x.dtype))  # (..., I) -> (..., O)
-        else:
-            y = self.rt_forward(self, x)
-        return y if self.bias is None else y + self.bias
-
-    def bytes_read(self):
-        """Bytes of weights one forward reads from memory on its path (for the decode roofline)."""
-        rt = [t for n, t in self.named_buffers(recurse=False) if n.startswith("rt_") and n != "rt_perm"]
-        packed = [self.qweight, self.qzeros, self.scales, self.g_idx]
-        extra = [] if self.bias is None else [self.bias]
-        return sum(t.numel() * t.element_size() for t in (rt if self.path != "reference" else packed) + extra)
-
-    def extra_repr(self):
-        return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, groups={self.scales.shape[0]}, "
-                f"path={self.path}")
-
-
 # ---------------------------------------------------------------- quantization_config
 
 def quantization_config(bits, group_size, sym, act_order, percdamp, method):
@@ -179,82 +122,3 @@ def check_quantization_config(qc, source="config.json"):
     if not isinstance(group_size, int) or (group_size < 1 and group_size != -1):
         raise ValueError(f"{source}: group_size = {group_size!r} must be -1 (per-channel) or a positive integer")
     return bits, group_size, FORMATS[fmt]
-
-
-# ---------------------------------------------------------------- loading a GPTQ checkpoint
-
-def quantized_name_table(cfg, bits, group_size):
-    """load_weights.name_table with each quantized Linear's weight replaced by the four format tensors."""
-    from load_weights import name_table
-
-    table = {}
-    for hf, (ours, shape) in name_table(cfg).items():
-        mod = ours.rpartition(".")[0]
-        if not (hf.endswith(".weight") and mod.split(".", 2)[-1] in LINEARS):
-            table[hf] = (ours, shape)
-            continue
-        O, I = shape
-        G, base = n_groups(I, group_size), hf[: -len(".weight")]
-        table.update({f"{base}.qweight": (f"{mod}.qweight", (I * bits // 32, O)),
-                      f"{base}.qzeros": (f"{mod}.qzeros", (G, O * bits // 32)),
-                      f"{base}.scales": (f"{mod}.scales", (G, O)),
-                      f"{base}.g_idx": (f"{mod}.g_idx", (I,))})
-    return table
-
-
-def swap_in_quant_linears(model, bits, group_size, zero_offset=1):
-    """Replace every quantized nn.Linear of every Block by an (empty) QuantLinear of the same shape."""
-    for i, layer in enumerate(model.layers):
-        for name in LINEARS:
-            parent_name, _, attr = name.rpartition(".")
-            lin = layer.get_submodule(name)
-            check_packable(f"layers.{i}.{name}", lin.in_features, lin.out_features)
-            q = QuantLinear(lin.in_features, lin.out_features, bits, group_size, lin.bias is not None, zero_offset)
-            setattr(layer.get_submodule(parent_name), attr, q)
-
-
-def load_quantized_model(path, raw, cfg, dtype=torch.float32, device="cpu", quant_path="auto"):
-    """A Transformer with QuantLinears from a GPTQ checkpoint directory, loaded strictly by name and shape.
-
-    Called by load_weights.load when config.json has a quantization_config. Packed tensors keep their
-    format dtypes (int32, fp16 scales); everything else is cast to `dtype`. The Linears are then converted
-    once for `quant_path` (quant_paths.py; auto: the fastest path this device has), and the choice is printed.
-    """
-    import quant_paths
-
-    from load_weights import checked_tensors
-    from model import Transformer
-
-    bits, group_size, zero_offset = check_quantization_config(raw["quantization_config"], f"{path}/config.json")
-    with torch.device("meta"):
-        model = Transformer(cfg)
-        swap_in_quant_linears(model, bits, group_size, zero_offset)
-    table = quantized_name_table(cfg, bits, group_size)
-    for ours, t in checked_tensors(path, table, cfg.tie_word_embeddings):
-        set_loaded(model, ours, t, dtype, device)
-    check_g_idx(model)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    used = quant_paths.prepare(model, quant_path, dtype)
-    print(f"{path}: {bits}-bit GPTQ Linears run through " + ", ".join(f"{k} ({n})" for k, n in used.items())
-          + f" [--quant-path {quant_path}]")
-    return model
-
-
-def set_loaded(model, name, t, dtype, device):
-    """Put a loaded tensor in place: format tensors as buffers in their own dtype, the rest as Parameters."""
-    mod_name, _, attr = name.rpartition(".")
-    mod = model.get_submodule(mod_name)
-    if isinstance(mod, QuantLinear):
-        keep = attr in ("qweight", "qzeros", "g_idx", "scales")
-        setattr(mod, attr, t.to(device) if keep else t.to(device=device, dtype=dtype))
-    else:
-        setattr(mod, attr, nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False))
-
-
-def check_g_idx(model):
-    for i, layer in enumerate(model.layers):
-        for name in LINEARS:
-            q = layer.get_submodule(name)
-            if q.g_idx.numel() and (int(q.g_idx.min()) < 0 or int(q.g_idx.max()) >= q.scales.shape[0]):
-                raise ValueError(f"layers.{i}.{name}: g_idx points outside the {q.scales.shape[0]} groups of scales")

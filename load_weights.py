@@ -8,19 +8,17 @@ device, so a checkpoint never sits in memory twice. Every name goes through `nam
 shape is checked against the config; a missing or unexpected tensor is an error naming it.
 """
 import argparse
-import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-import atomic
-from paths import shown
 from errors import UserError, check_device, check_finite, cli, read_json
-from model import Config, Transformer, rope_frequencies
+from gptq_format import check_packable, check_quantization_config, n_groups
+from model import LINEARS, Config, Transformer, column_major, rope_frequencies
+from paths import shown
+from quant_paths import QuantLinear, prepare
 from tokenizer import load_tokenizer
 
 DEFAULT = "smollm2-135m"
@@ -44,8 +42,6 @@ NAMES = {
 SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
 # the architecture (config.json, no weights) of every short name: enough for a --dry-run memory plan
 CONFIGS = Path(__file__).resolve().parent / "configs"
-TOKENIZER_FILES = ["tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json", "vocab.json", "merges.txt", "LICENSE", "README.md"]
 
 
 # ---------------------------------------------------------------- names -> directories
@@ -292,7 +288,6 @@ def load(ckpt=DEFAULT, dtype=torch.float32, device="cpu", quant_path="auto"):
     raw = read_config_dict(path)
     cfg = config_from_dict(raw, str(path / "config.json"))
     if raw.get("quantization_config"):
-        from gptq_format import load_quantized_model
         model = load_quantized_model(path, raw, cfg, dtype=dtype, device=device, quant_path=quant_path)
     else:
         with torch.device("meta"):
@@ -302,10 +297,6 @@ def load(ckpt=DEFAULT, dtype=torch.float32, device="cpu", quant_path="auto"):
     model.inv_freq = rope_frequencies(cfg).to(device)
     model.eval().requires_grad_(False)
     return model, load_tokenizer(path, raw)
-
-
-def column_major(t):
-    return t.t().contiguous().t() if t.dim() == 2 and t.device.type == "cpu" else t
 
 
 def decode_layout(model):
@@ -323,61 +314,84 @@ def decode_layout(model):
     return model
 
 
-# ---------------------------------------------------------------- model -> HF-layout checkpoint
+# ---------------------------------------------------------------- GPTQ checkpoint -> model with QuantLinears
+
+def quantized_name_table(cfg, bits, group_size):
+    """load_weights.name_table with each quantized Linear's weight replaced by the four format tensors."""
+    table = {}
+    for hf, (ours, shape) in name_table(cfg).items():
+        mod = ours.rpartition(".")[0]
+        if not (hf.endswith(".weight") and mod.split(".", 2)[-1] in LINEARS):
+            table[hf] = (ours, shape)
+            continue
+        O, I = shape
+        G, base = n_groups(I, group_size), hf[: -len(".weight")]
+        table.update({f"{base}.qweight": (f"{mod}.qweight", (I * bits // 32, O)),
+                      f"{base}.qzeros": (f"{mod}.qzeros", (G, O * bits // 32)),
+                      f"{base}.scales": (f"{mod}.scales", (G, O)),
+                      f"{base}.g_idx": (f"{mod}.g_idx", (I,))})
+    return table
+
+
+def swap_in_quant_linears(model, bits, group_size, zero_offset=1):
+    """Replace every quantized nn.Linear of every Block by an (empty) QuantLinear of the same shape."""
+    for i, layer in enumerate(model.layers):
+        for name in LINEARS:
+            parent_name, _, attr = name.rpartition(".")
+            lin = layer.get_submodule(name)
+            check_packable(f"layers.{i}.{name}", lin.in_features, lin.out_features)
+            q = QuantLinear(lin.in_features, lin.out_features, bits, group_size, lin.bias is not None, zero_offset)
+            setattr(layer.get_submodule(parent_name), attr, q)
+
+
+def load_quantized_model(path, raw, cfg, dtype=torch.float32, device="cpu", quant_path="auto"):
+    """A Transformer with QuantLinears from a GPTQ checkpoint directory, loaded strictly by name and shape.
+
+    Called by load_weights.load when config.json has a quantization_config. Packed tensors keep their
+    format dtypes (int32, fp16 scales); everything else is cast to `dtype`. The Linears are then converted
+    once for `quant_path` (quant_paths.py; auto: the fastest path this device has), and the choice is printed.
+    """
+    bits, group_size, zero_offset = check_quantization_config(raw["quantization_config"], f"{path}/config.json")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+        swap_in_quant_linears(model, bits, group_size, zero_offset)
+    table = quantized_name_table(cfg, bits, group_size)
+    for ours, t in checked_tensors(path, table, cfg.tie_word_embeddings):
+        set_loaded(model, ours, t, dtype, device)
+    check_g_idx(model)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    used = prepare(model, quant_path, dtype)
+    print(f"{path}: {bits}-bit GPTQ Linears run through " + ", ".join(f"{k} ({n})" for k, n in used.items())
+          + f" [--quant-path {quant_path}]")
+    return model
+
+
+def set_loaded(model, name, t, dtype, device):
+    """Put a loaded tensor in place: format tensors as buffers in their own dtype, the rest as Parameters."""
+    mod_name, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_name)
+    if isinstance(mod, QuantLinear):
+        keep = attr in ("qweight", "qzeros", "g_idx", "scales")
+        setattr(mod, attr, t.to(device) if keep else t.to(device=device, dtype=dtype))
+    else:
+        setattr(mod, attr, torch.nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False))
+
+
+def check_g_idx(model):
+    for i, layer in enumerate(model.layers):
+        for name in LINEARS:
+            q = layer.get_submodule(name)
+            if q.g_idx.numel() and (int(q.g_idx.min()) < 0 or int(q.g_idx.max()) >= q.scales.shape[0]):
+                raise ValueError(f"layers.{i}.{name}: g_idx points outside the {q.scales.shape[0]} groups of scales")
+
+
+# ---------------------------------------------------------------- model -> HF names (the writer: save_weights.py)
 
 def hf_state_dict(model):
     """Our parameters under their Hugging Face names (lm_head omitted when tied)."""
     ours = dict(model.named_parameters(remove_duplicate=False))
     return {hf: ours[name] for hf, (name, _) in name_table(model.cfg).items()}
-
-
-def save_checkpoint(out_dir, config, tensors, source_dir=None, extra_files=None, max_shard_bytes=5 * 2**30):
-    """Write config.json + safetensors (sharded with an index above max_shard_bytes) atomically.
-
-    Tokenizer and generation-config files are copied from `source_dir`; `extra_files` maps a file name
-    to its text. The directory appears complete or not at all: it is built beside `out_dir` and renamed.
-    """
-    out_dir = Path(out_dir)
-    atomic.check_out(out_dir, {"source": source_dir})  # a last guard: the tools check this before loading
-    for name, t in tensors.items():
-        check_finite(t.detach(), f"tensor {name!r} to be written to {out_dir}")
-    with atomic.new_dir(out_dir) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        write_safetensors(tmp, {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, max_shard_bytes)
-        for name in TOKENIZER_FILES if source_dir else []:
-            if (Path(source_dir) / name).is_file():
-                shutil.copyfile(Path(source_dir) / name, tmp / name)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text, encoding="utf-8")
-    return out_dir
-
-
-def write_safetensors(directory, tensors, max_shard_bytes):
-    shards, current, size = [], {}, 0
-    for k, v in tensors.items():
-        nbytes = v.numel() * v.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[k] = v
-        size += nbytes
-    shards.append(current)
-    if len(shards) == 1:
-        save_file(shards[0], directory / "model.safetensors", metadata={"format": "pt"})
-        return
-    weight_map, total = {}, 0
-    for j, shard in enumerate(shards):
-        fname = f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, directory / fname, metadata={"format": "pt"})
-        weight_map.update({k: fname for k in shard})
-        total += sum(v.numel() * v.element_size() for v in shard.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
-def write_json(path, obj):
-    """Write JSON atomically (atomic.write_text): the old file or the complete new one, never half of one."""
-    atomic.write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------- CLI: inspect a checkpoint

@@ -183,6 +183,11 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, F) -> (B, T, C)
 
 
+# the Linears of a Block, in the order they compute (our names = HF names minus "model."); GPTQ quantizes them
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
 class Block(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
@@ -264,3 +269,8 @@ class Transformer(nn.Module):
                 break
             logits = self(nxt, cache=cache, last_only=True)  # (1, 1, V)
         return torch.cat(out, dim=1)
+
+
+def column_major(t):
+    """The same values stored column-major on CPU (the decode layout: load_weights.decode_layout)."""
+    return t.t().contiguous().t() if t.dim() == 2 and t.device.type == "cpu" else t

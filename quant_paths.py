@@ -22,13 +22,67 @@ W = (q - 8) * scale + zero, so scale = s and zero = s * (8 - z). Columns are fir
 and padded with zero columns to a multiple of the kernel's tile and group.
 """
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from gptq_format import dequantize, unpack_rows
+from model import column_major
+from gptq_format import SUPPORTED_BITS, dequantize, n_groups, pack, unpack_rows
 
 PATHS = ("auto", "int4-kernel", "int8-kernel", "unpacked", "dequantized", "reference")
 KERNEL_GROUPS = (32, 64, 128, 256)  # group sizes the int4 kernel accepts
 _scratch = {}  # (device, dtype) -> one flat buffer shared by every unpacked Linear (they run one at a time)
+
+
+# ---------------------------------------------------------------- the quantized Linear
+
+class QuantLinear(nn.Module):
+    """A Linear stored in the GPTQ layout. Buffers carry the format's own names, so a GPTQ state dict loads into
+    it strictly. prepare() converts them once into the form of a faster forward path (below); until
+    then, and on the `reference` path, the weight is dequantized on the fly in each forward.
+    """
+
+    def __init__(self, in_features, out_features, bits, group_size, bias=False, zero_offset=1):
+        super().__init__()
+        if bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits = {bits} is not supported (supported: {SUPPORTED_BITS})")
+        self.in_features, self.out_features, self.bits, self.zero_offset = in_features, out_features, bits, zero_offset
+        self.group_size, self.path, self.rt_meta, self.rt_forward = group_size, "reference", {}, None
+        G = n_groups(in_features, group_size)
+        self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32))
+        self.register_buffer("qzeros", torch.zeros(G, out_features * bits // 32, dtype=torch.int32))
+        self.register_buffer("scales", torch.zeros(G, out_features, dtype=torch.float16))
+        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    def weight_dequantized(self, dtype=torch.float32):
+        return dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.zero_offset, dtype)
+
+    def prepare(self, path, dtype=torch.float32):
+        """Convert the format tensors once into the runtime form of `path` (non-persistent buffers rt_*)."""
+        for name in [n for n, _ in self.named_buffers(recurse=False) if n.startswith("rt_")]:
+            delattr(self, name)
+        tensors, self.rt_meta = FORMS[path](self, dtype)
+        for name, t in tensors.items():
+            self.register_buffer(name, t, persistent=False)
+        self.path, self.rt_forward = path, FORWARDS[path]
+
+    def forward(self, x):
+        if self.rt_forward is None:
+            y = F.linear(x, self.weight_dequantized(x.dtype))  # (..., I) -> (..., O)
+        else:
+            y = self.rt_forward(self, x)
+        return y if self.bias is None else y + self.bias
+
+    def bytes_read(self):
+        """Bytes of weights one forward reads from memory on its path (for the decode roofline)."""
+        rt = [t for n, t in self.named_buffers(recurse=False) if n.startswith("rt_") and n != "rt_perm"]
+        packed = [self.qweight, self.qzeros, self.scales, self.g_idx]
+        extra = [] if self.bias is None else [self.bias]
+        return sum(t.numel() * t.element_size() for t in (rt if self.path != "reference" else packed) + extra)
+
+    def extra_repr(self):
+        return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, groups={self.scales.shape[0]}, "
+                f"path={self.path}")
 
 
 def group_order(q):
@@ -100,8 +154,6 @@ def kernel_runs(path, device):
 
 def _tiny(bits, gs, device, O=64, I=128, seed=0):
     """A QuantLinear with random codes, zero points and scales (for probes and checks)."""
-    from gptq_format import QuantLinear, pack
-
     g = torch.Generator().manual_seed(seed)
     G = 1 if gs == -1 else -(-I // gs)
     q = QuantLinear(I, O, bits, gs)
@@ -163,8 +215,6 @@ def unpacked_form(q, dtype):
 
 
 def dequantized_form(q, dtype):
-    from load_weights import column_major
-
     W = dequantize(q.qweight, q.qzeros, q.scales, q.g_idx, q.bits, q.zero_offset, dtype)  # (O, I)
     return {"rt_w": column_major(W)}, {}  # the decode layout (load_weights.decode_layout)
 
@@ -226,8 +276,6 @@ FORWARDS = {"int4-kernel": forward_int4, "int8-kernel": forward_int8, "unpacked"
 
 def prepare(model, path="auto", dtype=torch.float32):
     """Convert every QuantLinear of `model` once; returns {path: number of Linears} (what will run)."""
-    from gptq_format import QuantLinear
-
     used = {}
     for m in model.modules():
         if isinstance(m, QuantLinear):

@@ -13,8 +13,6 @@ The per-matrix algorithms (the grids, round-to-nearest, GPTQ's Algorithm 1) live
 Embeddings, norms and the output head stay unquantized, as in the paper.
 """
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -31,11 +29,9 @@ from gptq import Quantized, gptq, proxy_error, rtn
 from latency import model_bytes
 import plan
 import resume
-from load_weights import write_json
-from model import Transformer
-from gptq_format import (LINEARS, SUPPORTED_BITS, QuantLinear, check_packable, load_quantized_model,  # noqa: F401
-                         pack, quantization_config)
-from quant_paths import check_cuda_kernels  # noqa: F401  (benchmarks/gpu_check.py: the CUDA int4/int8 kernels)
+from atomic import write_json
+from model import LINEARS, Transformer
+from gptq_format import SUPPORTED_BITS, check_packable, pack, quantization_config
 
 # Linears that share one input, hence one H, in the order a Block computes them
 SUBLAYERS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
@@ -250,7 +246,8 @@ def quantize_checkpoint(ckpt, out, method="gptq", bits=4, group_size=128, sym=Fa
                         percdamp=0.01, calib="wikitext2", nsamples=128, seqlen=2048, seed=0, dtype="float16",
                         data_dir=None, report=None, device=None, compute_dtype=None, devices=None, offload=False):
     """Load `ckpt`, quantize its Linears, write a GPTQ-layout checkpoint to `out` and a JSON report; returns it."""
-    from load_weights import load, read_config_dict, resolve, save_checkpoint
+    from load_weights import read_config_dict, resolve
+    from save_weights import save_checkpoint
 
     t_start = time.perf_counter()
     torch.manual_seed(seed)

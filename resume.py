@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 import atomic
 from errors import UserError
-from load_weights import write_json
+from atomic import write_json
 
 
 def atomic_write(path, write):

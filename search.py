@@ -18,7 +18,6 @@ included) is scored exactly too (--read-off visited, the default; see choose_blo
 """
 import argparse
 import inspect
-import json
 import math
 import platform
 import sys
@@ -35,7 +34,7 @@ import placement
 import plan
 from devices import peak_memory
 from errors import UserError, cli
-from load_weights import write_json
+from atomic import write_json
 from resume import GateState
 from gates import (ContiguousGate, blocks_to_layers, boundary_moves, budget, initial_centres, layers_to_blocks, neighbours,
                    place_segments, relocations, segment_widths, strip, swaps, tau_at)

@@ -33,9 +33,10 @@ import load_weights
 import paths
 import placement
 import plan
+import save_weights
 from devices import peak_memory
 from errors import cli, read_json
-from gptq_format import LINEARS
+from model import LINEARS
 from teacher import calibration_tokens, eta, kl_backward, kl_sum
 
 
@@ -290,7 +291,7 @@ def write_tuned(model, source, out, report):
     extra = {"tuning.json": json.dumps(report, indent=2) + "\n"}
     if (Path(source) / "pruning.json").is_file():
         extra["pruning.json"] = (Path(source) / "pruning.json").read_text()
-    load_weights.save_checkpoint(out, config, tensors, source_dir=source, extra_files=extra)
+    save_weights.save_checkpoint(out, config, tensors, source_dir=source, extra_files=extra)
 
 
 @cli(memory="--batch-size, --chunk or --nsamples")

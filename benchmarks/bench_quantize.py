@@ -29,8 +29,8 @@ from common import command, update_section  # noqa: E402
 import load_weights  # noqa: E402
 from data import find_data_dir  # noqa: E402
 from eval import text_metrics, text_windows  # noqa: E402
-from gptq_format import LINEARS  # noqa: E402
-from load_weights import write_json  # noqa: E402
+from model import LINEARS  # noqa: E402
+from atomic import write_json  # noqa: E402
 from latency import model_bytes  # noqa: E402
 from quantize import dir_bytes, quantize_checkpoint  # noqa: E402
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import atomic  # noqa: E402
 import baselines  # noqa: E402
 import data  # noqa: E402
 import load_weights  # noqa: E402
@@ -116,7 +117,7 @@ def main():
     dense_ppl = perplexity(model, windows)
     gate_settings = {}  # search()'s defaults, the same as search.py's
     rows = [compare(model, teacher, k, windows, gate_settings) for k in map(int, a.budgets.split(","))]
-    load_weights.write_json(ROOT / "runs" / "bench_search.json", {"rows": rows, "dense_ppl": dense_ppl})
+    atomic.write_json(ROOT / "runs" / "bench_search.json", {"rows": rows, "dense_ppl": dense_ppl})
     body = [f"## Search: CLP gate vs exhaustive contiguous enumeration ({a.ckpt}, {L} layers)", "",
             f"Command: `OMP_NUM_THREADS=1 {command()}`", "",
             f"Calibration: {teacher.description}; the same cached dense pass ({t_teacher:.0f} s, not in the times "

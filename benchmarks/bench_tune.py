@@ -23,7 +23,7 @@ import tune  # noqa: E402
 from data import find_data_dir  # noqa: E402
 from eval import text_metrics  # noqa: E402
 from zeroshot import run_task  # noqa: E402
-from load_weights import write_json  # noqa: E402
+from atomic import write_json  # noqa: E402
 
 # (label, --layers, --method); every variant gets the same steps, data and seed
 VARIANTS = [

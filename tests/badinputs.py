@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import excise
 import load_weights as lw
+import save_weights
 from conftest import FIXTURES
 from model import Transformer
 from tokenizer import byte_decoder
@@ -147,7 +148,7 @@ def st_nan(tmp):
 
 def sharded(tmp):
     model, _ = lw.load(SRC)
-    out = lw.save_checkpoint(tmp / "ckpt", lw.read_config_dict(SRC), lw.hf_state_dict(model), max_shard_bytes=300_000)
+    out = save_weights.save_checkpoint(tmp / "ckpt", lw.read_config_dict(SRC), lw.hf_state_dict(model), max_shard_bytes=300_000)
     (out / "tokenizer.json").write_text(json.dumps(byte_tokenizer()))
     return out
 
@@ -262,7 +263,7 @@ def packable(tmp, name="ckpt", fill=None):
     tensors = {k: v.detach().clone() for k, v in lw.hf_state_dict(model).items()}
     if fill:
         fill(tensors)
-    out = lw.save_checkpoint(tmp / name, PACKABLE, tensors)
+    out = save_weights.save_checkpoint(tmp / name, PACKABLE, tensors)
     (out / "tokenizer.json").write_text(json.dumps(byte_tokenizer()))
     return out
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import load_weights
+import save_weights
 from benchmarks import bench_compare, compare_cells
 from conftest import DATA, need
-from model import Config, Transformer
+from model import Transformer
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def tiny_with_tokenizer(tmp_path_factory):
                 p.normal_(0, 0.02)
     out = tmp_path_factory.mktemp("tiny") / "ckpt"
     tensors = {k: v.detach().clone() for k, v in load_weights.hf_state_dict(model).items()}
-    load_weights.save_checkpoint(out, config, tensors, source_dir=src)
+    save_weights.save_checkpoint(out, config, tensors, source_dir=src)
     return out
 
 

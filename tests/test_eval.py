@@ -8,7 +8,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import atomic
 import eval as ev
+import latency
 import zeroshot as zs
 import tasks
 from conftest import DATA, WHOLE, need
@@ -273,7 +275,7 @@ def test_fallback_text_never_poses_as_wikitext2():
 def test_decode_path_equals_full_forwards():
     model = small_transformer(seed=7)
     prompt = torch.randint(128, (1, 10), generator=torch.Generator().manual_seed(7))
-    out, seconds = ev.greedy_decode(model, prompt, new_tokens=12)
+    out, seconds = latency.greedy_decode(model, prompt, new_tokens=12)
     assert out.shape == (1, 22) and torch.equal(out[:, :10], prompt) and seconds > 0
     with torch.no_grad():
         full = model(out)[0]  # (T, V), no cache
@@ -281,7 +283,7 @@ def test_decode_path_equals_full_forwards():
 
 
 def test_latency_figures_are_positive_and_finite():
-    lat = ev.latency(small_transformer(), seqlen=32, new_tokens=8, runs=5, probe_mbytes=1)
+    lat = latency.one_model(small_transformer(), seqlen=32, new_tokens=8, runs=5, probe_mbytes=1)
     for key in ("prefill_tok_s", "decode_tok_s", "peak_mem_bytes", "roofline_fraction", "weight_bytes_per_token"):
         assert math.isfinite(lat[key]) and lat[key] > 0
     assert lat["threads"] == torch.get_num_threads()
@@ -360,7 +362,7 @@ def test_evaluate_writes_the_documented_schema(tmp_path):
     write(tmp_path / "d/piqa/valid-labels.lst", "0\n1\n0\n")
     res = ev.evaluate(small_transformer(), CharTok(), "tiny", ppl=[str(text)], tasks=["piqa"], latency_runs=5,
                       seqlen=32, new_tokens=4, data_dir=tmp_path / "d")
-    ev.write_json(tmp_path / "out.json", res)
+    atomic.write_json(tmp_path / "out.json", res)
     back = json.loads((tmp_path / "out.json").read_text())
     assert set(back) >= {"ckpt", "ppl", "kl", "tasks", "latency", "settings"}
     assert math.isfinite(back["ppl"][str(text)]) and back["kl"] == {}

@@ -7,6 +7,7 @@ from safetensors import safe_open
 
 import excise
 import load_weights
+import save_weights
 import search
 from conftest import FIXTURES
 
@@ -96,7 +97,7 @@ def test_bf16_source_stays_bf16(tmp_path):
     src = FIXTURES / "tiny-qwen2"
     model, _ = load_weights.load(src, dtype=torch.bfloat16)
     config = dict(load_weights.read_config_dict(src), torch_dtype="bfloat16")
-    load_weights.save_checkpoint(tmp_path / "bf16", config, load_weights.hf_state_dict(model), source_dir=src)
+    save_weights.save_checkpoint(tmp_path / "bf16", config, load_weights.hf_state_dict(model), source_dir=src)
     excise.main(["--ckpt", str(tmp_path / "bf16"), "--layers", "4-5", "--out", str(tmp_path / "cut")])
     with safe_open(tmp_path / "cut" / "model.safetensors", "pt") as f:
         t = f.get_tensor("model.layers.3.self_attn.q_proj.bias")

@@ -24,6 +24,7 @@ import atomic
 import badinputs
 import embedded
 import excise
+import save_weights
 import load_weights as lw
 import quantize
 import tune
@@ -76,7 +77,7 @@ def versions(tmp_path):
     old = {k: v.clone() for k, v in lw.hf_state_dict(model).items()}
     new = {k: v + 1 for k, v in old.items()}
     config = lw.read_config_dict(src)
-    lw.save_checkpoint(tmp_path / "out", config, old, source_dir=src)
+    save_weights.save_checkpoint(tmp_path / "out", config, old, source_dir=src)
     return src, old, new, config
 
 
@@ -96,8 +97,8 @@ def after_first(real):
 
 
 KILL_POINTS = {
-    "half-written safetensors": (lw, "save_file", half_written, "old"),
-    "after the first shard": (lw, "save_file", after_first, "old"),
+    "half-written safetensors": (save_weights, "save_file", half_written, "old"),
+    "after the first shard": (save_weights, "save_file", after_first, "old"),
     "copying tokenizer files": (shutil, "copyfile", lambda real: die, "old"),
     "before the swap": (atomic, "swap_in", lambda real: die, "old"),
     "after the swap": (atomic, "exchange", after_first, "new"),
@@ -121,7 +122,7 @@ def test_kill_while_writing_a_checkpoint(tmp_path, versions, monkeypatch, point)
         if point == "no exchange: old parked":
             monkeypatch.setattr(atomic, "exchange", lambda a, b: False)
         monkeypatch.setattr(module, attr, make(getattr(module, attr)))
-        lw.save_checkpoint(out, config, new, source_dir=src, max_shard_bytes=300_000)
+        save_weights.save_checkpoint(out, config, new, source_dir=src, max_shard_bytes=300_000)
     assert run_child(child) == -signal.SIGKILL
     if expect == "parked":
         # for an instant the old version is parked beside out; the next writer puts it back first
@@ -129,7 +130,7 @@ def test_kill_while_writing_a_checkpoint(tmp_path, versions, monkeypatch, point)
         atomic.remove_stale(out)
         expect = "old"
     assert torch.equal(stored(out), (old if expect == "old" else new)["model.embed_tokens.weight"])
-    lw.save_checkpoint(out, config, new, source_dir=src, max_shard_bytes=300_000)
+    save_weights.save_checkpoint(out, config, new, source_dir=src, max_shard_bytes=300_000)
     assert torch.equal(stored(out), new["model.embed_tokens.weight"])
     assert leftovers(tmp_path) == []
 
@@ -137,14 +138,14 @@ def test_kill_while_writing_a_checkpoint(tmp_path, versions, monkeypatch, point)
 @pytest.mark.parametrize("point", ["before fsync", "before rename"])
 def test_kill_while_writing_json(tmp_path, monkeypatch, point):
     path = tmp_path / "report.json"
-    lw.write_json(path, {"run": "old"})
+    atomic.write_json(path, {"run": "old"})
 
     def child():
         monkeypatch.setattr(os, "fsync" if point == "before fsync" else "replace", die)
-        lw.write_json(path, {"run": "new", "rows": list(range(10_000))})
+        atomic.write_json(path, {"run": "new", "rows": list(range(10_000))})
     assert run_child(child) == -signal.SIGKILL
     assert json.loads(path.read_text()) == {"run": "old"}
-    lw.write_json(path, {"run": "new"})
+    atomic.write_json(path, {"run": "new"})
     assert json.loads(path.read_text()) == {"run": "new"} and leftovers(tmp_path) == []
 
 
@@ -187,7 +188,7 @@ def wait_for(path, text, timeout=20):
 
 def test_two_writers_of_one_checkpoint_take_turns(tmp_path, versions, monkeypatch):
     src, old, new, config = versions
-    log, real = tmp_path / "log.txt", lw.save_file
+    log, real = tmp_path / "log.txt", save_weights.save_file
 
     def slow_save(tensors, path, metadata=None):
         with open(log, "a") as f:
@@ -196,10 +197,10 @@ def test_two_writers_of_one_checkpoint_take_turns(tmp_path, versions, monkeypatc
         real(tensors, path, metadata=metadata)
         with open(log, "a") as f:
             f.write(f"end {os.getpid()}\n")
-    monkeypatch.setattr(lw, "save_file", slow_save)
-    a = in_child(lambda: lw.save_checkpoint(tmp_path / "out", config, old, source_dir=src), tmp_path / "a.err")
+    monkeypatch.setattr(save_weights, "save_file", slow_save)
+    a = in_child(lambda: save_weights.save_checkpoint(tmp_path / "out", config, old, source_dir=src), tmp_path / "a.err")
     wait_for(log, "start")
-    b = in_child(lambda: lw.save_checkpoint(tmp_path / "out", config, new, source_dir=src), tmp_path / "b.err")
+    b = in_child(lambda: save_weights.save_checkpoint(tmp_path / "out", config, new, source_dir=src), tmp_path / "b.err")
     assert wait(a) == 0 and wait(b) == 0
     events = log.read_text().split()
     # one writer's start and end, then the other's: never interleaved
@@ -212,7 +213,7 @@ def test_two_writers_of_one_checkpoint_take_turns(tmp_path, versions, monkeypatc
 def test_two_json_writers_never_mix(tmp_path):
     path = tmp_path / "results.json"
     objs = [{"writer": w, "rows": [w] * 20_000} for w in range(2)]
-    pids = [in_child(functools.partial(lambda o: [lw.write_json(path, o) for _ in range(20)], o)) for o in objs]
+    pids = [in_child(functools.partial(lambda o: [atomic.write_json(path, o) for _ in range(20)], o)) for o in objs]
     assert [wait(p) for p in pids] == [0, 0]
     assert json.loads(path.read_text()) in objs and leftovers(tmp_path) == []
 

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import load_weights as lw
+import save_weights
 from conftest import FIXTURES
 
 
@@ -23,7 +24,7 @@ def listing(path):
 def test_sharded_round_trip_gives_the_same_logits(tmp_path, tiny_dir):
     model, _ = lw.load(tiny_dir)
     cfg = lw.read_config_dict(tiny_dir)
-    out = lw.save_checkpoint(tmp_path / "out", cfg, lw.hf_state_dict(model), source_dir=tiny_dir, max_shard_bytes=200_000)
+    out = save_weights.save_checkpoint(tmp_path / "out", cfg, lw.hf_state_dict(model), source_dir=tiny_dir, max_shard_bytes=200_000)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     assert ("lm_head.weight" in index["weight_map"]) == (not cfg.get("tie_word_embeddings", False))
@@ -38,11 +39,11 @@ def test_sharded_round_trip_gives_the_same_logits(tmp_path, tiny_dir):
 def test_save_is_atomic_when_writing_fails(tmp_path):
     model, _ = lw.load(FIXTURES / "tiny-qwen2")
     out = tmp_path / "ckpt"
-    lw.save_checkpoint(out, {"first": 1}, {"a": torch.zeros(2)})
+    save_weights.save_checkpoint(out, {"first": 1}, {"a": torch.zeros(2)})
     before = listing(out)
     # a non-tensor value makes safetensors fail half-way: the old directory must survive untouched
     with pytest.raises(Exception):
-        lw.save_checkpoint(out, {"second": 2}, {"a": torch.zeros(2), "b": "not a tensor"})
+        save_weights.save_checkpoint(out, {"second": 2}, {"a": torch.zeros(2), "b": "not a tensor"})
     assert listing(out) == before and json.loads((out / "config.json").read_text()) == {"first": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
 
@@ -54,7 +55,7 @@ def test_missing_config_is_a_clear_error(tmp_path):
 
 def test_missing_shard_names_the_file(tmp_path):
     model, _ = lw.load(FIXTURES / "tiny-llama2")
-    out = lw.save_checkpoint(tmp_path / "s", lw.read_config_dict(FIXTURES / "tiny-llama2"), lw.hf_state_dict(model),
+    out = save_weights.save_checkpoint(tmp_path / "s", lw.read_config_dict(FIXTURES / "tiny-llama2"), lw.hf_state_dict(model),
                              max_shard_bytes=100_000)
     shard = sorted(out.glob("model-*.safetensors"))[1]
     shard.unlink()
@@ -134,7 +135,7 @@ def test_loading_does_not_hold_two_copies_of_the_weights(tmp_path):
     cfg = Config("llama", vocab_size=32000, hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8, num_kv_heads=8)
     raw = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 512, "intermediate_size": 1536,
            "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 8}
-    out = lw.save_checkpoint(tmp_path / "ckpt", raw, lw.hf_state_dict(Transformer(cfg)))
+    out = save_weights.save_checkpoint(tmp_path / "ckpt", raw, lw.hf_state_dict(Transformer(cfg)))
     size = (out / "model.safetensors").stat().st_size
     probe = ("import resource, sys, torch, load_weights as lw\n"
              "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
@@ -149,7 +150,7 @@ def test_loading_does_not_hold_two_copies_of_the_weights(tmp_path):
 def test_written_checkpoint_has_normal_permissions(tmp_path):
     import os
 
-    out = lw.save_checkpoint(tmp_path / "c", {"a": 1}, {"x": torch.zeros(3)})
+    out = save_weights.save_checkpoint(tmp_path / "c", {"a": 1}, {"x": torch.zeros(3)})
     umask = os.umask(0)
     os.umask(umask)
     assert (out.stat().st_mode & 0o777) == 0o777 & ~umask

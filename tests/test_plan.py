@@ -1,6 +1,5 @@
 """The memory plan: sizes from config.json alone (hand-computed parameter counts), placement invariants,
 refusals naming a flag that fits, and the dry-run estimate against the measured peak RSS of real runs."""
-import json
 import os
 import subprocess
 import sys

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import load_weights as lw
+import save_weights
 from conftest import FIXTURES, need
 from gptq_format import (SUPPORTED_BITS, check_quantization_config, dequantize, pack, pack_rows,
                          quantization_config, unpack_rows)
@@ -165,9 +166,9 @@ def test_checkpoint_reloads_to_the_same_weights(tmp_path, bits, group_size, act_
     assert len(rows) == 7 * RAW["num_hidden_layers"] and all(r["proxy_error"] >= 0 for r in rows)
     src, out = tmp_path / "src", tmp_path / "q"
     dense = tiny_model()
-    lw.save_checkpoint(src, RAW, lw.hf_state_dict(dense))
+    save_weights.save_checkpoint(src, RAW, lw.hf_state_dict(dense))
     cfg = dict(RAW, quantization_config=quantization_config(bits, group_size, False, act_order, 0.01, "gptq"))
-    lw.save_checkpoint(out, cfg, packed_tensors(model, results, bits, torch.float32))
+    save_weights.save_checkpoint(out, cfg, packed_tensors(model, results, bits, torch.float32))
     q, _ = lw.load(out)
     for name, res in results.items():
         assert torch.equal(q.get_submodule(name).weight_dequantized(), res.dequantize()), name
@@ -249,7 +250,7 @@ def test_missing_quantized_tensor_is_named(tmp_path):
                                                   blocksize=128, percdamp=0.01))
     tensors = packed_tensors(model, results, 4, torch.float32)
     del tensors["model.layers.1.mlp.up_proj.scales"]
-    lw.save_checkpoint(tmp_path / "q", dict(RAW, quantization_config=quantization_config(4, -1, False, False, 0.01, "rtn")),
+    save_weights.save_checkpoint(tmp_path / "q", dict(RAW, quantization_config=quantization_config(4, -1, False, False, 0.01, "rtn")),
                        tensors)
     with pytest.raises(KeyError, match=r"missing tensor 'model\.layers\.1\.mlp\.up_proj\.scales'"):
         lw.load(tmp_path / "q")
