@@ -41,24 +41,32 @@ def temp_prefix(target):
     return f".{Path(target).name}.tmp-{os.getpid()}-"
 
 
-def write_text(path, text):
-    """Replace the file at `path` by `text` atomically: unique temporary, fsync, rename, fsync of the directory."""
+def write_file(path, write):
+    """Replace the file at `path` atomically by what write(tmp) puts into a temporary beside it: unique
+    temporary, fsync, rename over `path`, fsync of the directory. Every file the project writes goes here."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(path)
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~umask())
+        write(tmp)
+        fsync_path(tmp)
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp's 0600 would hide the file from other users
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_path(path.parent)
     return path
+
+
+def write_text(path, text):
+    return write_file(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def write_bytes(path, data):
+    return write_file(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 @contextlib.contextmanager

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -123,24 +122,6 @@ def content(rel, raw, mirror):
     return derive_arc(raw)
 
 
-def store(path, body):
-    """Write atomically (fsynced temp file, then rename): a reader never sees a half-written file under the
-    final name, and a crash leaves at most a dot-named temp that the next fetch ignores."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=atomic.temp_prefix(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~atomic.umask())  # mkstemp's 0600 would hide the data from other users
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    atomic.fsync_path(path.parent)
-
-
 def fetch(dest=None, names=None, mirror=None, timeout=30.0):
     """Download the files `names` (default all) into `dest` (default $CLP_CACHE/data); returns (stored, failed).
 
@@ -176,7 +157,7 @@ def fetch(dest=None, names=None, mirror=None, timeout=30.0):
                   file=sys.stderr)
             failed.append(rel)
             continue
-        store(target, body)
+        atomic.write_bytes(target, body)
         stored.append(rel)
         print(f"fetched {rel} ({len(body):,} bytes, sha256 ok) -> {shown(target)}", file=sys.stderr)
     return stored, failed

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+import atomic
 from errors import cli, read_json
 from gates import ContiguousGate
 
@@ -135,13 +136,10 @@ def plot_tuning(plt, runs, path, smooth=5):
 
 
 def save(plt, fig, path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    try:
+        return atomic.write_file(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+    finally:
+        plt.close(fig)
 
 
 def make_plots(out, report=None, exhaustive=None, tuning=()):

@@ -14,9 +14,7 @@ Each file records the settings it was made with; a mismatch is an error, never a
 Every write is atomic (a temporary file, then a rename).
 """
 import json
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,23 +25,6 @@ from safetensors.torch import save_file
 import atomic
 from errors import UserError
 from atomic import write_json
-
-
-def atomic_write(path, write):
-    """write(tmp) into a temporary beside `path`, then fsync and rename over it (atomic.py's protocol)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic.remove_stale(path)
-    fd, tmp = tempfile.mkstemp(prefix=atomic.temp_prefix(path), dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        atomic.fsync_path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    atomic.fsync_path(path.parent)
 
 
 def check_same(saved, settings, what, path):
@@ -112,7 +93,7 @@ class GateState:
 
     def write(self):
         meta = dict(self.saved, scored=[[list(map(list, b)), kl] for b, kl in self.scored.items()])
-        atomic_write(self.path, lambda tmp: save_file(self.tensors, tmp, metadata={"state": json.dumps(meta)}))
+        atomic.write_file(self.path, lambda tmp: save_file(self.tensors, tmp, metadata={"state": json.dumps(meta)}))
 
     def score(self, blocks, compute):
         """The read-off's exact KL of `blocks`, from the saved state when it was already scored."""
@@ -156,7 +137,7 @@ class LayerStore:
             write_json(self.work / "settings.json", self.settings)
         tensors = {f"{name}.{k}": getattr(res, k).contiguous() for name, res in results.items()
                    for k in ("codes", "scales", "zeros", "g_idx")}
-        atomic_write(self.file(i), lambda tmp: save_file(tensors, tmp, metadata={"rows": json.dumps(rows)}))
+        atomic.write_file(self.file(i), lambda tmp: save_file(tensors, tmp, metadata={"rows": json.dumps(rows)}))
 
     def load(self, i, make):
         """({linear name: make(codes, scales, zeros, g_idx)}, rows) of a finished layer."""
