@@ -44,20 +44,15 @@ def greedy_decode(model, prompt, new_tokens, device="cpu", step=None, cache=None
 
     `step` replaces the model in the timed steps (a torch.compile'd model); a given `cache` is reset and reused.
     """
-    step = model if step is None else step
     if cache is None:
         cache = model.make_cache(1, prompt.shape[1] + new_tokens)
-    cache.reset()
-    logits = model(prompt, cache=cache, last_only=True)  # (1, 1, V)
-    out = [prompt]
+    tokens = model.greedy(prompt, cache, step)
+    out = [prompt, next(tokens)]  # the prefill, not timed
     sync(device)
     t0 = time.perf_counter()
-    for _ in range(new_tokens):
-        nxt = logits[:, -1:].argmax(-1)  # (1, 1)
-        out.append(nxt)
-        logits = step(nxt, cache=cache, last_only=True)  # (1, 1, V)
+    out += [next(tokens) for _ in range(new_tokens)]  # new_tokens decode steps
     sync(device)
-    return torch.cat(out, dim=1), time.perf_counter() - t0
+    return torch.cat(out[:-1], dim=1), time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------- memory

@@ -255,19 +255,27 @@ class Transformer(nn.Module):
         return self.lm_head(self.norm(x))  # (B, T or 1, V)
 
     @torch.no_grad()
+    def greedy(self, tokens, cache, step=None):
+        """Greedy decoding with a static KV cache (reset first): yields each next token (1, 1), on the device of
+        `tokens`. The first is the prefill's; every later one costs one decode forward, run only when asked for.
+        `step` replaces the model in the decode forwards (a torch.compile'd model)."""
+        cache.reset()
+        step = self if step is None else step
+        logits = self(tokens, cache=cache, last_only=True)  # (1, 1, V)
+        while True:
+            nxt = logits[:, -1].argmax(-1, keepdim=True).to(tokens.device)  # (1, 1)
+            yield nxt
+            logits = step(nxt, cache=cache, last_only=True)
+
     def generate(self, tokens, max_new_tokens, eos_id=None, cache=None):
-        """Greedy decoding with a static KV cache; tokens (1, T) -> (1, T + new). A given cache is reset and reused."""
+        """Greedy decoding; tokens (1, T) -> (1, T + new), stopping early at eos_id. A given cache is reused."""
         if cache is None:
             cache = self.make_cache(1, tokens.shape[1] + max_new_tokens)
-        cache.reset()
-        logits = self(tokens, cache=cache, last_only=True)  # (1, 1, V)
         out = [tokens]
-        for i in range(max_new_tokens):
-            nxt = logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+        for nxt in self.greedy(tokens, cache):
             out.append(nxt)
-            if (eos_id is not None and nxt.item() == eos_id) or i == max_new_tokens - 1:
+            if len(out) > max_new_tokens or (eos_id is not None and nxt.item() == eos_id):
                 break
-            logits = self(nxt, cache=cache, last_only=True)  # (1, 1, V)
         return torch.cat(out, dim=1)
 
 
