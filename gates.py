@@ -45,6 +45,21 @@ def tau_at(step, steps, tau0=2.0, tau1=0.05):
     return tau0 * (tau1 / tau0) ** frac
 
 
+def halving_cuts(steps, halving=True):
+    """Successive halving: the steps after which the worse half of the starts stop (after each third)."""
+    return {steps // 3, 2 * steps // 3} if halving else set()
+
+
+def start_steps(starts, steps, halving=True):
+    """Cumulative number of start-steps after each step, with the starts halved at the cuts (the search's work)."""
+    cuts, n, done, out = halving_cuts(steps, halving), starts, 0, []
+    for step in range(steps):
+        n = (n + 1) // 2 if step in cuts else n
+        done += n
+        out.append(done)
+    return out
+
+
 def initial_centres(num_layers, widths, start, starts):
     """Centres mu of one start: segment s of start r sits at fraction (s + (r + 0.5)/R) / S of its valid range."""
     S = len(widths)

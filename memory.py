@@ -14,6 +14,8 @@ computing devices unless --cache-on-cpu puts it in host memory.
 """
 from dataclasses import dataclass, field
 
+from gates import start_steps
+
 GiB = 2**30
 RUNTIME = {"cpu": 0.35 * GiB, "cuda": 0.6 * GiB}  # torch + our modules in RSS; CUDA context + allocator slack
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
@@ -155,16 +157,6 @@ def gate_activations(rows, parts, cfg, b, tokens, offload, phase="step"):
         add(rows[j], "activations", activation_bytes(cfg, b, tokens) * len(r), phase)
 
 
-def halving_work(starts, steps, halving):
-    """Start-steps of the gate search: all starts, then half after each third of the steps (search.py)."""
-    cuts = {steps // 3, 2 * steps // 3} if halving else set()
-    n, done = starts, 0
-    for step in range(steps):
-        n = (n + 1) // 2 if step in cuts else n
-        done += n
-    return done
-
-
 def plan_search(cfg, b, devices, capacity, offload, nsamples, seqlen, k, gate=True, batch_size=1, chunk=1024,
                 steps=30, starts=4, halving=True, radius=1, method="clp", cache_on_cpu=False):
     """Gate search (gate=True) or a baseline (gate=False) on a cached teacher.
@@ -190,7 +182,7 @@ def plan_search(cfg, b, devices, capacity, offload, nsamples, seqlen, k, gate=Tr
     add(hd, "activations", 4 * T * C * b + forward_bytes(cfg, b, 4 * T), "score")
     forward, backward = L * N, 0
     if gate:
-        work = halving_work(starts, steps, halving) * batch_size
+        work = start_steps(starts, steps, halving)[-1] * batch_size
         forward += work * L * (2 if offload else 1)
         backward += work * L
         forward += 3 * (2 * radius + 1) * (L - k) // 2 * N

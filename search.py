@@ -36,8 +36,8 @@ from devices import peak_memory
 from errors import UserError, cli
 from atomic import write_json
 from resume import GateState
-from gates import (ContiguousGate, blocks_to_layers, boundary_moves, budget, initial_centres, layers_to_blocks, neighbours,
-                   place_segments, relocations, segment_widths, strip, swaps, tau_at)
+from gates import (ContiguousGate, blocks_to_layers, boundary_moves, budget, halving_cuts, initial_centres, layers_to_blocks,
+                   neighbours, place_segments, relocations, segment_widths, start_steps, strip, swaps, tau_at)
 from teacher import build_teacher, calibration_tokens, eta, kl_backward, removed_kl, run_layers
 
 # versions of the search: what seeds the exact read-off, whether the walk may move a block next to another
@@ -91,9 +91,9 @@ def train_gates(model, teacher, gates, steps, batch_size, lr, tau0, tau1, seed, 
     `state` (resume.GateState) saves the loop every few steps and restores it on --resume."""
     opt = torch.optim.Adam([g.mu for g in gates], lr=lr)
     batches = minibatches(len(teacher.tokens), steps, batch_size, seed)
-    cuts = {steps // 3, 2 * steps // 3} if halving else set()
+    cuts = halving_cuts(steps, halving)
     active, since = list(range(len(gates))), 0
-    work = planned_work(len(gates), steps, cuts)  # start-steps done after each step, for an honest time left
+    work = start_steps(len(gates), steps, halving)  # start-steps done after each step, for an honest time left
     trajectory, t0, first = [], time.perf_counter(), 0
     if state is not None:
         first, active, since, trajectory = state.restore(gates, opt)
@@ -120,16 +120,6 @@ def train_gates(model, teacher, gates, steps, batch_size, lr, tau0, tau1, seed, 
         if state is not None:
             state.after_step(step, steps, gates, opt, active, since, trajectory)
     return trajectory, active
-
-
-def planned_work(starts, steps, cuts):
-    """Cumulative number of start-steps after each step, with the starts halved at the cuts."""
-    done, n, out = 0, starts, []
-    for step in range(steps):
-        n = (n + 1) // 2 if step in cuts else n
-        done += n
-        out.append(done)
-    return out
 
 
 def halve(recent, active):
