@@ -161,14 +161,20 @@ def excise(ckpt, out, layers=None, report=None):
     return pruning
 
 
-@cli()
-def main(argv=None):
+def build_parser():
+    """The command line, built without running anything (tests/test_docs.py reads its flags)."""
     p = argparse.ArgumentParser(description="Remove layers from a checkpoint and write the smaller HF-layout checkpoint.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default=load_weights.DEFAULT, help="checkpoint directory or short name to prune")
     p.add_argument("--layers", default=None, help="layers to remove, original inclusive indices, e.g. 17-22 or 3,5,10-12")
     p.add_argument("--report", type=Path, default=None, help="a search.py or baselines.py report.json whose removed_layers to cut")
     p.add_argument("--out", type=Path, required=True, help="directory to write the pruned checkpoint to")
+    return p
+
+
+@cli()
+def main(argv=None):
+    p = build_parser()
     a = p.parse_args(argv)
     if (a.layers is None) == (a.report is None):
         p.error("give exactly one of --layers and --report")

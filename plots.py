@@ -165,14 +165,20 @@ def make_plots(out, report=None, exhaustive=None, tuning=()):
     return written
 
 
-@cli()
-def main(argv=None):
+def build_parser():
+    """The command line, built without running anything (tests/test_docs.py reads its flags)."""
     p = argparse.ArgumentParser(description="Draw the gate, the KL landscape and the tuning curves from the runs' JSON.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--report", default=None, help="report.json of search.py (or of baselines.py)")
     p.add_argument("--exhaustive", default=None, help="report.json of baselines.py --method exhaustive")
     p.add_argument("--tuning", nargs="+", default=[], help="tuning.json files (or tuned checkpoint directories)")
     p.add_argument("--out", type=Path, default=None, help="directory for the PNGs; None: beside --report")
+    return p
+
+
+@cli()
+def main(argv=None):
+    p = build_parser()
     a = p.parse_args(argv)
     if not (a.report or a.exhaustive or a.tuning):
         p.error("give at least one of --report, --exhaustive, --tuning")

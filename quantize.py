@@ -297,7 +297,8 @@ def quantize_checkpoint(ckpt, out, method="gptq", bits=4, group_size=128, sym=Fa
 
 
 
-def parse_args(argv=None):
+def build_parser():
+    """The command line, built without running anything (tests/test_docs.py reads its flags)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default="smollm2-135m", help="checkpoint to quantize: directory or short name")
@@ -318,6 +319,11 @@ def parse_args(argv=None):
     p.add_argument("--report", type=Path, default=None, help="JSON report path; None: OUT/quantize_report.json")
     devices.add_arguments(p, dtype_flag="--compute-dtype")
     plan.add_args(p)
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     a = p.parse_args(argv)
     if a.act_order and a.method == "rtn":
         p.error("--act-order only changes GPTQ; RTN has no column order")

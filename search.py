@@ -326,7 +326,8 @@ def run(ckpt, out, prune_layers=None, prune_ratio=None, calib="wikitext2", nsamp
 
 @cli(memory="--nsamples, --seqlen or --chunk",
      resume="a run with --save-every N kept its state every N steps in --out; the same command with --resume continues it")
-def main(argv=None):
+def build_parser():
+    """The command line, built without running anything (tests/test_docs.py reads its flags)."""
     p = argparse.ArgumentParser(description="Find the contiguous block of layers to remove with the CLP gate.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default=load_weights.DEFAULT, help="checkpoint directory or short name")
@@ -364,6 +365,11 @@ def main(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from the state a run with --save-every left in --out")
     plan.add_args(p)
     p.add_argument("--plot", action="store_true", help="also draw gate.png and landscape.png into --out (plots.py)")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     a = p.parse_args(argv)
     if a.prune_layers is not None and a.prune_ratio is not None:
         p.error("give exactly one of --prune-ratio and --prune-layers")

@@ -286,8 +286,8 @@ def write_tuned(model, source, out, report):
     load_weights.save_checkpoint(out, config, tensors, source_dir=source, extra_files=extra)
 
 
-@cli(memory="--batch-size, --chunk or --nsamples")
-def main(argv=None):
+def build_parser():
+    """The command line, built without running anything (tests/test_docs.py reads its flags)."""
     p = argparse.ArgumentParser(description="Repair a pruned checkpoint by tuning the layers at the ends of the cut "
                                             "against its dense source (KL distillation).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -313,6 +313,12 @@ def main(argv=None):
     devices.add_arguments(p, offload=False)
     p.add_argument("--log-every", type=int, default=10, help="print the mean loss every this many steps")
     plan.add_args(p)
+    return p
+
+
+@cli(memory="--batch-size, --chunk or --nsamples")
+def main(argv=None):
+    p = build_parser()
     a = p.parse_args(argv)
     plan.check(a, "tune")
     tune(**vars(a))

@@ -50,7 +50,8 @@ def measure(ckpt, dense, ppl, a):
     return row
 
 
-def main(argv=None):
+def build_parser():
+    """The command line, built without running anything (tests/test_docs.py reads its flags)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default=load_weights.DEFAULT, help="dense checkpoint")
     p.add_argument("--prune-layers", default="12-20", help="block to cut (source indices); 12-20 is the 30%% optimum of smollm2-135m")
@@ -66,6 +67,11 @@ def main(argv=None):
     p.add_argument("--lock", default=None, help="a lock file to hold during each heavy step (shared machines)")
     p.add_argument("--fresh", action="store_true", help="ignore cached rows")
     p.add_argument("--write-only", action="store_true", help="run nothing: write the section from the cached rows (missing rows say 'not run')")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     a = p.parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)
     cache = a.work / "results.json"

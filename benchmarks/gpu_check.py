@@ -245,12 +245,18 @@ def report(smoke, device):
     return "\n".join(out)
 
 
-def main(argv=None):
+def build_parser():
+    """The command line, built without running anything (tests/test_docs.py reads its flags)."""
     p = argparse.ArgumentParser(description="One prepared GPU check: fixture logits in bf16, latency dense vs pruned, "
                                             "peak memory of search and GPTQ, an offloaded 70B teacher pass.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: check that the script runs, write nothing")
     p.add_argument("--device", default="cuda", help="the GPU to check (ignored with --smoke)")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     a = p.parse_args(argv)
     device = torch.device("cpu") if a.smoke else torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
