@@ -25,7 +25,7 @@ import devices
 import placement
 from data import shown
 from devices import peak_memory
-from errors import check_finite, cli
+from errors import check_finite, cli, old_spelling
 from gptq import Quantized, gptq, proxy_error, rtn
 from latency import model_bytes
 import plan
@@ -235,9 +235,12 @@ def verify_reload(out, results):
 # ---------------------------------------------------------------- driver and CLI
 
 def quantize_checkpoint(ckpt, out, method="gptq", bits=4, group_size=128, sym=False, act_order=False, blocksize=128,
-                        percdamp=0.01, calib="wikitext2", nsamples=128, seqlen=2048, seed=0, dtype="float16",
-                        data_dir=None, report=None, device=None, compute_dtype=None, devices=None, offload=False):
-    """Load `ckpt`, quantize its Linears, write a GPTQ-layout checkpoint to `out` and a JSON report; returns it."""
+                        percdamp=0.01, calib="wikitext2", nsamples=128, seqlen=2048, seed=0, save_dtype="float16",
+                        data_dir=None, json_out=None, device=None, dtype=None, devices=None, offload=False):
+    """Load `ckpt`, quantize its Linears, write a GPTQ-layout checkpoint to `out` and a JSON report; returns it.
+
+    `dtype` is the compute dtype (as in every tool), `save_dtype` the stored dtype of the unquantized tensors,
+    `json_out` the report's path (None: OUT/quantize_report.json)."""
     from load_weights import load, read_config_dict, resolve, save_checkpoint
 
     t_start = time.perf_counter()
@@ -247,7 +250,7 @@ def quantize_checkpoint(ckpt, out, method="gptq", bits=4, group_size=128, sym=Fa
                          f"(benchmarks/gpu_check.py measures GPTQ's memory on random: models)")
     src = resolve(ckpt)
     raw = read_config_dict(src)
-    model, tok, devs, _ = placement.load(src, device, compute_dtype, devices, offload)
+    model, tok, devs, _ = placement.load(src, device, dtype, devices, offload)
     check_settings(model, raw, bits, group_size, blocksize, percdamp, method, nsamples)
     ram_dense = model_bytes(model)
     tokens, calib_desc = None, None
@@ -271,14 +274,14 @@ def quantize_checkpoint(ckpt, out, method="gptq", bits=4, group_size=128, sym=Fa
     quant_seconds = time.perf_counter() - t0
     peak = peak_memory(devs)
     config = dict(raw, quantization_config=quantization_config(bits, group_size, sym, act_order, percdamp, method),
-                  torch_dtype=dtype)
-    save_checkpoint(out, config, packed_tensors(model, results, bits, DTYPES[dtype]), source_dir=src)
+                  torch_dtype=save_dtype)
+    save_checkpoint(out, config, packed_tensors(model, results, bits, DTYPES[save_dtype]), source_dir=src)
     ram_quant = verify_reload(out, results)
     if work is not None:
         work.remove()
     rep = {"command": "python " + " ".join(sys.argv), "versions": {"python": sys.version.split()[0],
                                                                    "torch": torch.__version__},
-           "seed": seed, "source": str(src), "out": str(out), "settings": settings, "dtype_unquantized": dtype,
+           "seed": seed, "source": str(src), "out": str(out), "settings": settings, "dtype_unquantized": save_dtype,
            "calibration": None if tokens is None else {"text": calib_desc, "nsamples": tokens.shape[0],
                                                        "seqlen": tokens.shape[1], "tokens": tokens.numel()},
            "quantize_seconds": quant_seconds, "wall_seconds": time.perf_counter() - t_start,
@@ -288,7 +291,7 @@ def quantize_checkpoint(ckpt, out, method="gptq", bits=4, group_size=128, sym=Fa
            "proxy_error_total": sum(r["proxy_error"] for r in rows) if rows else None,
            "proxy_error_total_rtn": sum(r["proxy_error_rtn"] for r in rows) if rows else None,
            "layers": rows}
-    write_json(Path(report) if report else Path(out) / "quantize_report.json", rep)
+    write_json(Path(json_out) if json_out else Path(out) / "quantize_report.json", rep)
     b = rep["bytes"]
     print(f"wrote {out}: weights on disk {b['disk_source']:,} -> {b['disk_quantized']:,} bytes, in RAM "
           f"{b['ram_source']:,} -> {b['ram_quantized']:,} bytes; quantization {quant_seconds:,.1f}s")
@@ -314,10 +317,15 @@ def build_parser():
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows; 0 (rtn only): no data")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")
     p.add_argument("--seed", type=int, default=0, help="seed for drawing the calibration windows")
-    p.add_argument("--dtype", default="float16", choices=list(DTYPES), help="storage dtype of the unquantized tensors")
+    p.add_argument("--save-dtype", default="float16", choices=list(DTYPES),
+                   help="dtype in which the unquantized tensors (embeddings, norms, head) are written (before: --dtype, "
+                        "which now is the compute dtype, as in every tool)")
     p.add_argument("--data-dir", type=Path, default=None, help="data directory; None: $CLP_DATA, then ./data")
-    p.add_argument("--report", type=Path, default=None, help="JSON report path; None: OUT/quantize_report.json")
-    devices.add_arguments(p, dtype_flag="--compute-dtype")
+    p.add_argument("--json", type=Path, default=None, dest="json_out", metavar="OUT",
+                   help="write the JSON report to this file; None: OUT/quantize_report.json")
+    old_spelling(p, "--report", "--json")
+    devices.add_arguments(p)
+    old_spelling(p, "--compute-dtype", "--dtype")
     plan.add_args(p)
     return p
 

@@ -25,7 +25,7 @@ from eval import text_metrics  # noqa: E402
 from zeroshot import run_task  # noqa: E402
 from load_weights import write_json  # noqa: E402
 
-# (label, --layers, --method); every variant gets the same steps, data and seed
+# (label, --train-layers, --method); every variant gets the same steps, data and seed
 VARIANTS = [
     ("endpoints (CLP)", "endpoints", "full"),
     ("two layers below the cut", "below", "full"),
@@ -113,12 +113,12 @@ def main(argv=None):
 def tune_run(pruned, spec, method, lr, a):
     """One tune.py run; its checkpoint stays in --work for the one that wins the held-out KL."""
     out = a.work / f"tuned-{spec.replace(',', '_')}-{method}-lr{lr:g}"
-    rep = tune.tune(pruned, out, layers=spec, method=method, steps=a.steps, lr=lr, batch_size=a.batch_size,
+    rep = tune.tune(pruned, out, train_layers=spec, method=method, steps=a.steps, lr=lr, batch_size=a.batch_size,
                     nsamples=a.nsamples, log_every=25)
     return {"tuned_layers": rep["tuned_layers"], "source_layers": rep["tuned_source_layers"], "out": str(out),
             "trainable": rep["trainable_parameters"], "lr": lr, "heldout_kl": rep["heldout_kl"],
             "seconds": rep["wall_time_s"]["tuning"],
-            "command": f"python tune.py --ckpt {pruned} --layers {spec} --method {method} --steps {a.steps} "
+            "command": f"python tune.py --ckpt {pruned} --train-layers {spec} --method {method} --steps {a.steps} "
                        f"--lr {lr:g} --batch-size {a.batch_size} --nsamples {a.nsamples} --out {out}"}
 
 

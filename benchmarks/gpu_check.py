@@ -164,7 +164,7 @@ def search_memory(s, device):
     step = (time.perf_counter() - t1) / s["gate_steps"]
     cache = sum(h.numel() * h.element_size() for h in teacher.hidden)
     plan = planned("search", ckpt=f"random:{s['search_model']}", device=str(device), nsamples=n, seqlen=T, prune_layers=k,
-                   batch_size=1, chunk=1024, steps=s["gate_steps"], starts=1, halving=False, radius=0)
+                   batch_size=1, kl_chunk=1024, steps=s["gate_steps"], starts=1, halving=False, radius=0)
     rows = [f"| gate search, teacher pass ({n} x {T} tokens) | {gib(peak_t)} | | cache {gib(cache)}, {t1 - t0:.1f} s |",
             f"| gate search, {s['gate_steps']} gate steps (batch 1, k = {k}) | {gib(peak_s)} | {plan} | "
             f"{step:.2f} s/step |"]

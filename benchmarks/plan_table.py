@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "scale-plan.md"
 MODELS = ["llama2-7b", "llama3-8b", "llama2-70b"]
 MACHINES = [(1, 24), (1, 80), (2, 80), (8, 80)]  # (GPUs, GB each)
-SEARCH = dict(prune_ratio=0.3, nsamples=16, seqlen=256, batch_size=1, chunk=1024, steps=30, starts=4, halving=True,
+SEARCH = dict(prune_ratio=0.3, nsamples=16, seqlen=256, batch_size=1, kl_chunk=1024, steps=30, starts=4, halving=True,
               radius=1)
 TUNE = dict(nsamples=64, val_samples=8, seqlen=256, batch_size=4, chunk=1024, steps=100, method="full", rank=8)
 GPTQ = dict(nsamples=128, seqlen=2048, bits=4)
@@ -46,7 +46,7 @@ def cell_plan(task, name, n, gb, offload=False):
         small, tuned = pruned(cfg)
         return memory.plan_tune(small, cfg, 2, devices, plan.capacity_fn(mem, devices), offload, tuned, **TUNE)
     a = dict(ckpt=f"random:{name}", devices=",".join(devices), device_memory=mem, dtype="bfloat16",
-             compute_dtype="bfloat16", offload=offload, **(SEARCH if task == "search" else GPTQ))
+             offload=offload, **(SEARCH if task == "search" else GPTQ))
     return plan.plan_for(task, a)
 
 

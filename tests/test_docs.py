@@ -14,7 +14,7 @@ from conftest import ROOT
 
 ABSOLUTE = re.compile(r"(?<![\w.$~/-])/(work|root|home|tmp)/")
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
-FENCE = re.compile(r"^```.*?^```", re.S | re.M)
+FENCE = re.compile(r"^[ \t]*```.*?^[ \t]*```", re.S | re.M)  # fenced code, also indented in a list item
 
 
 def markdown_files():
