@@ -33,7 +33,6 @@ import resume
 from load_weights import write_json
 from gptq_format import (LINEARS, SUPPORTED_BITS, QuantLinear, check_packable, load_quantized_model,  # noqa: F401
                          pack, quantization_config)
-from quant_paths import check_cuda_kernels  # noqa: F401  (benchmarks/gpu_check.py: the CUDA int4/int8 kernels)
 
 # Linears that share one input, hence one H, in the order a Block computes them
 SUBLAYERS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),

@@ -1,6 +1,6 @@
 """One prepared check for a machine with one GPU and nothing to download (at most about 8 minutes).
 
-    python benchmarks/gpu_check.py            # one GPU: rewrites the "gpu-check" section of BENCHMARKS.md
+    python benchmarks/gpu_check.py            # one GPU: writes (the first time, appends) the "gpu-check" section of BENCHMARKS.md
     python benchmarks/gpu_check.py --smoke    # tiny sizes on the CPU: only checks that the script runs
 
 It uses only what travels with the repository: the tiny fixtures ($CLP_SHARED, shared/ or ../shared) and
