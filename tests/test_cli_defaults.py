@@ -1,6 +1,7 @@
 """The importable functions behind the CLIs run what the CLIs run: where a function's keyword mirrors a flag
 (same name as the flag's dest), its default is the flag's default. Calling search.search(...) with no
 settings must not run an older search than `python search.py` does."""
+import argparse
 import inspect
 from pathlib import Path
 
@@ -57,3 +58,25 @@ def test_every_cli_mirrors_some_keywords():
     for module, _ in ENTRIES:
         assert sum(i.startswith(module.__name__ + ".") for i in ids) >= 2, module.__name__
     assert "search.resize" in ids and "search.kl_chunk" in ids and "tune.train_layers" in ids
+
+
+@pytest.mark.parametrize("module, argv, dest, value", [
+    (search, ["--chunk", "64"], "kl_chunk", 64),
+    (tune, ["--ckpt", "c", "--out", "o", "--chunk", "64"], "kl_chunk", 64),
+    (tune, ["--ckpt", "c", "--out", "o", "--layers", "3,4"], "train_layers", "3,4"),
+    (excise, ["--out", "o", "--report", "r.json"], "search_report", Path("r.json")),
+    (quantize, ["--out", "o", "--report", "q.json"], "json_out", Path("q.json")),
+    (quantize, ["--out", "o", "--compute-dtype", "bfloat16"], "dtype", "bfloat16"),
+    (__import__("plots"), ["--report", "r.json"], "search_report", "r.json"),
+])
+def test_old_spellings_still_parse_but_are_not_shown(module, argv, dest, value):
+    p = module.build_parser()
+    assert getattr(p.parse_args(argv), dest) == value
+    old = next(a for a in argv if a.startswith("--") and a not in ("--ckpt", "--out"))
+    shown = {s for a in p._actions if a.help != argparse.SUPPRESS for s in a.option_strings}
+    assert old not in shown and f"[{old} " not in p.format_usage()
+
+
+def test_quantize_dtype_is_the_compute_dtype():
+    a = quantize.build_parser().parse_args(["--out", "o", "--dtype", "bfloat16"])
+    assert (a.dtype, a.save_dtype) == ("bfloat16", "float16")
