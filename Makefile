@@ -32,7 +32,7 @@ demo: $(VENV)/.installed $(VENV)/.plots
 	$(PY) tune.py --ckpt runs/demo/pruned --steps 40 --out runs/demo/tuned
 	$(PY) eval.py --ckpt smollm2-135m --compare runs/demo/pruned --ppl wikitext2 --ppl-windows 10 --latency --new-tokens 32 --json runs/demo/eval.json
 	$(PY) eval.py --ckpt runs/demo/tuned --teacher smollm2-135m --ppl wikitext2 --ppl-windows 10 --json runs/demo/eval-tuned.json
-	$(PY) plots.py --report runs/demo/report.json --tuning runs/demo/tuned --out runs/demo
+	$(PY) plots.py --search-report runs/demo/report.json --tuning runs/demo/tuned --out runs/demo
 
 # one thread: the test models are tiny, and a second OpenMP thread only adds waiting on 2 shared cores
 test: $(VENV)/.installed $(VENV)/.plots

@@ -240,8 +240,8 @@ def run(ckpt, method, out, prune_layers=None, prune_ratio=None, calib="wikitext2
     return report
 
 
-@cli(memory="--nsamples or --seqlen", resume="the finished blocks' scores are kept in --out/scores.json; the same command continues from them")
-def main(argv=None):
+def build_parser():
+    """The command line, built without running anything (tests/test_docs.py reads its flags)."""
     p = argparse.ArgumentParser(description="Choose layers to remove with a baseline method (same report as search.py).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default=load_weights.DEFAULT, help="checkpoint directory or short name")
@@ -256,6 +256,12 @@ def main(argv=None):
     p.add_argument("--cache-on-cpu", action="store_true", help="keep the teacher's cached states in CPU memory (pinned) while computing on a GPU")
     p.add_argument("--out", type=Path, default=Path("runs/baseline"), help="directory for report.json")
     plan.add_args(p)
+    return p
+
+
+@cli(memory="--nsamples or --seqlen", resume="the finished blocks' scores are kept in --out/scores.json; the same command continues from them")
+def main(argv=None):
+    p = build_parser()
     a = p.parse_args(argv)
     if a.prune_layers is not None and a.prune_ratio is not None:
         p.error("give exactly one of --prune-ratio and --prune-layers")

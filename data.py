@@ -104,13 +104,19 @@ def calibration_batch(ids, nsamples, seqlen, seed=0):
     return torch.stack([ids[s: s + seqlen] for s in starts.tolist()])
 
 
-@cli()
-def main(argv=None):
+def build_parser():
+    """The command line, built without running anything (tests/test_docs.py reads its flags)."""
     p = argparse.ArgumentParser(description="Where the evaluation data is found; --fetch downloads it into "
                                             "$CLP_CACHE/data from pinned public sources (sha256-checked).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--fetch", action="store_true", help="download every missing file now")
     p.add_argument("--dest", type=Path, default=None, help="directory to fetch into; None: $CLP_CACHE/data")
+    return p
+
+
+@cli()
+def main(argv=None):
+    p = build_parser()
     a = p.parse_args(argv)
     if a.fetch:
         ok, failed = fetcher.fetch(a.dest)

@@ -11,10 +11,10 @@ from errors import UserError, check_device
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def add_arguments(p, dtype_flag="--dtype", several=True, offload=True):
-    """The device flags of one CLI; `dtype_flag` names the compute dtype flag where --dtype means something else."""
+def add_arguments(p, several=True, offload=True):
+    """The device flags of one CLI: --device, --dtype (the compute dtype, in every tool), --devices, --offload."""
     p.add_argument("--device", default=None, help="device to compute on (cpu, cuda, cuda:1); None: cuda when visible, else cpu")
-    p.add_argument(dtype_flag, default=None, choices=list(DTYPES), dest="compute_dtype" if dtype_flag != "--dtype" else "dtype",
+    p.add_argument("--dtype", default=None, choices=list(DTYPES),
                    help="dtype of the weights and activations; None: bfloat16 on a GPU, float32 on the CPU")
     if several:
         p.add_argument("--devices", default=None,

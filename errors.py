@@ -1,6 +1,6 @@
 """Errors a user can cause end a CLI with one line naming the file or flag, and exit status 2.
 
-    @cli(memory="--batch-size or --chunk")
+    @cli(memory="--batch-size or --kl-chunk")
     def main(argv=None): ...
 
 What counts as a user error: `UserError`; a ValueError or KeyError raised by this project's own code (the
@@ -145,3 +145,15 @@ def cli(memory="", resume=""):
                 raise SystemExit(EXIT_USAGE) from None
         return run
     return wrap
+
+
+def old_spelling(parser, old, new):
+    """Accept `old`, a flag's former name, as a hidden alias of `new`: users' scripts keep working, while --help
+    and the docs show only `new` (tests/test_docs.py refuses a hidden flag in a documented command)."""
+    import argparse
+
+    action = parser._option_string_actions[new]
+    if not isinstance(action, argparse._StoreAction):
+        raise TypeError(f"{new}: only a flag that takes a value can have an old spelling here")
+    parser.add_argument(old, dest=action.dest, type=action.type, choices=action.choices, nargs=action.nargs,
+                        metavar=action.metavar, default=argparse.SUPPRESS, help=argparse.SUPPRESS)

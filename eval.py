@@ -276,7 +276,8 @@ def run(ckpt, compare=None, teacher=None, ppl=(), ppl_windows=None, tasks=(), li
     return res
 
 
-def parse_args(argv=None):
+def build_parser():
+    """The command line, built without running anything (tests/test_docs.py reads its flags)."""
     import load_weights
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", metavar="CKPT", default=load_weights.DEFAULT, help="checkpoint to evaluate (name or HF-layout directory); the dense side in --compare")
@@ -304,6 +305,11 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", type=Path, default=None, help="data directory; None: $CLP_DATA, then ./data")
     p.add_argument("--json", type=Path, default=None, dest="json_out", metavar="OUT", help="write the results to this JSON file")
     plan.add_args(p)
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     a = p.parse_args(argv)
     a.tasks = task_files.TASKS if a.tasks == "all" else [t for t in (a.tasks or "").split(",") if t]
     unknown = [t for t in a.tasks if t not in task_files.TASKS]

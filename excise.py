@@ -1,7 +1,7 @@
 """Cut layers out of a checkpoint: drop them, renumber the rest, write a smaller HF-layout checkpoint.
 
     python excise.py --ckpt smollm2-135m --layers 17-22 --out runs/smollm2-pruned
-    python excise.py --ckpt smollm2-135m --report runs/clp-20/report.json --out runs/smollm2-pruned
+    python excise.py --ckpt smollm2-135m --search-report runs/clp-20/report.json --out runs/smollm2-pruned
 
 The output loads in our loader and in any HF-compatible tool: config.json with the new
 num_hidden_layers (and per-layer lists such as layer_types trimmed), safetensors in the source's
@@ -22,7 +22,7 @@ import torch
 import atomic
 import load_weights
 import save_weights
-from errors import cli, parses, read_json
+from errors import cli, old_spelling, parses, read_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -146,37 +146,46 @@ def info_from_report(report, path=None):
             "report": str(path) if path else None}
 
 
-def excise(ckpt, out, layers=None, report=None):
-    """Load `ckpt`, remove `layers` (a spec like '17-22') or the block of a search `report`, write `out`."""
+def excise(ckpt, out, layers=None, search_report=None):
+    """Load `ckpt`, remove `layers` (a spec like '17-22', original indices) or the removed_layers of the
+    search.py / baselines.py report.json at `search_report`, write `out`."""
     if str(ckpt).startswith("random:"):
         raise ValueError(f"{ckpt} has random weights: there is nothing to excise (random: is for memory and speed runs)")
     source = load_weights.resolve(ckpt)
     atomic.check_out(out, {"--ckpt": source})
     config = load_weights.read_config_dict(source)
-    if report is None:  # the layer spec needs no weights: check it first
+    if search_report is None:  # the layer spec needs no weights: check it first
         removed, info = parse_layers(layers, load_weights.config_from_dict(config, str(source / "config.json")).num_layers), {}
     # load in the stored dtype: no up-cast copy of a large bf16 checkpoint
     model, _ = load_weights.load(source, dtype=source_dtype(config))
-    if report is not None:
-        removed, rep = layers_from_report(report, model)
-        info = info_from_report(rep, report)
+    if search_report is not None:
+        removed, rep = layers_from_report(search_report, model)
+        info = info_from_report(rep, search_report)
     pruning = write_pruned(model, source, removed, out, info)
     print(f"removed layers {removed} of {model.cfg.num_layers}; wrote {pruning['num_layers']}-layer checkpoint to {out}")
     return pruning
 
 
-@cli()
-def main(argv=None):
+def build_parser():
+    """The command line, built without running anything (tests/test_docs.py reads its flags)."""
     p = argparse.ArgumentParser(description="Remove layers from a checkpoint and write the smaller HF-layout checkpoint.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default=load_weights.DEFAULT, help="checkpoint directory or short name to prune")
     p.add_argument("--layers", default=None, help="layers to remove, original inclusive indices, e.g. 17-22 or 3,5,10-12")
-    p.add_argument("--report", type=Path, default=None, help="a search.py or baselines.py report.json whose removed_layers to cut")
+    p.add_argument("--search-report", type=Path, default=None,
+                   help="a search.py or baselines.py report.json whose removed_layers to cut")
+    old_spelling(p, "--report", "--search-report")
     p.add_argument("--out", type=Path, required=True, help="directory to write the pruned checkpoint to")
+    return p
+
+
+@cli()
+def main(argv=None):
+    p = build_parser()
     a = p.parse_args(argv)
-    if (a.layers is None) == (a.report is None):
-        p.error("give exactly one of --layers and --report")
-    excise(a.ckpt, a.out, layers=a.layers, report=a.report)
+    if (a.layers is None) == (a.search_report is None):
+        p.error("give exactly one of --layers and --search-report")
+    excise(a.ckpt, a.out, layers=a.layers, search_report=a.search_report)
 
 
 if __name__ == "__main__":

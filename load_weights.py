@@ -396,14 +396,20 @@ def hf_state_dict(model):
 
 # ---------------------------------------------------------------- CLI: inspect a checkpoint
 
-@cli(memory="--dtype bfloat16")
-def main(argv=None):
+def build_parser():
+    """The command line, built without running anything (tests/test_docs.py reads its flags)."""
     p = argparse.ArgumentParser(description="Load a checkpoint, print its config and a greedy continuation.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default=DEFAULT, help="checkpoint directory, short name or ORG/NAME repo id")
     p.add_argument("--prompt", default="The capital of France is", help="text to continue greedily")
     p.add_argument("--max-new-tokens", type=int, default=16, help="number of tokens to generate")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype")
+    return p
+
+
+@cli(memory="--dtype bfloat16")
+def main(argv=None):
+    p = build_parser()
     a = p.parse_args(argv)
     model, tok = load(a.ckpt, dtype=getattr(torch, a.dtype))
     print(f"checkpoint: {shown(resolve(a.ckpt))}")

@@ -182,7 +182,7 @@ def plan_search(cfg, b, devices, capacity, offload, nsamples, seqlen, k, gate=Tr
     add(hd, "activations", 4 * T * C * b + forward_bytes(cfg, b, 4 * T), "score")
     forward, backward = L * N, 0
     if gate:
-        work = start_steps(starts, steps, halving)[-1] * batch_size
+        work = start_steps(starts, steps, halving)[-1] * batch_size if steps > 0 else 0
         forward += work * L * (2 if offload else 1)
         backward += work * L
         forward += 3 * (2 * radius + 1) * (L - k) // 2 * N

@@ -93,8 +93,7 @@ def plan_for(task, a, **override):
     a = {**a, **override}
     cfg, path = config(a["ckpt"])
     devices = device_list(a.get("device"), a.get("devices"))
-    # quantize.py's --dtype is the storage dtype; its compute dtype has its own flag (or is the default)
-    dtype = a["compute_dtype"] if "compute_dtype" in a else None if task == "quantize" else a.get("dtype")
+    dtype = a.get("dtype")  # the compute dtype in every tool (quantize.py's stored one is --save-dtype)
     run = (cfg, weight_bytes(dtype, devices), devices, capacity_fn(a.get("device_memory"), devices),
            bool(a.get("offload")))
     p = task_plan(task, a, cfg, path, run)
@@ -112,7 +111,7 @@ def task_plan(task, a, cfg, path, run):
             p = plan_search(*run, a["nsamples"], a["seqlen"], k, gate=False, method=a["method"],
                             cache_on_cpu=bool(a.get("cache_on_cpu")))
         else:
-            p = plan_search(*run, a["nsamples"], a["seqlen"], k, batch_size=a["batch_size"], chunk=a["chunk"],
+            p = plan_search(*run, a["nsamples"], a["seqlen"], k, batch_size=a["batch_size"], chunk=a["kl_chunk"],
                             steps=a["steps"], starts=a["starts"], halving=a["halving"], radius=a["radius"],
                             cache_on_cpu=bool(a.get("cache_on_cpu")))
         if ratio != a.get("prune_ratio"):
@@ -124,9 +123,9 @@ def task_plan(task, a, cfg, path, run):
         teacher = a.get("teacher") or (pruning or {}).get("source")
         if teacher is None:
             raise ValueError("no teacher: the checkpoint has no pruning.json naming its source; give --teacher")
-        tuned = tune.choose_layers(a["layers"], pruning, cfg.num_layers)
+        tuned = tune.choose_layers(a["train_layers"], pruning, cfg.num_layers)
         return plan_tune(cfg, config(teacher)[0], *run[1:], tuned, a["nsamples"], a["val_samples"], a["seqlen"],
-                         a["batch_size"], a["chunk"], a["steps"], a["method"], a["rank"])
+                         a["batch_size"], a["kl_chunk"], a["steps"], a["method"], a["rank"])
     if task == "quantize":
         return plan_gptq(*run, a["nsamples"], min(a["seqlen"], cfg.max_position_embeddings), a["bits"])
     if task == "eval":
@@ -138,7 +137,7 @@ def task_plan(task, a, cfg, path, run):
 # ---------------------------------------------------------------- the CLI hook and the table
 
 def add_args(p):
-    """The plan's own flags; the placement flags it reads (--device, --devices, --dtype or --compute-dtype,
+    """The plan's own flags; the placement flags it reads (--device, --devices, --dtype,
     --offload, --cache-on-cpu) are each CLI's, from devices.add_arguments."""
     g = p.add_argument_group("memory plan")
     g.add_argument("--dry-run", action="store_true",

@@ -1,7 +1,7 @@
 """Pictures from the runs' own JSON: the gate sliding over the layers, the KL landscape, the tuning curves.
 
-    python plots.py --report runs/demo/report.json --tuning runs/demo/tuned/tuning.json --out runs/demo
-    python plots.py --report runs/clp/report.json --exhaustive runs/exhaustive/report.json --out runs/clp
+    python plots.py --search-report runs/demo/report.json --tuning runs/demo/tuned/tuning.json --out runs/demo
+    python plots.py --search-report runs/clp/report.json --exhaustive runs/exhaustive/report.json --out runs/clp
 
 - gate.png: the soft removal mask m_i = 1 - keep_i over layers (x) at every step (y), one panel per start,
   recomputed from the trajectory's mu and tau with gates.py (the report stores no mask).
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import atomic
-from errors import cli, read_json
+from errors import cli, old_spelling, read_json
 from gates import ContiguousGate
 
 HOW = "plots need matplotlib: pip install -r requirements-plots.txt (make demo installs it)"
@@ -142,10 +142,10 @@ def save(plt, fig, path):
         plt.close(fig)
 
 
-def make_plots(out, report=None, exhaustive=None, tuning=()):
+def make_plots(out, search_report=None, exhaustive=None, tuning=()):
     """Write every picture the given JSON files allow into `out`; returns their paths ([] without matplotlib)."""
     # the inputs are read first, so a bad file is an error with or without matplotlib
-    rep = read_json(report, "report") if report else None
+    rep = read_json(search_report, "report") if search_report else None
     exh = read_json(exhaustive, "exhaustive report") if exhaustive else None
     runs = [(str(p), read_json(Path(p) / "tuning.json" if Path(p).is_dir() else p, "tuning file")) for p in tuning]
     plt = pyplot()
@@ -163,19 +163,26 @@ def make_plots(out, report=None, exhaustive=None, tuning=()):
     return written
 
 
-@cli()
-def main(argv=None):
+def build_parser():
+    """The command line, built without running anything (tests/test_docs.py reads its flags)."""
     p = argparse.ArgumentParser(description="Draw the gate, the KL landscape and the tuning curves from the runs' JSON.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--report", default=None, help="report.json of search.py (or of baselines.py)")
+    p.add_argument("--search-report", default=None, help="report.json of search.py (or of baselines.py)")
+    old_spelling(p, "--report", "--search-report")
     p.add_argument("--exhaustive", default=None, help="report.json of baselines.py --method exhaustive")
     p.add_argument("--tuning", nargs="+", default=[], help="tuning.json files (or tuned checkpoint directories)")
-    p.add_argument("--out", type=Path, default=None, help="directory for the PNGs; None: beside --report")
+    p.add_argument("--out", type=Path, default=None, help="directory for the PNGs; None: beside the first JSON given")
+    return p
+
+
+@cli()
+def main(argv=None):
+    p = build_parser()
     a = p.parse_args(argv)
-    if not (a.report or a.exhaustive or a.tuning):
-        p.error("give at least one of --report, --exhaustive, --tuning")
-    out = a.out or Path(a.report or a.exhaustive or a.tuning[0]).parent
-    for path in make_plots(out, a.report, a.exhaustive, a.tuning):
+    if not (a.search_report or a.exhaustive or a.tuning):
+        p.error("give at least one of --search-report, --exhaustive, --tuning")
+    out = a.out or Path(a.search_report or a.exhaustive or a.tuning[0]).parent
+    for path in make_plots(out, a.search_report, a.exhaustive, a.tuning):
         print(f"wrote {path}")
 
 

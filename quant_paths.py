@@ -287,8 +287,8 @@ def prepare(model, path="auto", dtype=torch.float32):
 # ---------------------------------------------------------------- the CUDA check
 
 def check_cuda_kernels(device="cuda", O=256, I=576):
-    """For the GPU check script: each CUDA kernel path against the reference path on a random GPTQ Linear
-    (I = 576 as in SmolLM2: a ragged last group at g128, padding to the kernel tile).
+    """For tests/test_quant_paths.py on a CUDA machine: each CUDA kernel path against the reference path on a
+    random GPTQ Linear (I = 576 as in SmolLM2: a ragged last group at g128, padding to the kernel tile).
 
     Returns [(path, bits, group size, max |error| / max |reference| or None, ok, note)]. The kernels take bf16
     activations, so the bar is 1% of the output scale. Raises RuntimeError when CUDA is missing."""

@@ -24,7 +24,7 @@ import devices
 import placement
 from paths import shown
 from devices import peak_memory
-from errors import check_finite, cli
+from errors import check_finite, cli, old_spelling
 from gptq import Quantized, gptq, proxy_error, rtn
 from latency import model_bytes
 import plan
@@ -243,9 +243,12 @@ def verify_reload(out, results):
 # ---------------------------------------------------------------- driver and CLI
 
 def quantize_checkpoint(ckpt, out, method="gptq", bits=4, group_size=128, sym=False, act_order=False, blocksize=128,
-                        percdamp=0.01, calib="wikitext2", nsamples=128, seqlen=2048, seed=0, dtype="float16",
-                        data_dir=None, report=None, device=None, compute_dtype=None, devices=None, offload=False):
-    """Load `ckpt`, quantize its Linears, write a GPTQ-layout checkpoint to `out` and a JSON report; returns it."""
+                        percdamp=0.01, calib="wikitext2", nsamples=128, seqlen=2048, seed=0, save_dtype="float16",
+                        data_dir=None, json_out=None, device=None, dtype=None, devices=None, offload=False):
+    """Load `ckpt`, quantize its Linears, write a GPTQ-layout checkpoint to `out` and a JSON report; returns it.
+
+    `dtype` is the compute dtype (as in every tool), `save_dtype` the stored dtype of the unquantized tensors,
+    `json_out` the report's path (None: OUT/quantize_report.json)."""
     from load_weights import read_config_dict, resolve
     from save_weights import save_checkpoint
 
@@ -258,10 +261,10 @@ def quantize_checkpoint(ckpt, out, method="gptq", bits=4, group_size=128, sym=Fa
     raw = read_config_dict(src)
     check_flags(raw, bits, group_size, blocksize, percdamp, method, nsamples)
     atomic.check_out(out, {"--ckpt": src})
-    atomic.check_out(report, {"--ckpt": src, "--out": out}, "--report", kind="file")
+    atomic.check_out(json_out, {"--ckpt": src, "--out": out}, "--json", kind="file")
     with torch.device("meta"):  # the Linears' shapes from config.json alone, before the weights load
         check_linears(Transformer(placement.config(src)), group_size)
-    model, tok, devs, _ = placement.load(src, device, compute_dtype, devices, offload)
+    model, tok, devs, _ = placement.load(src, device, dtype, devices, offload)
     ram_dense = model_bytes(model)
     tokens, calib_desc = None, None
     if nsamples > 0:
@@ -284,14 +287,14 @@ def quantize_checkpoint(ckpt, out, method="gptq", bits=4, group_size=128, sym=Fa
     quant_seconds = time.perf_counter() - t0
     peak = peak_memory(devs)
     config = dict(raw, quantization_config=quantization_config(bits, group_size, sym, act_order, percdamp, method),
-                  torch_dtype=dtype)
-    save_checkpoint(out, config, packed_tensors(model, results, bits, DTYPES[dtype]), source_dir=src)
+                  torch_dtype=save_dtype)
+    save_checkpoint(out, config, packed_tensors(model, results, bits, DTYPES[save_dtype]), source_dir=src)
     ram_quant = verify_reload(out, results)
     if work is not None:
         work.remove()
     rep = {"command": "python " + " ".join(sys.argv), "versions": {"python": sys.version.split()[0],
                                                                    "torch": torch.__version__},
-           "seed": seed, "source": str(src), "out": str(out), "settings": settings, "dtype_unquantized": dtype,
+           "seed": seed, "source": str(src), "out": str(out), "settings": settings, "dtype_unquantized": save_dtype,
            "calibration": None if tokens is None else {"text": calib_desc, "nsamples": tokens.shape[0],
                                                        "seqlen": tokens.shape[1], "tokens": tokens.numel()},
            "quantize_seconds": quant_seconds, "wall_seconds": time.perf_counter() - t_start,
@@ -301,7 +304,7 @@ def quantize_checkpoint(ckpt, out, method="gptq", bits=4, group_size=128, sym=Fa
            "proxy_error_total": sum(r["proxy_error"] for r in rows) if rows else None,
            "proxy_error_total_rtn": sum(r["proxy_error_rtn"] for r in rows) if rows else None,
            "layers": rows}
-    write_json(Path(report) if report else Path(out) / "quantize_report.json", rep)
+    write_json(Path(json_out) if json_out else Path(out) / "quantize_report.json", rep)
     b = rep["bytes"]
     print(f"wrote {out}: weights on disk {b['disk_source']:,} -> {b['disk_quantized']:,} bytes, in RAM "
           f"{b['ram_source']:,} -> {b['ram_quantized']:,} bytes; quantization {quant_seconds:,.1f}s")
@@ -310,7 +313,8 @@ def quantize_checkpoint(ckpt, out, method="gptq", bits=4, group_size=128, sym=Fa
 
 
 
-def parse_args(argv=None):
+def build_parser():
+    """The command line, built without running anything (tests/test_docs.py reads its flags)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default="smollm2-135m", help="checkpoint to quantize: directory or short name")
@@ -326,11 +330,21 @@ def parse_args(argv=None):
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows; 0 (rtn only): no data")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")
     p.add_argument("--seed", type=int, default=0, help="seed for drawing the calibration windows")
-    p.add_argument("--dtype", default="float16", choices=list(DTYPES), help="storage dtype of the unquantized tensors")
+    p.add_argument("--save-dtype", default="float16", choices=list(DTYPES),
+                   help="dtype in which the unquantized tensors (embeddings, norms, head) are written (before: --dtype, "
+                        "which now is the compute dtype, as in every tool)")
     p.add_argument("--data-dir", type=Path, default=None, help="data directory; None: $CLP_DATA, then ./data")
-    p.add_argument("--report", type=Path, default=None, help="JSON report path; None: OUT/quantize_report.json")
-    devices.add_arguments(p, dtype_flag="--compute-dtype")
+    p.add_argument("--json", type=Path, default=None, dest="json_out", metavar="OUT",
+                   help="write the JSON report to this file; None: OUT/quantize_report.json")
+    old_spelling(p, "--report", "--json")
+    devices.add_arguments(p)
+    old_spelling(p, "--compute-dtype", "--dtype")
     plan.add_args(p)
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     a = p.parse_args(argv)
     if a.act_order and a.method == "rtn":
         p.error("--act-order only changes GPTQ; RTN has no column order")

@@ -33,7 +33,7 @@ import load_weights
 import placement
 import plan
 from devices import peak_memory
-from errors import UserError, cli
+from errors import UserError, cli, old_spelling
 from atomic import write_json
 from resume import GateState
 from gates import (ContiguousGate, blocks_to_layers, boundary_moves, budget, halving_cuts, initial_centres, layers_to_blocks,
@@ -227,12 +227,15 @@ def span(layers):
 
 
 def search(model, teacher, k, segments=1, starts=4, steps=30, batch_size=1, lr=1.0, tau0=2.0, tau1=0.05,
-           radius=1, halving=True, read_off="visited", merge=True, resize="anywhere", seed=0, chunk=1024, log_every=1, state=None):
-    """The CLP gate search on a cached teacher; returns a dict with the chosen block and how it was found."""
+           radius=1, halving=True, read_off=VARIANTS[VARIANT][0], merge=VARIANTS[VARIANT][1], resize=VARIANTS[VARIANT][2],
+           seed=0, kl_chunk=1024, log_every=1, state=None):
+    """The CLP gate search on a cached teacher; returns a dict with the chosen block and how it was found.
+
+    The defaults are search.py's (the current VARIANT); bench_gate.py passes an older variant's settings."""
     torch.manual_seed(seed)
     gates = make_gates(model.cfg.num_layers, k, segments, starts)
     t0 = time.perf_counter()
-    trajectory, active = train_gates(model, teacher, gates, steps, batch_size, lr, tau0, tau1, seed, chunk,
+    trajectory, active = train_gates(model, teacher, gates, steps, batch_size, lr, tau0, tau1, seed, kl_chunk,
                                      log_every, halving, state)
     t1 = time.perf_counter()
     L = model.cfg.num_layers
@@ -251,7 +254,7 @@ def check_settings(k, **settings):
     """Clear errors, naming the flag, for search settings that cannot work; `settings` as search() takes them."""
     s = {name: p.default for name, p in inspect.signature(search).parameters.items()
          if p.default is not inspect.Parameter.empty} | settings
-    at_least_one = ("starts", "steps", "batch_size", "nsamples", "seqlen", "chunk")
+    at_least_one = ("starts", "steps", "batch_size", "nsamples", "seqlen", "kl_chunk")
     for name in at_least_one:
         if name in s and s[name] < 1:
             raise UserError(f"--{name.replace('_', '-')} {s[name]} must be at least 1")
@@ -339,9 +342,8 @@ def run(ckpt, out, prune_layers=None, prune_ratio=None, calib="wikitext2", nsamp
     return report
 
 
-@cli(memory="--nsamples, --seqlen or --chunk",
-     resume="a run with --save-every N kept its state every N steps in --out; the same command with --resume continues it")
-def main(argv=None):
+def build_parser():
+    """The command line, built without running anything (tests/test_docs.py reads its flags)."""
     p = argparse.ArgumentParser(description="Find the contiguous block of layers to remove with the CLP gate.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default=load_weights.DEFAULT, help="checkpoint directory or short name")
@@ -358,7 +360,7 @@ def main(argv=None):
     p.add_argument("--tau0", type=float, default=2.0, help="initial gate temperature, in layers")
     p.add_argument("--tau1", type=float, default=0.05, help="final gate temperature, in layers")
     p.add_argument("--radius", type=int, default=1, help="neighbours of each read-off scored exactly, in layers")
-    p.add_argument("--read-off", default="visited", choices=sorted({v[0] for v in VARIANTS.values()}),
+    p.add_argument("--read-off", default=VARIANTS[VARIANT][0], choices=sorted({v[0] for v in VARIANTS.values()}),
                    help="exact read-off from the surviving starts' blocks, or also from every block a start visited")
     p.add_argument("--second-walk", dest="resize", default=VARIANTS[VARIANT][2] or "none",
                    choices=["none", *WALKS],
@@ -369,7 +371,8 @@ def main(argv=None):
     p.add_argument("--halving", action=argparse.BooleanOptionalAction, default=True,
                    help="after each third of the steps, stop the worse half of the starts")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows and minibatch order")
-    p.add_argument("--chunk", type=int, default=1024, help="tokens per chunk of the KL (bounds the tokens x vocab memory)")
+    p.add_argument("--kl-chunk", type=int, default=1024, help="tokens per chunk of the KL (bounds the tokens x vocab memory)")
+    old_spelling(p, "--chunk", "--kl-chunk")
     p.add_argument("--log-every", type=int, default=1, help="print the gate every this many steps")
     devices.add_arguments(p)
     p.add_argument("--cache-on-cpu", action="store_true", help="keep the teacher's cached states in CPU memory (pinned) while computing on a GPU")
@@ -379,6 +382,13 @@ def main(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from the state a run with --save-every left in --out")
     plan.add_args(p)
     p.add_argument("--plot", action="store_true", help="also draw gate.png and landscape.png into --out (plots.py)")
+    return p
+
+
+@cli(memory="--nsamples, --seqlen or --kl-chunk",
+     resume="a run with --save-every N kept its state every N steps in --out; the same command with --resume continues it")
+def main(argv=None):
+    p = build_parser()
     a = p.parse_args(argv)
     if a.prune_layers is not None and a.prune_ratio is not None:
         p.error("give exactly one of --prune-ratio and --prune-layers")
@@ -392,7 +402,7 @@ def main(argv=None):
     run(**kwargs)
     if plot:
         import plots  # matplotlib only when asked for
-        for path in plots.make_plots(a.out, report=a.out / "report.json"):
+        for path in plots.make_plots(a.out, search_report=a.out / "report.json"):
             print(f"wrote {path}")
 
 

@@ -1,8 +1,8 @@
 """Cutoff endpoint tuning: repair a pruned model by training only the layers at the two ends of the cut.
 
     python tune.py --ckpt runs/demo/pruned --out runs/demo/tuned
-    python tune.py --ckpt runs/demo/pruned --layers 19,20 --out runs/tune-last2        # other layers, same budget
-    python tune.py --ckpt runs/demo/pruned --method lora --layers all --out runs/tune-lora
+    python tune.py --ckpt runs/demo/pruned --train-layers 19,20 --out runs/tune-last2   # other layers, same budget
+    python tune.py --ckpt runs/demo/pruned --method lora --train-layers all --out runs/tune-lora
 
 Our recipe (the paper publishes none; docs/design.md): the teacher is the dense model the checkpoint was cut
 from (its pruning.json names it). The student is the pruned model with every weight frozen except the
@@ -11,7 +11,7 @@ one cut of layers s..e of the source, the pruned model's layers s-1 and s). The 
 KL(p_teacher || p_student) over calibration tokens, as in the search; AdamW with a cosine schedule and
 gradient clipping. Nothing below the first tuned layer changes, so its output is computed once and
 cached, and each step runs only the layers from there up. The comparison variants use the same loop:
-other layers (--layers 19,20 or all) and LoRA adapters (--method lora), merged into the weights at the end.
+other layers (--train-layers 19,20 or all; pruned-model indices) and LoRA adapters (--method lora), merged into the weights at the end.
 The output is a plain HF-layout checkpoint: pruning.json is carried over and tuning.json added.
 """
 import argparse
@@ -35,7 +35,7 @@ import placement
 import plan
 import save_weights
 from devices import peak_memory
-from errors import cli, read_json
+from errors import cli, old_spelling, read_json
 from model import LINEARS
 from teacher import calibration_tokens, eta, kl_backward, kl_sum
 
@@ -47,8 +47,8 @@ def choose_layers(spec, pruning, num_layers):
     """'endpoints', 'all' or an index spec like '19,20' / '3-5' (pruned-model indices) -> sorted list."""
     if spec == "endpoints":
         if pruning is None:
-            raise ValueError("--layers endpoints needs the checkpoint's pruning.json to know where the cut is; "
-                             "name the layers instead, e.g. --layers 11,12")
+            raise ValueError("--train-layers endpoints needs the checkpoint's pruning.json to know where the cut is; "
+                             "name the layers instead, e.g. --train-layers 11,12")
         return endpoints(pruning["kept_layers"], pruning["source_num_layers"])
     if spec == "all":
         return list(range(num_layers))
@@ -214,9 +214,9 @@ def tuned_parameters(model, layers, method, rank, alpha):
     return [p for j in layers for n, p in model.layers[j].named_parameters() if n.endswith((".A", ".B"))]
 
 
-def tune(ckpt, out, teacher=None, layers="endpoints", method="full", steps=100, lr=1e-3, batch_size=4,
+def tune(ckpt, out, teacher=None, train_layers="endpoints", method="full", steps=100, lr=1e-3, batch_size=4,
          nsamples=64, val_samples=8, seqlen=256, calib="wikitext2", seed=0, rank=8, alpha=16.0, warmup=5,
-         clip=1.0, chunk=1024, device=None, dtype=None, devices=None, log_every=10):
+         clip=1.0, kl_chunk=1024, device=None, dtype=None, devices=None, log_every=10):
     """tune.py as a function: load, cache teacher and frozen prefix, train the chosen layers, write `out`."""
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
     refuse_random(ckpt, "checkpoint")
@@ -229,7 +229,7 @@ def tune(ckpt, out, teacher=None, layers="endpoints", method="full", steps=100, 
         raise ValueError(f"{source} is quantized: tune the pruned checkpoint first, then quantize it")
     pruning = read_pruning(source)
     # the layers, the teacher and the output, before anything loads
-    chosen = choose_layers(layers, pruning, placement.config(source).num_layers)
+    chosen = choose_layers(train_layers, pruning, placement.config(source).num_layers)
     dense = teacher or (pruning or {}).get("source")
     if dense is not None:
         refuse_random(dense, "teacher")
@@ -239,7 +239,7 @@ def tune(ckpt, out, teacher=None, layers="endpoints", method="full", steps=100, 
     train_t, val_t, desc = split_text_tokens(tokenizer, calib, nsamples, val_samples, seqlen, seed, model.cfg.vocab_size)
     head, teacher_name, (teacher_h, val_teacher_h) = teacher_cache(teacher, pruning, model, (train_t, val_t), place)
     prefix, val_prefix = (frozen_prefix(model, t, chosen[0]) for t in (train_t, val_t))
-    kl_before = mean_kl(model, val_prefix, head, val_teacher_h, chosen[0], batch_size, chunk)
+    kl_before = mean_kl(model, val_prefix, head, val_teacher_h, chosen[0], batch_size, kl_chunk)
     t1 = time.perf_counter()
     print(f"tuning pruned layers {chosen} ({method}) of {model.cfg.num_layers} against {paths.shown(teacher_name)}; "
           f"{train_t.numel():,} tokens ({desc}); held-out KL before {kl_before:.4f}  [setup {t1 - t0:.0f} s]")
@@ -247,14 +247,14 @@ def tune(ckpt, out, teacher=None, layers="endpoints", method="full", steps=100, 
     params = tuned_parameters(model, chosen, method, rank, alpha)
     print(f"trainable parameters: {sum(p.numel() for p in params):,}")
     losses = train(model, params, prefix, head, teacher_h, chosen[0], steps, batch_size, lr, warmup, clip, seed,
-                   chunk, log_every)
+                   kl_chunk, log_every)
     if method == "lora":
         swap_linears(model, chosen, LoRALinear.merged)
     model.requires_grad_(False)
-    kl_after = mean_kl(model, val_prefix, head, val_teacher_h, chosen[0], batch_size, chunk)
+    kl_after = mean_kl(model, val_prefix, head, val_teacher_h, chosen[0], batch_size, kl_chunk)
     t2 = time.perf_counter()
     print(f"held-out KL {kl_before:.4f} -> {kl_after:.4f}  ({t2 - t1:.0f} s of tuning)")
-    report = {"method": method, "layers": layers, "tuned_layers": chosen,
+    report = {"method": method, "layers": train_layers, "tuned_layers": chosen,
               "tuned_source_layers": [pruning["kept_layers"][j] for j in chosen] if pruning else None,
               "teacher": str(teacher_name), "calibration": desc, "lr": lr, "settings": settings,
               "trainable_parameters": sum(p.numel() for p in params),
@@ -294,16 +294,18 @@ def write_tuned(model, source, out, report):
     save_weights.save_checkpoint(out, config, tensors, source_dir=source, extra_files=extra)
 
 
-@cli(memory="--batch-size, --chunk or --nsamples")
-def main(argv=None):
+def build_parser():
+    """The command line, built without running anything (tests/test_docs.py reads its flags)."""
     p = argparse.ArgumentParser(description="Repair a pruned checkpoint by tuning the layers at the ends of the cut "
                                             "against its dense source (KL distillation).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", required=True, help="pruned checkpoint directory (from excise.py or search.py --excise)")
     p.add_argument("--out", type=Path, required=True, help="directory to write the tuned checkpoint to")
     p.add_argument("--teacher", default=None, help="dense checkpoint to distil from; None: the source named in pruning.json")
-    p.add_argument("--layers", default="endpoints",
-                   help="layers to tune: endpoints (next to the cut), all, or pruned-model indices like 19,20 or 0-3")
+    p.add_argument("--train-layers", default="endpoints",
+                   help="layers to tune: endpoints (next to the cut), all, or the pruned model's indices like 19,20 "
+                        "or 0-3 (not the source's, which excise.py --layers takes)")
+    old_spelling(p, "--layers", "--train-layers")
     p.add_argument("--method", choices=["full", "lora"], default="full", help="train the layers' weights, or LoRA adapters merged at the end")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (after warm-up; cosine decay to zero)")
@@ -317,10 +319,17 @@ def main(argv=None):
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA scale numerator: updates are alpha/rank * B A")
     p.add_argument("--warmup", type=int, default=5, help="linear warm-up steps before the cosine decay")
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
-    p.add_argument("--chunk", type=int, default=1024, help="tokens per chunk of the KL (bounds the tokens x vocab memory)")
+    p.add_argument("--kl-chunk", type=int, default=1024, help="tokens per chunk of the KL (bounds the tokens x vocab memory)")
+    old_spelling(p, "--chunk", "--kl-chunk")
     devices.add_arguments(p, offload=False)
     p.add_argument("--log-every", type=int, default=10, help="print the mean loss every this many steps")
     plan.add_args(p)
+    return p
+
+
+@cli(memory="--batch-size, --kl-chunk or --nsamples")
+def main(argv=None):
+    p = build_parser()
     a = p.parse_args(argv)
     plan.check(a, "tune")
     tune(**vars(a))

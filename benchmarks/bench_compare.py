@@ -70,7 +70,8 @@ def run_all(b):
                 write_outputs(b, picture=False)
 
 
-def parse_args(argv=None):
+def build_parser():
+    """The command line, built without running anything (tests/test_docs.py reads its flags)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default=load_weights.DEFAULT, help="dense checkpoint to prune")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4], help="pruning ratios, k = round(ratio * L)")
@@ -98,6 +99,11 @@ def parse_args(argv=None):
     p.add_argument("--full-ppl", action="store_true", help="measure only perplexity on the whole WikiText-2 test set, for the "
                    "--methods, --ratios and --stages given (the headline rows; a repair is tuned again if its checkpoint is gone)")
     p.add_argument("--write-only", action="store_true", help="run nothing: rewrite the section and the picture from stored cells")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     a = p.parse_args(argv)
     a.methods, a.stages = a.methods.split(","), a.stages.split(",")
     bad = [m for m in a.methods if m not in METHODS and not m.startswith("random-")] + \

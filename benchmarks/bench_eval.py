@@ -118,6 +118,17 @@ def section(ppl, tasks, lat, full, cmds):
     ])
 
 
+def build_parser():
+    """The command line, built without running anything (tests/test_docs.py reads its flags)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--limit", type=int, default=500, help="zero-shot items per task (the first N)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads for every command")
+    p.add_argument("--data-dir", type=Path, default=None, help="data directory; None: $CLP_DATA, then ./data, then the fetched cache")
+    p.add_argument("--out", type=Path, default=Path("runs/eval-dense"), help="directory for the JSON results, relative to the repository")
+    p.add_argument("--reuse", action="store_true", help="reuse a JSON result whose command line is unchanged")
+    return p
+
+
 def main(limit, threads, data_dir, out, reuse):
     (ROOT / out).mkdir(parents=True, exist_ok=True)
     res, cmds = {}, {}
@@ -129,10 +140,5 @@ def main(limit, threads, data_dir, out, reuse):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--limit", type=int, default=500, help="zero-shot items per task (the first N)")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads for every command")
-    p.add_argument("--data-dir", type=Path, default=None, help="data directory; None: $CLP_DATA, then ./data, then the fetched cache")
-    p.add_argument("--out", type=Path, default=Path("runs/eval-dense"), help="directory for the JSON results, relative to the repository")
-    p.add_argument("--reuse", action="store_true", help="reuse a JSON result whose command line is unchanged")
+    p = build_parser()
     main(**vars(p.parse_args()))

@@ -186,7 +186,8 @@ def section(res, a, L):
     return lines
 
 
-def main(argv=None):
+def build_parser():
+    """The command line, built without running anything (tests/test_docs.py reads its flags)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default=load_weights.DEFAULT, help="checkpoint to prune")
     p.add_argument("--budgets", default="3,6,9,12,15", help="comma-separated numbers of layers to remove")
@@ -201,6 +202,11 @@ def main(argv=None):
     p.add_argument("--results", type=Path, default=RESULTS, help="JSON of finished cells (resumed, never recomputed)")
     p.add_argument("--work", type=Path, default=Path("runs/bench_gate"), help="an unfinished oracle's scored placements")
     p.add_argument("--write-only", action="store_true", help="run nothing: rewrite the section from the stored cells")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     a = p.parse_args(argv)
     res = load_cells(a.results)
     model, tok = load_weights.load(a.ckpt)

@@ -260,7 +260,8 @@ def markdown(rows, ppl, a):
     return "\n".join(lines)
 
 
-def main(argv=None):
+def build_parser():
+    """The command line, built without running anything (tests/test_docs.py reads its flags)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default="smollm2-135m", help="dense checkpoint")
     p.add_argument("--prune-layers", default="18-26", help="block removed (excise.py) to make the pruned model")
@@ -284,6 +285,11 @@ def main(argv=None):
     p.add_argument("--title", default="Quantization: GPTQ vs round-to-nearest (quantize.py)", help="heading of the section")
     p.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     p.add_argument("--cached-only", action="store_true", help="write the section from the finished runs in the cache only")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     a = p.parse_args(argv)
     if a.pruned and a.prune_layers != p.get_default("prune_layers"):
         p.error("give either --pruned or --prune-layers, not both")

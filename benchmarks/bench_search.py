@@ -93,7 +93,8 @@ def seed_rows(model, tok, a):
     return head + rows
 
 
-def main():
+def build_parser():
+    """The command line, built without running anything (tests/test_docs.py reads its flags)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default=load_weights.DEFAULT, help="checkpoint to prune")
     p.add_argument("--budgets", default="6,9", help="comma-separated numbers of layers to remove")
@@ -103,6 +104,11 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="calibration seed")
     p.add_argument("--seeds", default=None, help="instead: gate vs exhaustive only (no perplexity) for these seeds, "
                                                   "written to the section search-seeds")
+    return p
+
+
+def main():
+    p = build_parser()
     a = p.parse_args()
     model, tok = load_weights.load(a.ckpt)
     if a.seeds:

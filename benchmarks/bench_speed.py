@@ -201,7 +201,8 @@ def markdown(rows, res, bw, ppl, key, desc, a, loads, wall):
     return "\n".join(lines)
 
 
-def main(argv=None):
+def build_parser():
+    """The command line, built without running anything (tests/test_docs.py reads its flags)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default="smollm2-135m", help="dense checkpoint")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads for every model")
@@ -216,6 +217,11 @@ def main(argv=None):
     p.add_argument("--data-dir", type=Path, default=None, help="data directory; None: $CLP_DATA, then ./data")
     p.add_argument("--work", type=Path, default=Path("runs/bench_speed"), help="checkpoints and caches")
     p.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     a = p.parse_args(argv)
     a.quant_paths = a.quant_paths.split(",")
     torch.set_num_threads(a.threads)

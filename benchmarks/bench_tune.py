@@ -25,7 +25,7 @@ from eval import text_metrics  # noqa: E402
 from zeroshot import run_task  # noqa: E402
 from atomic import write_json  # noqa: E402
 
-# (label, --layers, --method); every variant gets the same steps, data and seed
+# (label, --train-layers, --method); every variant gets the same steps, data and seed
 VARIANTS = [
     ("endpoints (CLP)", "endpoints", "full"),
     ("two layers below the cut", "below", "full"),
@@ -50,7 +50,8 @@ def measure(ckpt, dense, ppl, a):
     return row
 
 
-def main(argv=None):
+def build_parser():
+    """The command line, built without running anything (tests/test_docs.py reads its flags)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default=load_weights.DEFAULT, help="dense checkpoint")
     p.add_argument("--prune-layers", default="12-20", help="block to cut (source indices); 12-20 is the 30%% optimum of smollm2-135m")
@@ -66,6 +67,11 @@ def main(argv=None):
     p.add_argument("--lock", default=None, help="a lock file to hold during each heavy step (shared machines)")
     p.add_argument("--fresh", action="store_true", help="ignore cached rows")
     p.add_argument("--write-only", action="store_true", help="run nothing: write the section from the cached rows (missing rows say 'not run')")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     a = p.parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)
     cache = a.work / "results.json"
@@ -107,12 +113,12 @@ def main(argv=None):
 def tune_run(pruned, spec, method, lr, a):
     """One tune.py run; its checkpoint stays in --work for the one that wins the held-out KL."""
     out = a.work / f"tuned-{spec.replace(',', '_')}-{method}-lr{lr:g}"
-    rep = tune.tune(pruned, out, layers=spec, method=method, steps=a.steps, lr=lr, batch_size=a.batch_size,
+    rep = tune.tune(pruned, out, train_layers=spec, method=method, steps=a.steps, lr=lr, batch_size=a.batch_size,
                     nsamples=a.nsamples, log_every=25)
     return {"tuned_layers": rep["tuned_layers"], "source_layers": rep["tuned_source_layers"], "out": str(out),
             "trainable": rep["trainable_parameters"], "lr": lr, "heldout_kl": rep["heldout_kl"],
             "seconds": rep["wall_time_s"]["tuning"],
-            "command": f"python tune.py --ckpt {pruned} --layers {spec} --method {method} --steps {a.steps} "
+            "command": f"python tune.py --ckpt {pruned} --train-layers {spec} --method {method} --steps {a.steps} "
                        f"--lr {lr:g} --batch-size {a.batch_size} --nsamples {a.nsamples} --out {out}"}
 
 

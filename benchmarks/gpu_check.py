@@ -1,6 +1,6 @@
 """One prepared check for a machine with one GPU and nothing to download (at most about 8 minutes).
 
-    python benchmarks/gpu_check.py            # one GPU: rewrites the "gpu-check" section of BENCHMARKS.md
+    python benchmarks/gpu_check.py            # one GPU: writes (the first time, appends) the "gpu-check" section of BENCHMARKS.md
     python benchmarks/gpu_check.py --smoke    # tiny sizes on the CPU: only checks that the script runs
 
 It uses only what travels with the repository: the tiny fixtures (tests/fixtures) and
@@ -161,7 +161,7 @@ def search_memory(s, device):
     step = (time.perf_counter() - t1) / s["gate_steps"]
     cache = sum(h.numel() * h.element_size() for h in teacher.hidden)
     plan = planned("search", ckpt=f"random:{s['search_model']}", device=str(device), nsamples=n, seqlen=T, prune_layers=k,
-                   batch_size=1, chunk=1024, steps=s["gate_steps"], starts=1, halving=False, radius=0)
+                   batch_size=1, kl_chunk=1024, steps=s["gate_steps"], starts=1, halving=False, radius=0)
     rows = [f"| gate search, teacher pass ({n} x {T} tokens) | {gib(peak_t)} | | cache {gib(cache)}, {t1 - t0:.1f} s |",
             f"| gate search, {s['gate_steps']} gate steps (batch 1, k = {k}) | {gib(peak_s)} | {plan} | "
             f"{step:.2f} s/step |"]
@@ -242,12 +242,18 @@ def report(smoke, device):
     return "\n".join(out)
 
 
-def main(argv=None):
+def build_parser():
+    """The command line, built without running anything (tests/test_docs.py reads its flags)."""
     p = argparse.ArgumentParser(description="One prepared GPU check: fixture logits in bf16, latency dense vs pruned, "
                                             "peak memory of search and GPTQ, an offloaded 70B teacher pass.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: check that the script runs, write nothing")
     p.add_argument("--device", default="cuda", help="the GPU to check (ignored with --smoke)")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     a = p.parse_args(argv)
     device = torch.device("cpu") if a.smoke else torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -19,7 +19,7 @@ def runs(tmp_path_factory):
     small = dict(prune_layers=2, nsamples=2, seqlen=16)
     search.run(src, tmp / "search", steps=6, starts=2, log_every=100, **small)
     baselines.run(src, "exhaustive", tmp / "exhaustive", **small)
-    excise.excise(src, tmp / "pruned", report=tmp / "search" / "report.json")
+    excise.excise(src, tmp / "pruned", search_report=tmp / "search" / "report.json")
     tune.tune(tmp / "pruned", tmp / "tuned", steps=4, batch_size=1, nsamples=2, val_samples=1, seqlen=16, log_every=100)
     return tmp
 
@@ -46,7 +46,7 @@ def test_block_kls_of_both_report_kinds(runs):
 
 def test_pictures_are_written(runs, capsys):
     pytest.importorskip("matplotlib")
-    plots.main(["--report", str(runs / "search" / "report.json"), "--exhaustive", str(runs / "exhaustive" / "report.json"),
+    plots.main(["--search-report", str(runs / "search" / "report.json"), "--exhaustive", str(runs / "exhaustive" / "report.json"),
                 "--tuning", str(runs / "tuned"), "--out", str(runs / "pics")])
     for name in ("gate.png", "landscape.png", "tuning.png"):
         png = (runs / "pics" / name).read_bytes()
@@ -56,14 +56,14 @@ def test_pictures_are_written(runs, capsys):
 
 def test_without_matplotlib_one_line_and_a_clean_exit(runs, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
-    assert plots.main(["--report", str(runs / "search" / "report.json"), "--out", str(runs / "none")]) is None
+    assert plots.main(["--search-report", str(runs / "search" / "report.json"), "--out", str(runs / "none")]) is None
     assert capsys.readouterr().out.strip() == plots.HOW
     assert not (runs / "none").exists()
 
 
 def test_bad_input_is_one_clear_error(runs, capsys):
     with pytest.raises(SystemExit):
-        plots.main(["--report", str(runs / "missing.json")])
+        plots.main(["--search-report", str(runs / "missing.json")])
     err = capsys.readouterr().err.strip()
     assert err.startswith("plots.py: error:") and "missing.json" in err and len(err.splitlines()) == 1
     with pytest.raises(ValueError, match="trajectory"):

@@ -66,8 +66,8 @@ def test_int8_kernel_form_with_zero_point_correction_equals_the_dequantize_path(
     check(q, "int8-kernel", torch.randn(4, 96, generator=torch.Generator().manual_seed(3)))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA here: the int4/int8 CUDA kernels are checked by "
-                    "the GPU check script through quant_paths.check_cuda_kernels()")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA here: this test checks the int4/int8 CUDA kernels "
+                    "(quant_paths.check_cuda_kernels()) on a machine with CUDA")
 def test_cuda_kernels_equal_the_dequantize_path():
     for path, bits, gs, err, ok, note in quant_paths.check_cuda_kernels():
         assert ok, f"{path} {bits}-bit g{gs}: relative error {err}, {note}"

@@ -75,7 +75,7 @@ def rows():
     # the commonest of them through every other CLI
     # (flags valid for a checkpoint of no pruning.json, and a quantizer's packable one: they are checked first)
     for cli in ["eval.py", "search.py", "baselines.py", "excise.py", "tune.py", "quantize.py"]:
-        argv = BASE[cli] + (" --layers 0" if cli == "tune.py" else "")
+        argv = BASE[cli] + (" --train-layers 0" if cli == "tune.py" else "")
         out += [Row(cli, "config_bad_json", BASE[cli], "is not valid JSON (line 1", "config.json"),
                 Row(cli, "packable_truncated" if cli == "quantize.py" else "st_truncated", argv,
                     "not a readable safetensors file", "model.safetensors")]
@@ -91,8 +91,8 @@ def rows():
         Row("tune.py", "pruned", BASE["tune.py"] + " --out {ckpt}", "is the directory of --ckpt", "--out"),
         Row("tune.py", "pruned", BASE["tune.py"] + " --out {tmp}/dense", "is the directory of --teacher", "--out"),
         Row("quantize.py", "packable", BASE["quantize.py"] + " --out {ckpt}", "is the directory of --ckpt", "--out"),
-        Row("quantize.py", "packable", BASE["quantize.py"] + " --report {ckpt}/config.json",
-            "lies inside the directory of --ckpt", "--report"),
+        Row("quantize.py", "packable", BASE["quantize.py"] + " --json {ckpt}/config.json",
+            "lies inside the directory of --ckpt", "--json"),
         Row("eval.py", "tiny", BASE["eval.py"] + " --json {ckpt}/result.json", "lies inside the directory of --ckpt", "--json"),
         Row("excise.py", "a_file", "--ckpt {ckpt} --layers 2-3 --out {out}", "is a file, not a checkpoint directory", "model.safetensors"),
     ]
@@ -109,10 +109,10 @@ def rows():
         Row("search.py", "tiny", BASE["search.py"] + " --calib {ckpt}/model.safetensors", "is not UTF-8 text", "model.safetensors"),
         Row("search.py", "huge", BASE["search.py"], "the gate loss of start 0 became nan at step 1: nothing was written", "gate loss"),
         Row("search.py", "tiny", BASE["search.py"], "out of memory (CUDA out of memory. Tried to allocate 20.00 GiB); try a smaller", "--nsamples", "search.make_teacher"),
-        Row("excise.py", "report_bad_json", "--ckpt {ckpt} --report {tmp}/report.json --out {out}", "is not valid JSON (line 1", "report.json"),
-        Row("excise.py", "report_no_layers", "--ckpt {ckpt} --report {tmp}/report.json --out {out}", "has no 'removed_layers'", "report.json"),
-        Row("excise.py", "report_bad_layers", "--ckpt {ckpt} --report {tmp}/report.json --out {out}", "removed_layers must be a list of layer indices", "report.json"),
-        Row("excise.py", "report_other_model", "--ckpt {ckpt} --report {tmp}/report.json --out {out}", "was made on another model", "report.json"),
+        Row("excise.py", "report_bad_json", "--ckpt {ckpt} --search-report {tmp}/report.json --out {out}", "is not valid JSON (line 1", "report.json"),
+        Row("excise.py", "report_no_layers", "--ckpt {ckpt} --search-report {tmp}/report.json --out {out}", "has no 'removed_layers'", "report.json"),
+        Row("excise.py", "report_bad_layers", "--ckpt {ckpt} --search-report {tmp}/report.json --out {out}", "removed_layers must be a list of layer indices", "report.json"),
+        Row("excise.py", "report_other_model", "--ckpt {ckpt} --search-report {tmp}/report.json --out {out}", "was made on another model", "report.json"),
         Row("excise.py", "tiny", "--ckpt {ckpt} --layers 2-x --out {out}", "cannot read layer spec", "2-x"),
         Row("excise.py", "tiny", "--ckpt {ckpt} --layers 0-5 --out {out}", "need at least one removed and one kept", "6 of 6"),
         Row("excise.py", "tiny", "--ckpt {ckpt} --layers 2-3 --out {plain}", "is a non-empty directory that is not a checkpoint: refusing", "plain"),
@@ -123,7 +123,7 @@ def rows():
         Row("tune.py", "pruned_huge", BASE["tune.py"], "the loss became nan at step 1: nothing was written", "--lr"),
         Row("tune.py", "pruned", BASE["tune.py"] + " --device cuda:99", "--device cuda:99", "--device"),
         Row("tune.py", "pruned", BASE["tune.py"] + " --device gpu", "--device 'gpu' is not a device", "--device"),
-        Row("tune.py", "pruned", BASE["tune.py"] + " --layers 9", "unknown layer(s) [9]", "[9]"),
+        Row("tune.py", "pruned", BASE["tune.py"] + " --train-layers 9", "unknown layer(s) [9]", "[9]"),
         Row("tune.py", "pruned", BASE["tune.py"], "out of memory (CUDA out of memory. Tried to allocate 20.00 GiB); try a smaller", "--batch-size", "tune.teacher_cache"),
         Row("quantize.py", "tiny", BASE["quantize.py"], "out_features = 176 is not a multiple of 32", "layers.0.mlp.gate_proj"),
         Row("quantize.py", "packable", BASE["quantize.py"] + " --group-size 0", "--group-size 0: use -1", "--group-size"),
