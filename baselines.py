@@ -42,7 +42,7 @@ from devices import peak_memory
 from errors import cli
 from atomic import write_json
 from resume import Scores
-from search import check_settings, make_teacher, random_note, span
+from search import check_settings, make_teacher, span
 from model import follow
 from teacher import eta, log_probs, removed_kl, token_kl
 
@@ -236,7 +236,7 @@ def run(ckpt, method, out, prune_layers=None, prune_ratio=None, calib="wikitext2
               "command": " ".join(["python"] + sys.argv),
               "versions": {"python": platform.python_version(), "torch": torch.__version__}}
     report["peak_memory_bytes"] = peak_memory(devs)
-    write_json(Path(out) / "report.json", random_note(ckpt, report))
+    write_json(Path(out) / "report.json", placement.mark_random(report, ckpt))
     return report
 
 

@@ -35,20 +35,26 @@ def parse_device(name):
     return dev
 
 
+def names(device=None, devices=None):
+    """The device names the flags ask for: --devices (a comma list, or auto = every visible GPU), else --device,
+    else cuda when visible, else cpu. Not checked against this machine: the memory plan may be for another."""
+    if devices == "auto":
+        if not torch.cuda.is_available():
+            raise UserError("--devices auto: CUDA is not available on this machine; use --device cpu")
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if devices is not None:
+        listed = [d.strip() for d in devices.split(",") if d.strip()]
+        if not listed:
+            raise UserError(f"--devices {devices!r} names no device")
+        return listed
+    return [device or ("cuda" if torch.cuda.is_available() else "cpu")]
+
+
 def resolve(device=None, dtype=None, devices=None, offload=False):
     """(list of devices, dtype) from the flags; one device unless --devices names several."""
     if devices is not None and device is not None:
         raise UserError("give --device or --devices, not both")
-    if devices == "auto":
-        if not torch.cuda.is_available():
-            raise UserError("--devices auto: CUDA is not available on this machine; use --device cpu")
-        devs = [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
-    elif devices is not None:
-        devs = [parse_device(d.strip()) for d in devices.split(",") if d.strip()]
-        if not devs:
-            raise UserError(f"--devices {devices!r} names no device")
-    else:
-        devs = [parse_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))]
+    devs = [parse_device(d) for d in names(device, devices)]
     if offload and len(devs) > 1:
         raise UserError("--offload streams layers to one device: give one --device, not several --devices")
     if dtype is None:

@@ -31,12 +31,14 @@ import torch.nn.functional as F
 
 import devices
 import latency as lat
+import load_weights
+import placement
 import plan
 import quant_paths
 import tasks as task_files
+from atomic import write_json
 from data import eval_windows, find_data_dir, load_text
 from errors import cli
-from atomic import write_json
 from zeroshot import Progress, run_task
 
 
@@ -210,8 +212,6 @@ def print_table(res, dense=None, cmp=None):
 
 
 def load_model(ckpt, place, decode=False):
-    import load_weights  # imported here so that tests of the measuring code need no checkpoint
-    import placement
     print(f"loading {ckpt}")
     model, tok, devs, dt = placement.load(ckpt, **place)
     if decode and not place["offload"]:
@@ -267,8 +267,7 @@ def run(ckpt, compare=None, teacher=None, ppl=(), ppl_windows=None, tasks=(), li
         new_tokens=new_tokens, dtype=dtype, device=device, devices=devices, offload=offload,
         threads=torch.get_num_threads(), seed=0, torch=torch.__version__, python=platform.python_version(),
         wall_s=round(time.perf_counter() - t0, 1))
-    if any(str(c).startswith("random:") for c in (ckpt, compare, teacher) if c):
-        res["random_weights"] = "seeded random weights: the speed and memory figures hold, no quality figure means anything"
+    if placement.mark_random(res, ckpt, compare, teacher).get("random_weights"):
         print(f"note: {res['random_weights']}")
     if json_out:
         write_json(json_out, res)
@@ -278,7 +277,6 @@ def run(ckpt, compare=None, teacher=None, ppl=(), ppl_windows=None, tasks=(), li
 
 def build_parser():
     """The command line, built without running anything (tests/test_docs.py reads its flags)."""
-    import load_weights
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", metavar="CKPT", default=load_weights.DEFAULT, help="checkpoint to evaluate (name or HF-layout directory); the dense side in --compare")
     p.add_argument("--compare", metavar="PRUNED", default=None, help="pruned checkpoint: evaluate both, KL of it to --ckpt, one dense-vs-pruned table")

@@ -21,10 +21,11 @@ import torch
 
 import atomic
 import load_weights
+import placement
 import save_weights
+from devices import DTYPES
 from errors import cli, old_spelling, parses, read_json
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
@@ -149,8 +150,7 @@ def info_from_report(report, path=None):
 def excise(ckpt, out, layers=None, search_report=None):
     """Load `ckpt`, remove `layers` (a spec like '17-22', original indices) or the removed_layers of the
     search.py / baselines.py report.json at `search_report`, write `out`."""
-    if str(ckpt).startswith("random:"):
-        raise ValueError(f"{ckpt} has random weights: there is nothing to excise (random: is for memory and speed runs)")
+    placement.refuse_random(ckpt, "--ckpt", "there is nothing to excise")
     source = load_weights.resolve(ckpt)
     atomic.check_out(out, {"--ckpt": source})
     config = load_weights.read_config_dict(source)

@@ -158,8 +158,26 @@ def describe_split(model):
 RANDOM = "random:"
 
 
+RANDOM_NOTE = ("seeded random weights of the config's shapes: the speed and memory figures hold; no KL, block, "
+               "score or perplexity from them measures a real model")
+
+
 def is_random(ckpt):
     return str(ckpt).startswith(RANDOM)
+
+
+def refuse_random(ckpt, what, why):
+    """Refuse random weights where the output would mean nothing: `what` names the input, `why` the reason."""
+    if is_random(ckpt):
+        raise ValueError(f"{what} {ckpt} has random weights: {why} (random: is for memory and speed runs)")
+
+
+def mark_random(report, *ckpts):
+    """Mark a report made from random weights (any of `ckpts` random:): the speed and memory figures hold, no
+    quality figure means anything. Returns the report."""
+    if any(is_random(c) for c in ckpts if c):
+        report["random_weights"] = RANDOM_NOTE
+    return report
 
 
 def random_config(ckpt):

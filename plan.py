@@ -13,6 +13,7 @@ import os
 import re
 import sys
 
+from devices import names as devices_named
 from errors import UserError
 from memory import COLUMNS, DTYPE_BYTES, GiB, plan_eval, plan_gptq, plan_search, plan_tune
 
@@ -36,18 +37,6 @@ def available_ram():
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def device_list(device, devices):
-    """--devices (a comma list, or auto = every visible GPU) else --device, else cuda when present, else cpu."""
-    import torch
-    if devices == "auto":
-        if not torch.cuda.is_available():
-            raise ValueError("--devices auto: no CUDA device is visible")
-        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    if devices:
-        return [d.strip() for d in devices.split(",") if d.strip()]
-    return [device or ("cuda" if torch.cuda.is_available() else "cpu")]
 
 
 def capacity_fn(device_memory, devices):
@@ -92,7 +81,7 @@ def plan_for(task, a, **override):
     """The Plan of `task` ("search", "baselines", "tune", "quantize", "eval") for a CLI's flags `a` (a dict)."""
     a = {**a, **override}
     cfg, path = config(a["ckpt"])
-    devices = device_list(a.get("device"), a.get("devices"))
+    devices = devices_named(a.get("device"), a.get("devices"))
     dtype = a.get("dtype")  # the compute dtype in every tool (quantize.py's stored one is --save-dtype)
     run = (cfg, weight_bytes(dtype, devices), devices, capacity_fn(a.get("device_memory"), devices),
            bool(a.get("offload")))
@@ -169,7 +158,7 @@ def refusal(task, p, a):
     """One line: which device overflows by how much, and the flags that would make the plan fit."""
     worst = max((r for r in p.rows if not r.fits), key=lambda r: r.peak / r.capacity)
     line = f"plan: {task} does not fit: {worst.device} needs {gib(worst.peak)} of {gib(worst.capacity)}"
-    devices = device_list(a.get("device"), a.get("devices"))
+    devices = devices_named(a.get("device"), a.get("devices"))
     per_device = capacity_fn(a.get("device_memory"), devices)(devices[0])
     # only the flags this CLI has (tune.py has no --offload, only search and baselines have --cache-on-cpu)
     streams = "offload" in a and not a["offload"] and len(devices) == 1  # the runtime streams to one device

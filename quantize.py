@@ -22,21 +22,20 @@ import torch
 import atomic
 import devices
 import placement
-from paths import shown
-from devices import peak_memory
-from errors import check_finite, cli, old_spelling
-from gptq import Quantized, gptq, proxy_error, rtn
-from latency import model_bytes
 import plan
 import resume
 from atomic import write_json
-from model import LINEARS, Transformer
+from devices import DTYPES, peak_memory
+from errors import check_finite, cli, old_spelling
+from gptq import Quantized, gptq, proxy_error, rtn
 from gptq_format import SUPPORTED_BITS, check_packable, pack, quantization_config
+from latency import model_bytes
+from model import LINEARS, Transformer
+from paths import shown
 
 # Linears that share one input, hence one H, in the order a Block computes them
 SUBLAYERS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
              ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 # ---------------------------------------------------------------- sequential calibration through the decoder
@@ -254,9 +253,8 @@ def quantize_checkpoint(ckpt, out, method="gptq", bits=4, group_size=128, sym=Fa
 
     t_start = time.perf_counter()
     torch.manual_seed(seed)
-    if placement.is_random(ckpt):
-        raise ValueError(f"{ckpt} has random weights: a quantized checkpoint of them would mean nothing "
-                         f"(benchmarks/gpu_check.py measures GPTQ's memory on random: models)")
+    placement.refuse_random(ckpt, "--ckpt", "a quantized checkpoint of them would mean nothing "
+                                            "(benchmarks/gpu_check.py measures GPTQ's memory on random: models)")
     src = resolve(ckpt)
     raw = read_config_dict(src)
     check_flags(raw, bits, group_size, blocksize, percdamp, method, nsamples)

@@ -279,14 +279,6 @@ def make_teacher(model, tokenizer, calib, nsamples, seqlen, seed, cache_device=N
     return teacher
 
 
-def random_note(ckpt, report):
-    """Mark a report made from random weights (placement.py random:NAME): no quality figure in it means anything."""
-    if placement.is_random(ckpt):
-        report["random_weights"] = ("seeded random weights of the config's shapes: for memory and speed only; "
-                                    "no KL, block or score in this report measures a real model")
-    return report
-
-
 def run(ckpt, out, prune_layers=None, prune_ratio=None, calib="wikitext2", nsamples=16, seqlen=256, seed=0,
         device=None, dtype=None, devices=None, offload=False, cache_on_cpu=False, excise_to=None, save_every=0,
         resume=False, **gate):
@@ -297,8 +289,8 @@ def run(ckpt, out, prune_layers=None, prune_ratio=None, calib="wikitext2", nsamp
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()
                 if k not in ("gate", "save_every", "resume")} | gate
     t0 = time.perf_counter()
-    if excise_to is not None and placement.is_random(ckpt):
-        raise ValueError(f"{ckpt} has random weights: there is nothing to excise (random: is for memory and speed runs)")
+    if excise_to is not None:
+        placement.refuse_random(ckpt, "--ckpt", "there is nothing to excise")
     # everything that can be checked from the flags and config.json, before the model loads
     L = placement.config(ckpt).num_layers
     k = budget(L, prune_layers, prune_ratio)
@@ -333,7 +325,7 @@ def run(ckpt, out, prune_layers=None, prune_ratio=None, calib="wikitext2", nsamp
               "command": " ".join(["python"] + sys.argv), "seed": seed,
               "versions": {"python": platform.python_version(), "torch": torch.__version__}}
     report["peak_memory_bytes"] = peak_memory(devs)
-    write_json(Path(out) / "report.json", random_note(ckpt, report))
+    write_json(Path(out) / "report.json", placement.mark_random(report, ckpt))
     print("peak memory: " + ", ".join(f"{d} {b / 2**30:,.2f} GiB" for d, b in report["peak_memory_bytes"].items()))
     print(f"report: {Path(out) / 'report.json'}  (search {report['wall_time_s']['total']:.0f} s in all)")
     if excise_to is not None:

@@ -181,7 +181,7 @@ def load_teacher(teacher, pruning, student, place):
     name = teacher or (pruning or {}).get("source")
     if name is None:
         raise ValueError("no teacher: the checkpoint has no pruning.json naming its source; give --teacher")
-    refuse_random(name, "teacher")
+    placement.refuse_random(name, "teacher", "tuning needs a real model")
     dense = placement.load(name, **place)[0]
     for key in ("vocab_size", "hidden_size", "model_type"):
         if getattr(dense.cfg, key) != getattr(student.cfg, key):
@@ -219,7 +219,7 @@ def tune(ckpt, out, teacher=None, train_layers="endpoints", method="full", steps
          clip=1.0, kl_chunk=1024, device=None, dtype=None, devices=None, log_every=10):
     """tune.py as a function: load, cache teacher and frozen prefix, train the chosen layers, write `out`."""
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
-    refuse_random(ckpt, "checkpoint")
+    placement.refuse_random(ckpt, "checkpoint", "tuning needs a real model")
     place = dict(device=device, dtype=dtype, devices=devices)
     if min(steps, batch_size, nsamples, val_samples) < 1 or not lr > 0:
         raise ValueError("--steps, --batch-size, --nsamples and --val-samples must be at least 1, --lr positive")
@@ -232,7 +232,7 @@ def tune(ckpt, out, teacher=None, train_layers="endpoints", method="full", steps
     chosen = choose_layers(train_layers, pruning, placement.config(source).num_layers)
     dense = teacher or (pruning or {}).get("source")
     if dense is not None:
-        refuse_random(dense, "teacher")
+        placement.refuse_random(dense, "teacher", "tuning needs a real model")
     atomic.check_out(out, {"--ckpt": source, "--teacher": dense and load_weights.resolve(dense)})
     model, tokenizer, devs, _ = placement.load(source, **place)
     settings["placement"] = placement.describe_split(model)
@@ -275,12 +275,6 @@ def teacher_cache(teacher, pruning, student, token_sets, place):
     states = [teacher_states(dense, t) for t in token_sets]
     dense.layers = nn.ModuleList()  # the layers are done with; keep norm, head (and the tied embedding)
     return dense, name, states
-
-
-def refuse_random(ckpt, what):
-    if placement.is_random(ckpt):
-        raise ValueError(f"{what} {ckpt} has random weights: tuning needs a real model (random: is for memory "
-                         f"and speed runs of search, baselines and eval)")
 
 
 def write_tuned(model, source, out, report):
