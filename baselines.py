@@ -35,6 +35,7 @@ import devices
 import excise
 import importance
 import load_weights
+import memory
 import placement
 import plan
 from gates import blocks_to_layers, budget, layers_to_blocks, segment_widths
@@ -240,6 +241,15 @@ def run(ckpt, method, out, prune_layers=None, prune_ratio=None, calib="wikitext2
     return report
 
 
+def memory_plan(a, cfg, path, run):
+    """baselines.py's flags -> memory.py's plan of scoring removed layers on a cached teacher (plan.py calls it)."""
+    k, note = plan.layers_to_remove(cfg.num_layers, a.get("prune_layers"), a.get("prune_ratio"))
+    p = memory.plan_search(*run, a["nsamples"], a["seqlen"], k, gate=False, method=a["method"],
+                           cache_on_cpu=bool(a.get("cache_on_cpu")))
+    p.notes += [note] if note else []
+    return p
+
+
 def build_parser():
     """The command line, built without running anything (tests/test_docs.py reads its flags)."""
     p = argparse.ArgumentParser(description="Choose layers to remove with a baseline method (same report as search.py).",
@@ -265,7 +275,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.prune_layers is not None and a.prune_ratio is not None:
         p.error("give exactly one of --prune-ratio and --prune-layers")
-    plan.check(a, "baselines")  # a dry-run needs no budget
+    plan.check(a, "baselines", memory_plan)  # a dry-run needs no budget
     if a.prune_layers is None and a.prune_ratio is None:
         p.error("give exactly one of --prune-ratio and --prune-layers")
     run(**vars(a))

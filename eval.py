@@ -32,6 +32,7 @@ import torch.nn.functional as F
 import devices
 import latency as lat
 import load_weights
+import memory
 import placement
 import plan
 import quant_paths
@@ -275,6 +276,12 @@ def run(ckpt, compare=None, teacher=None, ppl=(), ppl_windows=None, tasks=(), li
     return res
 
 
+def memory_plan(a, cfg, path, run):
+    """eval.py's flags -> memory.py's plan of evaluating the model and its --compare / --teacher (plan.py calls it)."""
+    cfgs = [cfg] + [plan.config(a[key])[0] for key in ("compare", "teacher") if a[key]]
+    return memory.plan_eval(cfgs, *run[1:], min(a["seqlen"], cfg.max_position_embeddings), a["kl_chunk"])
+
+
 def build_parser():
     """The command line, built without running anything (tests/test_docs.py reads its flags)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -331,7 +338,7 @@ def parse_args(argv=None):
 @cli(memory="--batch-size, --kl-chunk or --seqlen")
 def main(argv=None):
     args = parse_args(argv)
-    plan.check(args, "eval")
+    plan.check(args, "eval", memory_plan)
     torch.set_num_threads(args.threads)
     run(**vars(args))
 

@@ -2,7 +2,8 @@
 
     python search.py --ckpt llama2-70b --prune-ratio 0.3 --dry-run --devices cuda:0,cuda:1 --device-memory 80GB
 
-Every CLI that computes (search, baselines, tune, quantize, eval) calls `add_args` and `check`: with --dry-run
+Every CLI that computes (search, baselines, tune, quantize, eval) calls `add_args` and `check`, handing over a
+function from its own flags to memory.py's plan of its task (the planner knows no CLI's flags): with --dry-run
 it prints the plan (memory.py's formulas) and exits 0 when it fits; a run that cannot fit is refused (exit 2,
 one line) before any weight is read, naming a flag that would make it fit (--offload, more --devices, fewer
 --nsamples). Device memory: free GPU memory (torch.cuda.mem_get_info), available RAM for the CPU, or
@@ -15,7 +16,7 @@ import sys
 
 from devices import names as devices_named
 from errors import UserError
-from memory import COLUMNS, DTYPE_BYTES, GiB, plan_eval, plan_gptq, plan_search, plan_tune
+from memory import COLUMNS, DTYPE_BYTES, GiB
 
 
 # ---------------------------------------------------------------- devices and their memory
@@ -68,7 +69,7 @@ def shipped_only(ckpt):
         and str(ckpt) != load_weights.DEFAULT
 
 
-# ---------------------------------------------------------------- a CLI's flags -> Plan
+# ---------------------------------------------------------------- a CLI's flags -> Plan (through its planner)
 
 def weight_bytes(dtype, devices):
     """b: the compute dtype's bytes; by default bf16 on a GPU, fp32 on the CPU."""
@@ -77,50 +78,29 @@ def weight_bytes(dtype, devices):
     return DTYPE_BYTES[dtype]
 
 
-def plan_for(task, a, **override):
-    """The Plan of `task` ("search", "baselines", "tune", "quantize", "eval") for a CLI's flags `a` (a dict)."""
+def plan_for(task, planner, a, **override):
+    """The Plan of `task` for a CLI's flags `a` (a dict, with `override` applied): the placement is read here,
+    the task's memory from planner(a, cfg, path, run), which each CLI supplies (its flags are its own).
+    run = (cfg, b, devices, capacity, offload), the first arguments of memory.py's plan_* functions."""
     a = {**a, **override}
     cfg, path = config(a["ckpt"])
     devices = devices_named(a.get("device"), a.get("devices"))
     dtype = a.get("dtype")  # the compute dtype in every tool (quantize.py's stored one is --save-dtype)
     run = (cfg, weight_bytes(dtype, devices), devices, capacity_fn(a.get("device_memory"), devices),
            bool(a.get("offload")))
-    p = task_plan(task, a, cfg, path, run)
+    p = planner(a, cfg, path, run)
     p.bytes_per_weight = run[1]
     return p
 
 
-def task_plan(task, a, cfg, path, run):
-    if task in ("search", "baselines"):
-        from gates import budget
-        # memory does not depend on the budget, only the passes do: a dry-run may leave it out
-        ratio = 0.3 if a.get("prune_layers") is None and a.get("prune_ratio") is None else a.get("prune_ratio")
-        k = budget(cfg.num_layers, a.get("prune_layers"), ratio)
-        if task == "baselines":
-            p = plan_search(*run, a["nsamples"], a["seqlen"], k, gate=False, method=a["method"],
-                            cache_on_cpu=bool(a.get("cache_on_cpu")))
-        else:
-            p = plan_search(*run, a["nsamples"], a["seqlen"], k, batch_size=a["batch_size"], chunk=a["kl_chunk"],
-                            steps=a["steps"], starts=a["starts"], halving=a["halving"], radius=a["radius"],
-                            cache_on_cpu=bool(a.get("cache_on_cpu")))
-        if ratio != a.get("prune_ratio"):
-            p.notes.append(f"no budget given: layer passes counted for k = {k} (30% of the layers)")
-        return p
-    if task == "tune":
-        import tune
-        pruning = tune.read_pruning(path)
-        teacher = a.get("teacher") or (pruning or {}).get("source")
-        if teacher is None:
-            raise ValueError("no teacher: the checkpoint has no pruning.json naming its source; give --teacher")
-        tuned = tune.choose_layers(a["train_layers"], pruning, cfg.num_layers)
-        return plan_tune(cfg, config(teacher)[0], *run[1:], tuned, a["nsamples"], a["val_samples"], a["seqlen"],
-                         a["batch_size"], a["kl_chunk"], a["steps"], a["method"], a["rank"])
-    if task == "quantize":
-        return plan_gptq(*run, a["nsamples"], min(a["seqlen"], cfg.max_position_embeddings), a["bits"])
-    if task == "eval":
-        cfgs = [cfg] + [config(a[key])[0] for key in ("compare", "teacher") if a.get(key)]
-        return plan_eval(cfgs, *run[1:], min(a["seqlen"], cfg.max_position_embeddings), a.get("kl_chunk", 256))
-    raise ValueError(f"no plan for {task!r}")
+def layers_to_remove(num_layers, prune_layers, prune_ratio):
+    """(k, note): the budget of a search or baseline; memory does not depend on it, only the layer passes do, so
+    a dry-run may leave it out (then k is 30% of the layers, and the note says so)."""
+    from gates import budget
+
+    if prune_layers is None and prune_ratio is None:
+        return budget(num_layers, None, 0.3), "no budget given: layer passes counted for 30% of the layers"
+    return budget(num_layers, prune_layers, prune_ratio), None
 
 
 # ---------------------------------------------------------------- the CLI hook and the table
@@ -135,12 +115,13 @@ def add_args(p):
                    help="memory per device to plan for, e.g. 80GB; None: free GPU memory, or available RAM on CPU")
 
 
-def check(args, task):
-    """Plan `task` from the parsed flags before anything is loaded: print it and exit 0 under --dry-run; refuse
-    a run that cannot fit (exit 2, one line naming a flag that fits). Then drop the plan's own flags."""
+def check(args, task, planner):
+    """Plan `task` from the parsed flags (planner: see plan_for) before anything is loaded: print it and exit 0
+    under --dry-run; refuse a run that cannot fit (exit 2, one line naming a flag that fits). Then drop the plan's
+    own flags."""
     a = vars(args)
     try:
-        p = None if not a["dry_run"] and shipped_only(a["ckpt"]) else plan_for(task, a)
+        p = None if not a["dry_run"] and shipped_only(a["ckpt"]) else plan_for(task, planner, a)
     except (ValueError, FileNotFoundError, KeyError) as e:
         if a["dry_run"]:
             raise UserError(f"plan: {str(e).splitlines()[0]}") from None
@@ -148,13 +129,13 @@ def check(args, task):
     if a["dry_run"]:
         print_plan(p, a)
     if p is not None and not p.fits:
-        raise UserError(refusal(task, p, a))  # errors.cli: one line, exit status 2
+        raise UserError(refusal(task, p, a, planner))  # errors.cli: one line, exit status 2
     if a["dry_run"]:
         sys.exit(0)
     del args.dry_run, args.device_memory
 
 
-def refusal(task, p, a):
+def refusal(task, p, a, planner):
     """One line: which device overflows by how much, and the flags that would make the plan fit."""
     worst = max((r for r in p.rows if not r.fits), key=lambda r: r.peak / r.capacity)
     line = f"plan: {task} does not fit: {worst.device} needs {gib(worst.peak)} of {gib(worst.capacity)}"
@@ -177,7 +158,7 @@ def refusal(task, p, a):
     fixes = []
     for flag, override in tries:
         kind = flag.split()[0]
-        if kind not in (f.split()[0] for f in fixes) and plan_for(task, a, **override).fits:
+        if kind not in (f.split()[0] for f in fixes) and plan_for(task, planner, a, **override).fits:
             fixes.append(flag)
     return line + (f"; it fits with {' or '.join(fixes)}" if fixes else "; no single flag makes it fit (see --dry-run)")
 

@@ -21,6 +21,7 @@ import torch
 
 import atomic
 import devices
+import memory
 import placement
 import plan
 import resume
@@ -311,6 +312,11 @@ def quantize_checkpoint(ckpt, out, method="gptq", bits=4, group_size=128, sym=Fa
 
 
 
+def memory_plan(a, cfg, path, run):
+    """quantize.py's flags -> memory.py's plan of GPTQ (plan.py calls it)."""
+    return memory.plan_gptq(*run, a["nsamples"], min(a["seqlen"], cfg.max_position_embeddings), a["bits"])
+
+
 def build_parser():
     """The command line, built without running anything (tests/test_docs.py reads its flags)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -354,7 +360,7 @@ def parse_args(argv=None):
 @cli(memory="--nsamples or --seqlen", resume="the finished layers are kept in OUT.partial; the same command continues from them")
 def main(argv=None):
     a = parse_args(argv)
-    plan.check(a, "quantize")
+    plan.check(a, "quantize", memory_plan)
     quantize_checkpoint(**vars(a))
 
 

@@ -30,6 +30,7 @@ import atomic
 import devices
 import excise
 import load_weights
+import memory
 import placement
 import plan
 from devices import peak_memory
@@ -334,6 +335,16 @@ def run(ckpt, out, prune_layers=None, prune_ratio=None, calib="wikitext2", nsamp
     return report
 
 
+def memory_plan(a, cfg, path, run):
+    """search.py's flags -> memory.py's plan of a gate search (plan.py calls it with the placement in `run`)."""
+    k, note = plan.layers_to_remove(cfg.num_layers, a.get("prune_layers"), a.get("prune_ratio"))
+    p = memory.plan_search(*run, a["nsamples"], a["seqlen"], k, batch_size=a["batch_size"], chunk=a["kl_chunk"],
+                           steps=a["steps"], starts=a["starts"], halving=a["halving"], radius=a["radius"],
+                           cache_on_cpu=bool(a.get("cache_on_cpu")))
+    p.notes += [note] if note else []
+    return p
+
+
 def build_parser():
     """The command line, built without running anything (tests/test_docs.py reads its flags)."""
     p = argparse.ArgumentParser(description="Find the contiguous block of layers to remove with the CLP gate.",
@@ -384,7 +395,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.prune_layers is not None and a.prune_ratio is not None:
         p.error("give exactly one of --prune-ratio and --prune-layers")
-    plan.check(a, "search")  # a dry-run needs no budget
+    plan.check(a, "search", memory_plan)  # a dry-run needs no budget
     if a.prune_layers is None and a.prune_ratio is None:
         p.error("give exactly one of --prune-ratio and --prune-layers")
     kwargs = vars(a)

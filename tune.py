@@ -30,6 +30,7 @@ import data
 import devices
 import excise
 import load_weights
+import memory
 import paths
 import placement
 import plan
@@ -288,6 +289,18 @@ def write_tuned(model, source, out, report):
     save_weights.save_checkpoint(out, config, tensors, source_dir=source, extra_files=extra)
 
 
+def memory_plan(a, cfg, path, run):
+    """tune.py's flags -> memory.py's plan of tuning (plan.py calls it): the teacher is --teacher or the dense source
+    its pruning.json names, the trained layers --train-layers."""
+    pruning = read_pruning(path)
+    teacher = a.get("teacher") or (pruning or {}).get("source")
+    if teacher is None:
+        raise ValueError("no teacher: the checkpoint has no pruning.json naming its source; give --teacher")
+    tuned = choose_layers(a["train_layers"], pruning, cfg.num_layers)
+    return memory.plan_tune(cfg, plan.config(teacher)[0], *run[1:], tuned, a["nsamples"], a["val_samples"], a["seqlen"],
+                            a["batch_size"], a["kl_chunk"], a["steps"], a["method"], a["rank"])
+
+
 def build_parser():
     """The command line, built without running anything (tests/test_docs.py reads its flags)."""
     p = argparse.ArgumentParser(description="Repair a pruned checkpoint by tuning the layers at the ends of the cut "
@@ -325,7 +338,7 @@ def build_parser():
 def main(argv=None):
     p = build_parser()
     a = p.parse_args(argv)
-    plan.check(a, "tune")
+    plan.check(a, "tune", memory_plan)
     tune(**vars(a))
 
 

@@ -236,7 +236,7 @@ def markdown(rows, ppl, a):
         f"asymmetric min-max grids, dampening 0.01, blocksize 128"
         + ("; *GPTQ+act* adds act-order (columns in order of decreasing Hessian diagonal) with static groups"
            if "gptq-act" in a.methods else ", no act-order") + ". RTN uses the same grids and no data. "
-        f"Quantized checkpoints store embeddings and norms in fp16 (the GPTQ convention); they load back as fp32. "
+        "Quantized checkpoints store embeddings and norms in fp16 (the GPTQ convention); they load back as fp32. "
         "Bytes: *disk* = all safetensors files; *RAM* = every parameter and buffer of the loaded model "
         "(tied head once); *Linear RAM* = the 7 Linears of every Block only (what GPTQ compresses). "
         "Time: the quantization loop (for GPTQ incl. the calibration forward passes), not loading or saving "

@@ -143,7 +143,7 @@ def planned(task, **flags):
     try:
         import plan
 
-        return gib(max(r.peak for r in plan.plan_for(task, flags).rows))
+        return gib(max(r.peak for r in plan.plan_for(task, {"search": search.memory_plan, "quantize": quantize.memory_plan}[task], flags).rows))
     except Exception as e:  # the plan is optional here: its absence must not cost the GPU run
         return f"no plan ({type(e).__name__}: {' '.join(str(e).split())[:60]})"
 

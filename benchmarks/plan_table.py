@@ -17,6 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import memory  # noqa: E402
 import plan  # noqa: E402
+import quantize  # noqa: E402
+import search  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "scale-plan.md"
@@ -47,7 +49,7 @@ def cell_plan(task, name, n, gb, offload=False):
         return memory.plan_tune(small, cfg, 2, devices, plan.capacity_fn(mem, devices), offload, tuned, **TUNE)
     a = dict(ckpt=f"random:{name}", devices=",".join(devices), device_memory=mem, dtype="bfloat16",
              offload=offload, **(SEARCH if task == "search" else GPTQ))
-    return plan.plan_for(task, a)
+    return plan.plan_for(task, search.memory_plan if task == "search" else quantize.memory_plan, a)
 
 
 def cell(task, name, n, gb):

@@ -10,6 +10,7 @@ import load_weights
 import memory
 import plan
 import search
+import tune
 from conftest import DATA, ROOT
 
 GB = 2**30
@@ -57,7 +58,7 @@ def test_llama2_70b_dry_run_from_config_alone_fits_two_80gb(no_weights, capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "cuda:1" in out and "layer passes" in out and "no budget given" in out
-    p = plan.plan_for("search", dict(ckpt="llama2-70b", prune_ratio=0.3, nsamples=16, seqlen=256, batch_size=1,
+    p = plan.plan_for("search", search.memory_plan, dict(ckpt="llama2-70b", prune_ratio=0.3, nsamples=16, seqlen=256, batch_size=1,
                                      kl_chunk=1024, steps=30, starts=4, halving=True, radius=1, dtype="bfloat16",
                                      devices="cuda:0,cuda:1", device_memory=80 * GB))
     # bf16 weights split over the two devices, nothing on the host
@@ -86,10 +87,9 @@ def test_every_cli_plans_from_config_alone(no_weights, capsys):
     import baselines
     import eval as evaluate
     import quantize
-    import tune
 
     def eval_main(argv):
-        plan.check(evaluate.parse_args(argv), "eval")
+        plan.check(evaluate.parse_args(argv), "eval", evaluate.memory_plan)
 
     common = ["--ckpt", "llama3-8b", "--dry-run", "--device", "cuda", "--device-memory", "80GB"]
     cases = [(search.main, ["--prune-layers", "8"]), (baselines.main, ["--prune-layers", "8"]),
@@ -128,14 +128,14 @@ def test_search_and_tune_estimates_within_20_percent_of_measured_peak(tmp_path):
     load_weights.resolve(load_weights.DEFAULT)  # converted once, outside the measured process
     s = dict(ckpt="smollm2-135m", prune_layers=6, nsamples=4, seqlen=128, steps=2, starts=2, batch_size=1,
              kl_chunk=1024, halving=True, radius=0, device="cpu")
-    want = plan.plan_for("search", s).rows[0].peak
+    want = plan.plan_for("search", search.memory_plan, s).rows[0].peak
     got = peak_rss(["search.py", "--ckpt", "smollm2-135m", "--prune-layers", "6", "--nsamples", "4", "--seqlen", "128",
                     "--steps", "2", "--starts", "2", "--radius", "0", "--log-every", "10",
                     "--out", str(tmp_path / "s")])
     assert abs(want - got) / got < 0.2, (want / 2**20, got / 2**20)
     t = dict(ckpt="smollm2-135m", teacher="smollm2-135m", train_layers="12,13", method="full", rank=8, nsamples=4,
              val_samples=2, seqlen=128, batch_size=2, kl_chunk=1024, steps=2, device="cpu")
-    want = plan.plan_for("tune", t).rows[0].peak
+    want = plan.plan_for("tune", tune.memory_plan, t).rows[0].peak
     got = peak_rss(["tune.py", "--ckpt", "smollm2-135m", "--teacher", "smollm2-135m", "--train-layers", "12,13",
                     "--nsamples", "4", "--val-samples", "2", "--seqlen", "128", "--batch-size", "2", "--steps", "2",
                     "--warmup", "1", "--out", str(tmp_path / "t")])
