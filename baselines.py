@@ -32,20 +32,18 @@ import torch.nn.functional as F
 
 import atomic
 import devices
-import excise
 import importance
 import load_weights
 import memory
 import placement
 import plan
-from gates import blocks_to_layers, budget, layers_to_blocks, segment_widths
+from gates import blocks_to_layers, budget, layers_to_blocks, segment_widths, span
 from devices import peak_memory
-from errors import cli
+from errors import at_least, cli
 from atomic import write_json
 from resume import Scores
-from search import check_settings, make_teacher, span
 from model import follow
-from teacher import eta, log_probs, removed_kl, token_kl
+from teacher import eta, log_probs, make_teacher, removed_kl, token_kl
 
 METHODS = ["exhaustive", "block-influence", "angular", "tail", "random", "sleb", "shortened-ppl", "shortened-taylor"]
 
@@ -214,21 +212,21 @@ def run(ckpt, method, out, prune_layers=None, prune_ratio=None, calib="wikitext2
     # what the flags and config.json can tell, before the model loads
     L = placement.config(ckpt).num_layers
     k = budget(L, prune_layers, prune_ratio)
-    check_settings(k, nsamples=nsamples, seqlen=seqlen)
+    at_least(1, nsamples=nsamples, seqlen=seqlen)
     atomic.check_out(out, {"--ckpt": None if placement.is_random(ckpt) else load_weights.resolve(ckpt)}, "--out",
                      kind="directory")
     model, tokenizer, devs, dt = placement.load(ckpt, device, dtype, devices, offload, seed)
     teacher = make_teacher(model, tokenizer, calib, nsamples, seqlen, seed, "cpu" if cache_on_cpu else None)
     t1 = time.perf_counter()
     done = Scores(Path(out) / "scores.json", {"method": method, "layers": k, "calibration": teacher.description,
-                                               "model": excise.fingerprint(model)})
+                                               "model": load_weights.fingerprint(model)})
     removed, scores = choose(method, model, teacher, k, seed, done)
     kl = scores[0]["kl"] if method == "exhaustive" else removed_kl(model, teacher, removed)
     t2 = time.perf_counter()
     print(f"{method}: layers {span(removed)}  calibration KL {kl:.5f}  ({t2 - t1:.1f} s)")
     report = {"method": method, "removed_layers": removed, "kept_layers": [i for i in range(L) if i not in removed],
               "block": span(removed), "kl": kl, "scores": scores,
-              "model": {"ckpt": str(ckpt), "fingerprint": excise.fingerprint(model),
+              "model": {"ckpt": str(ckpt), "fingerprint": load_weights.fingerprint(model),
                         "path": model.random_source if placement.is_random(ckpt) else str(load_weights.resolve(ckpt))},
               "budget": {"layers": k, "ratio": round(k / L, 4)}, "calibration": teacher.description,
               "settings": {"nsamples": nsamples, "seqlen": seqlen, "seed": seed, "calib": calib,
@@ -241,10 +239,10 @@ def run(ckpt, method, out, prune_layers=None, prune_ratio=None, calib="wikitext2
     return report
 
 
-def memory_plan(a, cfg, path, run):
+def memory_plan(a, cfg, path, placed):
     """baselines.py's flags -> memory.py's plan of scoring removed layers on a cached teacher (plan.py calls it)."""
     k, note = plan.layers_to_remove(cfg.num_layers, a.get("prune_layers"), a.get("prune_ratio"))
-    p = memory.plan_search(*run, a["nsamples"], a["seqlen"], k, gate=False, method=a["method"],
+    p = memory.plan_search(*placed, a["nsamples"], a["seqlen"], k, gate=False, method=a["method"],
                            cache_on_cpu=bool(a.get("cache_on_cpu")))
     p.notes += [note] if note else []
     return p

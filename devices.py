@@ -11,6 +11,11 @@ from errors import UserError, check_device
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def stored_dtype(config):
+    """The dtype a checkpoint is stored in (config.json torch_dtype, or dtype in newer configs); fp32 if unsaid."""
+    return DTYPES.get(config.get("torch_dtype") or config.get("dtype"), torch.float32)
+
+
 def add_arguments(p, several=True, offload=True):
     """The device flags of one CLI: --device, --dtype (the compute dtype, in every tool), --devices, --offload."""
     p.add_argument("--device", default=None, help="device to compute on (cpu, cuda, cuda:1); None: cuda when visible, else cpu")

@@ -55,6 +55,13 @@ def parses(what):
     return wrap
 
 
+def at_least(minimum, **flags):
+    """One line naming the first flag below `minimum` (flags by their keyword names: batch_size -> --batch-size)."""
+    for name, value in flags.items():
+        if value is not None and value < minimum:
+            raise UserError(f"--{name.replace('_', '-')} {value} must be at least {minimum}")
+
+
 def check_finite(t, where):
     """Stop on NaN or Inf in a floating-point tensor, naming where it came from."""
     if not t.is_floating_point() or t.numel() == 0:

@@ -276,10 +276,10 @@ def run(ckpt, compare=None, teacher=None, ppl=(), ppl_windows=None, tasks=(), li
     return res
 
 
-def memory_plan(a, cfg, path, run):
+def memory_plan(a, cfg, path, placed):
     """eval.py's flags -> memory.py's plan of evaluating the model and its --compare / --teacher (plan.py calls it)."""
     cfgs = [cfg] + [plan.config(a[key])[0] for key in ("compare", "teacher") if a[key]]
-    return memory.plan_eval(cfgs, *run[1:], min(a["seqlen"], cfg.max_position_embeddings), a["kl_chunk"])
+    return memory.plan_eval(cfgs, *placed[1:], min(a["seqlen"], cfg.max_position_embeddings), a["kl_chunk"])
 
 
 def build_parser():

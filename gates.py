@@ -16,6 +16,7 @@ and the union holds exactly k layers whatever mu is.
 """
 import itertools
 import math
+import re
 
 import torch
 import torch.nn as nn
@@ -213,3 +214,34 @@ def strip(keep):
     """A one-line picture of the removal mask over layers: ' ' kept, '@' removed."""
     m = (1 - keep.detach().float()).clamp(0, 1).tolist()
     return "|" + "".join(STRIP[min(int(v * len(STRIP)), len(STRIP) - 1)] for v in m) + "|"
+
+
+def span(layers):
+    """'17-22' for a contiguous block, '3-5,20-22' otherwise (original indices, inclusive)."""
+    return ",".join(f"{a}-{a + w - 1}" if w > 1 else f"{a}" for a, w in layers_to_blocks(layers))
+
+
+def spec_indices(spec):
+    """'3,5,10-12' -> [3, 5, 10, 11, 12], unchecked."""
+    layers = []
+    for part in str(spec).replace(" ", "").split(","):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise ValueError(f"cannot read layer spec {part!r} in {spec!r}: use e.g. 17-22 or 3,5,10-12")
+        a, b = int(m[1]), int(m[2] or m[1])
+        if b < a:
+            raise ValueError(f"layer range {part!r} runs backwards")
+        layers += range(a, b + 1)
+    return layers
+
+
+def check_layers(layers, num_layers):
+    layers = sorted(layers)
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layer {next(i for i in layers if layers.count(i) > 1)} is listed twice")
+    unknown = [i for i in layers if not 0 <= i < num_layers]
+    if unknown:
+        raise ValueError(f"unknown layer(s) {unknown}: the model has layers 0..{num_layers - 1}")
+    if not 1 <= len(layers) < num_layers:
+        raise ValueError(f"removing {len(layers)} of {num_layers} layers: need at least one removed and one kept")
+    return layers

@@ -8,15 +8,17 @@ device, so a checkpoint never sits in memory twice. Every name goes through `nam
 shape is checked against the config; a missing or unexpected tensor is an error naming it.
 """
 import argparse
+import hashlib
 import os
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
+from devices import stored_dtype
 from errors import UserError, check_device, check_finite, cli, read_json
 from gptq_format import check_packable, check_quantization_config, n_groups
-from model import LINEARS, Config, Transformer, column_major, rope_frequencies
+from model import LINEARS, Config, Transformer, column_major, name_table, rope_frequencies
 from paths import shown
 from quant_paths import QuantLinear, prepare
 from tokenizer import load_tokenizer
@@ -186,29 +188,6 @@ def config_from_dict(d, source="config.json"):
 
 # ---------------------------------------------------------------- safetensors -> model
 
-def name_table(cfg: Config):
-    """HF tensor name -> (our parameter name, expected shape). A tied lm_head is the one expected absence."""
-    C, F, V, hd = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
-    q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
-    t = {"model.embed_tokens.weight": ("embed_tokens.weight", (V, C)), "model.norm.weight": ("norm.weight", (C,))}
-    if not cfg.tie_word_embeddings:
-        t["lm_head.weight"] = ("lm_head.weight", (V, C))
-    for i in range(cfg.num_layers):
-        per_layer = {
-            "input_layernorm.weight": (C,), "post_attention_layernorm.weight": (C,),
-            "self_attn.q_proj.weight": (q, C), "self_attn.k_proj.weight": (kv, C),
-            "self_attn.v_proj.weight": (kv, C), "self_attn.o_proj.weight": (C, q),
-            "mlp.gate_proj.weight": (F, C), "mlp.up_proj.weight": (F, C), "mlp.down_proj.weight": (C, F),
-        }
-        if cfg.attention_bias:
-            per_layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
-        if cfg.qk_norm:
-            per_layer.update({"self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,)})
-        for name, shape in per_layer.items():
-            t[f"model.layers.{i}.{name}"] = (f"layers.{i}.{name}", shape)
-    return t
-
-
 def weight_files(path):
     """{tensor name: file} for a single-file or sharded (model.safetensors.index.json) checkpoint."""
     path = Path(path)
@@ -314,6 +293,25 @@ def decode_layout(model):
     return model
 
 
+def unrounded(model, source_dir):
+    """`model`, or its stored weights loaded again when the model's were rounded below them (a search in bf16 of an
+    fp32 checkpoint): what a checkpoint written from it should hold."""
+    dtype = stored_dtype(read_config_dict(source_dir))
+    if model.embed_tokens.weight.dtype in (dtype, torch.float32):
+        return model
+    return load(source_dir, dtype=dtype)[0]
+
+
+def fingerprint(model):
+    """What identifies a model for a report: shape of the config and a digest of the embedding weights."""
+    cfg = model.cfg
+    # rounded to bf16 first: a search run in bf16 must name the same model as one in fp32
+    w = model.embed_tokens.weight.detach().to("cpu", torch.bfloat16).float()
+    digest = hashlib.sha256(w.contiguous().numpy().tobytes()).hexdigest()
+    return {"model_type": cfg.model_type, "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
+            "vocab_size": cfg.vocab_size, "embed_sha256": digest[:16]}
+
+
 # ---------------------------------------------------------------- GPTQ checkpoint -> model with QuantLinears
 
 def quantized_name_table(cfg, bits, group_size):
@@ -384,14 +382,6 @@ def check_g_idx(model):
             q = layer.get_submodule(name)
             if q.g_idx.numel() and (int(q.g_idx.min()) < 0 or int(q.g_idx.max()) >= q.scales.shape[0]):
                 raise ValueError(f"layers.{i}.{name}: g_idx points outside the {q.scales.shape[0]} groups of scales")
-
-
-# ---------------------------------------------------------------- model -> HF names (the writer: save_weights.py)
-
-def hf_state_dict(model):
-    """Our parameters under their Hugging Face names (lm_head omitted when tied)."""
-    ours = dict(model.named_parameters(remove_duplicate=False))
-    return {hf: ours[name] for hf, (name, _) in name_table(model.cfg).items()}
 
 
 # ---------------------------------------------------------------- CLI: inspect a checkpoint

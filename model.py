@@ -279,6 +279,37 @@ class Transformer(nn.Module):
         return torch.cat(out, dim=1)
 
 
+# ---------------------------------------------------------------- Hugging Face names
+
+def name_table(cfg: Config):
+    """HF tensor name -> (our parameter name, expected shape). A tied lm_head is the one expected absence."""
+    C, F, V, hd = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
+    q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    t = {"model.embed_tokens.weight": ("embed_tokens.weight", (V, C)), "model.norm.weight": ("norm.weight", (C,))}
+    if not cfg.tie_word_embeddings:
+        t["lm_head.weight"] = ("lm_head.weight", (V, C))
+    for i in range(cfg.num_layers):
+        per_layer = {
+            "input_layernorm.weight": (C,), "post_attention_layernorm.weight": (C,),
+            "self_attn.q_proj.weight": (q, C), "self_attn.k_proj.weight": (kv, C),
+            "self_attn.v_proj.weight": (kv, C), "self_attn.o_proj.weight": (C, q),
+            "mlp.gate_proj.weight": (F, C), "mlp.up_proj.weight": (F, C), "mlp.down_proj.weight": (C, F),
+        }
+        if cfg.attention_bias:
+            per_layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
+        if cfg.qk_norm:
+            per_layer.update({"self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,)})
+        for name, shape in per_layer.items():
+            t[f"model.layers.{i}.{name}"] = (f"layers.{i}.{name}", shape)
+    return t
+
+
+def hf_state_dict(model):
+    """Our parameters under their Hugging Face names (lm_head omitted when tied)."""
+    ours = dict(model.named_parameters(remove_duplicate=False))
+    return {hf: ours[name] for hf, (name, _) in name_table(model.cfg).items()}
+
+
 def column_major(t):
     """The same values stored column-major on CPU (the decode layout: load_weights.decode_layout)."""
     return t.t().contiguous().t() if t.dim() == 2 and t.device.type == "cpu" else t

@@ -80,16 +80,16 @@ def weight_bytes(dtype, devices):
 
 def plan_for(task, planner, a, **override):
     """The Plan of `task` for a CLI's flags `a` (a dict, with `override` applied): the placement is read here,
-    the task's memory from planner(a, cfg, path, run), which each CLI supplies (its flags are its own).
-    run = (cfg, b, devices, capacity, offload), the first arguments of memory.py's plan_* functions."""
+    the task's memory from planner(a, cfg, path, placed), which each CLI supplies (its flags are its own).
+    placed = (cfg, b, devices, capacity, offload), the first arguments of memory.py's plan_* functions."""
     a = {**a, **override}
     cfg, path = config(a["ckpt"])
     devices = devices_named(a.get("device"), a.get("devices"))
     dtype = a.get("dtype")  # the compute dtype in every tool (quantize.py's stored one is --save-dtype)
-    run = (cfg, weight_bytes(dtype, devices), devices, capacity_fn(a.get("device_memory"), devices),
-           bool(a.get("offload")))
-    p = planner(a, cfg, path, run)
-    p.bytes_per_weight = run[1]
+    placed = (cfg, weight_bytes(dtype, devices), devices, capacity_fn(a.get("device_memory"), devices),
+              bool(a.get("offload")))
+    p = planner(a, cfg, path, placed)
+    p.bytes_per_weight = placed[1]
     return p
 
 

@@ -213,7 +213,7 @@ def calibration_tokens(tok, calib, nsamples, seqlen, seed, data_dir, max_in):
 
 def packed_tensors(model, results, bits, dtype):
     """HF-named tensors of the quantized checkpoint: packed Linears, everything else cast to `dtype`."""
-    from load_weights import hf_state_dict
+    from model import hf_state_dict
 
     tensors = {k: v.to(dtype) for k, v in hf_state_dict(model).items()}
     for name, res in results.items():
@@ -312,9 +312,9 @@ def quantize_checkpoint(ckpt, out, method="gptq", bits=4, group_size=128, sym=Fa
 
 
 
-def memory_plan(a, cfg, path, run):
+def memory_plan(a, cfg, path, placed):
     """quantize.py's flags -> memory.py's plan of GPTQ (plan.py calls it)."""
-    return memory.plan_gptq(*run, a["nsamples"], min(a["seqlen"], cfg.max_position_embeddings), a["bits"])
+    return memory.plan_gptq(*placed, a["nsamples"], min(a["seqlen"], cfg.max_position_embeddings), a["bits"])
 
 
 def build_parser():

@@ -28,18 +28,18 @@ import torch
 
 import atomic
 import devices
-import excise
 import load_weights
 import memory
 import placement
 import plan
 from devices import peak_memory
-from errors import UserError, cli, old_spelling
+from errors import UserError, at_least, cli, old_spelling
 from atomic import write_json
 from resume import GateState
+from save_weights import info_from_report, write_pruned
 from gates import (ContiguousGate, blocks_to_layers, boundary_moves, budget, halving_cuts, initial_centres, layers_to_blocks,
-                   neighbours, place_segments, relocations, segment_widths, start_steps, strip, swaps, tau_at)
-from teacher import build_teacher, calibration_tokens, eta, kl_backward, removed_kl, run_layers
+                   neighbours, place_segments, relocations, segment_widths, span, start_steps, strip, swaps, tau_at)
+from teacher import eta, kl_backward, make_teacher, removed_kl, run_layers
 
 # versions of the search: what seeds the exact read-off, whether the walk may move a block next to another
 # (merge), and whether a second walk may change the blocks' widths ("widths"), also move a block anywhere
@@ -222,11 +222,6 @@ def walk_widths(model, teacher, scored, L, segments, state=None, moves="widths",
             print(f"  {span(list(moved)):>12s}  kl {scored[blocks]:.5f}  ({moves} move)", flush=True)
 
 
-def span(layers):
-    """'17-22' for a contiguous block, '3-5,20-22' otherwise (original indices, inclusive)."""
-    return ",".join(f"{a}-{a + w - 1}" if w > 1 else f"{a}" for a, w in layers_to_blocks(layers))
-
-
 def search(model, teacher, k, segments=1, starts=4, steps=30, batch_size=1, lr=1.0, tau0=2.0, tau1=0.05,
            radius=1, halving=True, read_off=VARIANTS[VARIANT][0], merge=VARIANTS[VARIANT][1], resize=VARIANTS[VARIANT][2],
            seed=0, kl_chunk=1024, log_every=1, state=None):
@@ -255,10 +250,7 @@ def check_settings(k, **settings):
     """Clear errors, naming the flag, for search settings that cannot work; `settings` as search() takes them."""
     s = {name: p.default for name, p in inspect.signature(search).parameters.items()
          if p.default is not inspect.Parameter.empty} | settings
-    at_least_one = ("starts", "steps", "batch_size", "nsamples", "seqlen", "kl_chunk")
-    for name in at_least_one:
-        if name in s and s[name] < 1:
-            raise UserError(f"--{name.replace('_', '-')} {s[name]} must be at least 1")
+    at_least(1, **{name: s.get(name) for name in ("starts", "steps", "batch_size", "nsamples", "seqlen", "kl_chunk")})
     for name in ("lr", "tau0", "tau1"):
         if not s[name] > 0:
             raise UserError(f"--{name} {s[name]} must be positive (the gate temperature and step divide by it)")
@@ -267,17 +259,6 @@ def check_settings(k, **settings):
     if not 1 <= s["segments"] <= k:
         raise UserError(f"--segments {s['segments']} must be between 1 and the {k} layer(s) to remove "
                         f"(--prune-layers / --prune-ratio): each segment removes at least one layer")
-
-
-def make_teacher(model, tokenizer, calib, nsamples, seqlen, seed, cache_device=None):
-    """Calibration windows and the cached dense pass over them."""
-    tokens, desc = calibration_tokens(tokenizer, calib, nsamples, seqlen, seed, model.cfg.vocab_size)
-    t0 = time.perf_counter()
-    teacher = build_teacher(model, tokens, desc, cache_device=cache_device)
-    size = sum(h.numel() * h.element_size() for h in teacher.hidden)
-    print(f"teacher: {teacher.num_tokens:,} calibration tokens ({desc}), dense pass {time.perf_counter() - t0:.1f} s, "
-          f"cache {size / 2**20:,.0f} MiB on {teacher.hidden[0].device}")
-    return teacher
 
 
 def run(ckpt, out, prune_layers=None, prune_ratio=None, calib="wikitext2", nsamples=16, seqlen=256, seed=0,
@@ -309,14 +290,14 @@ def run(ckpt, out, prune_layers=None, prune_ratio=None, calib="wikitext2", nsamp
     state = None
     if save_every or resume:
         same = {key: v for key, v in settings.items() if key not in ("out", "excise_to", "log_every")}
-        same |= {"model": excise.fingerprint(model)}
+        same |= {"model": load_weights.fingerprint(model)}
         state = GateState(Path(out) / "search_state.safetensors", save_every, same, resume)
     result = search(model, teacher, k, seed=seed, state=state, **gate)
     removed = result["removed_layers"]
     print(f"chosen block: layers {span(removed)}  (calibration KL {result['kl']:.5f})")
     report = {"method": "clp-gate", "removed_layers": removed, "kept_layers": [i for i in range(L) if i not in removed],
               "block": span(removed), "kl": result["kl"], "candidates": result["candidates"],
-              "model": {"ckpt": str(ckpt), "path": str(source), "fingerprint": excise.fingerprint(model)},
+              "model": {"ckpt": str(ckpt), "path": str(source), "fingerprint": load_weights.fingerprint(model)},
               "budget": {"layers": k, "ratio": round(k / L, 4)}, "calibration": teacher.description,
               "settings": settings, "trajectory": result["trajectory"], "final_mu": result["final_mu"],
               "survivors": result["survivors"],
@@ -330,15 +311,16 @@ def run(ckpt, out, prune_layers=None, prune_ratio=None, calib="wikitext2", nsamp
     print("peak memory: " + ", ".join(f"{d} {b / 2**30:,.2f} GiB" for d, b in report["peak_memory_bytes"].items()))
     print(f"report: {Path(out) / 'report.json'}  (search {report['wall_time_s']['total']:.0f} s in all)")
     if excise_to is not None:
-        excise.write_pruned(model, source, removed, excise_to, excise.info_from_report(report, Path(out) / "report.json"))
+        write_pruned(load_weights.unrounded(model, source), source, removed, excise_to,
+                     info_from_report(report, Path(out) / "report.json"))
         print(f"pruned checkpoint: {excise_to}")
     return report
 
 
-def memory_plan(a, cfg, path, run):
-    """search.py's flags -> memory.py's plan of a gate search (plan.py calls it with the placement in `run`)."""
+def memory_plan(a, cfg, path, placed):
+    """search.py's flags -> memory.py's plan of a gate search (plan.py calls it with the placement in `placed`)."""
     k, note = plan.layers_to_remove(cfg.num_layers, a.get("prune_layers"), a.get("prune_ratio"))
-    p = memory.plan_search(*run, a["nsamples"], a["seqlen"], k, batch_size=a["batch_size"], chunk=a["kl_chunk"],
+    p = memory.plan_search(*placed, a["nsamples"], a["seqlen"], k, batch_size=a["batch_size"], chunk=a["kl_chunk"],
                            steps=a["steps"], starts=a["starts"], halving=a["halving"], radius=a["radius"],
                            cache_on_cpu=bool(a.get("cache_on_cpu")))
     p.notes += [note] if note else []

@@ -66,6 +66,17 @@ def build_teacher(model, tokens, description="", batch=4, cache_device=None):
     return Teacher(tokens, hidden, description)
 
 
+def make_teacher(model, tokenizer, calib, nsamples, seqlen, seed, cache_device=None):
+    """Calibration windows and the cached dense pass over them."""
+    tokens, desc = calibration_tokens(tokenizer, calib, nsamples, seqlen, seed, model.cfg.vocab_size)
+    t0 = time.perf_counter()
+    teacher = build_teacher(model, tokens, desc, cache_device=cache_device)
+    size = sum(h.numel() * h.element_size() for h in teacher.hidden)
+    print(f"teacher: {teacher.num_tokens:,} calibration tokens ({desc}), dense pass {time.perf_counter() - t0:.1f} s, "
+          f"cache {size / 2**20:,.0f} MiB on {teacher.hidden[0].device}")
+    return teacher
+
+
 def keep_cached(h, cache_device):
     if cache_device is None or h.device == torch.device(cache_device):
         return h

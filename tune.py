@@ -28,16 +28,16 @@ from torch import nn
 import atomic
 import data
 import devices
-import excise
 import load_weights
 import memory
 import paths
 import placement
 import plan
 import save_weights
-from devices import peak_memory
+from devices import peak_memory, stored_dtype
 from errors import cli, old_spelling, read_json
-from model import LINEARS
+from gates import spec_indices
+from model import LINEARS, hf_state_dict
 from teacher import calibration_tokens, eta, kl_backward, kl_sum
 
 
@@ -53,7 +53,7 @@ def choose_layers(spec, pruning, num_layers):
         return endpoints(pruning["kept_layers"], pruning["source_num_layers"])
     if spec == "all":
         return list(range(num_layers))
-    layers = sorted(set(excise.spec_indices(spec)))
+    layers = sorted(set(spec_indices(spec)))
     bad = [j for j in layers if not 0 <= j < num_layers]
     if bad:
         raise ValueError(f"unknown layer(s) {bad}: the pruned model has layers 0..{num_layers - 1}")
@@ -281,15 +281,15 @@ def teacher_cache(teacher, pruning, student, token_sets, place):
 def write_tuned(model, source, out, report):
     """The tuned checkpoint in the source's layout and dtype, with pruning.json carried over and tuning.json."""
     config = load_weights.read_config_dict(source)
-    dtype = excise.source_dtype(config)
-    tensors = {k: v.detach().to("cpu", dtype) for k, v in load_weights.hf_state_dict(model).items()}
+    dtype = stored_dtype(config)
+    tensors = {k: v.detach().to("cpu", dtype) for k, v in hf_state_dict(model).items()}
     extra = {"tuning.json": json.dumps(report, indent=2) + "\n"}
     if (Path(source) / "pruning.json").is_file():
         extra["pruning.json"] = (Path(source) / "pruning.json").read_text()
     save_weights.save_checkpoint(out, config, tensors, source_dir=source, extra_files=extra)
 
 
-def memory_plan(a, cfg, path, run):
+def memory_plan(a, cfg, path, placed):
     """tune.py's flags -> memory.py's plan of tuning (plan.py calls it): the teacher is --teacher or the dense source
     its pruning.json names, the trained layers --train-layers."""
     pruning = read_pruning(path)
@@ -297,7 +297,7 @@ def memory_plan(a, cfg, path, run):
     if teacher is None:
         raise ValueError("no teacher: the checkpoint has no pruning.json naming its source; give --teacher")
     tuned = choose_layers(a["train_layers"], pruning, cfg.num_layers)
-    return memory.plan_tune(cfg, plan.config(teacher)[0], *run[1:], tuned, a["nsamples"], a["val_samples"], a["seqlen"],
+    return memory.plan_tune(cfg, plan.config(teacher)[0], *placed[1:], tuned, a["nsamples"], a["val_samples"], a["seqlen"],
                             a["batch_size"], a["kl_chunk"], a["steps"], a["method"], a["rank"])
 
 

@@ -20,7 +20,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import baselines  # noqa: E402
-import excise  # noqa: E402
 import load_weights  # noqa: E402
 import search  # noqa: E402
 from benchmarks.common import ROOT, command, load_cells, store_cell, update_section  # noqa: E402
@@ -210,7 +209,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     res = load_cells(a.results)
     model, tok = load_weights.load(a.ckpt)
-    fp = excise.fingerprint(model)["embed_sha256"]
+    fp = load_weights.fingerprint(model)["embed_sha256"]
     for seed in ([] if a.write_only else map(int, a.seeds.split(","))):
         teacher = None
         for k in map(int, a.budgets.split(",")):

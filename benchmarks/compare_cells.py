@@ -17,7 +17,7 @@ import torch
 import baselines
 import eval as ev
 import latency
-import excise
+import save_weights
 import importance
 import load_weights
 import search
@@ -57,7 +57,7 @@ class Bench:
         self.a = a
         self.model, self.tok = load_weights.load(a.ckpt)
         self.L = self.model.cfg.num_layers
-        self.fp = excise.fingerprint(self.model)["embed_sha256"]
+        self.fp = load_weights.fingerprint(self.model)["embed_sha256"]
         self.calib = f"{a.nsamples}x{a.seqlen}"
         self.res, self.gates = load_cells(a.results), load_cells(a.gate_results)
         self._teacher = None
@@ -263,7 +263,7 @@ def tune_one(b, removed, variant, lr):
     """One tune.py run on the pruned checkpoint; its checkpoint stays in --work until the chosen one is evaluated."""
     pruned = work_dir(b, removed)
     if not (pruned / "config.json").is_file():
-        excise.write_pruned(b.model, load_weights.resolve(b.a.ckpt), removed, pruned, {"method": "bench_compare"})
+        save_weights.write_pruned(b.model, load_weights.resolve(b.a.ckpt), removed, pruned, {"method": "bench_compare"})
     out = work_dir(b, removed, variant, lr)
     rank = lora_rank(b, b.L - len(removed))
     rep = tune.tune(pruned, out, train_layers="endpoints" if variant == "endpoints" else "all",

@@ -11,11 +11,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-import excise
 import load_weights as lw
 import save_weights
 from conftest import FIXTURES
-from model import Transformer
+from model import Transformer, hf_state_dict
 from tokenizer import byte_decoder
 
 SRC = FIXTURES / "tiny-llama2"
@@ -148,7 +147,7 @@ def st_nan(tmp):
 
 def sharded(tmp):
     model, _ = lw.load(SRC)
-    out = save_weights.save_checkpoint(tmp / "ckpt", lw.read_config_dict(SRC), lw.hf_state_dict(model), max_shard_bytes=300_000)
+    out = save_weights.save_checkpoint(tmp / "ckpt", lw.read_config_dict(SRC), hf_state_dict(model), max_shard_bytes=300_000)
     (out / "tokenizer.json").write_text(json.dumps(byte_tokenizer()))
     return out
 
@@ -223,7 +222,7 @@ def pruned(tmp):
     """a pruned checkpoint (layers 2-3 cut) with its pruning.json"""
     src = tiny(tmp, "dense")
     model, _ = lw.load(src)
-    excise.write_pruned(model, src, [2, 3], tmp / "ckpt")
+    save_weights.write_pruned(model, src, [2, 3], tmp / "ckpt")
     return tmp / "ckpt"
 
 
@@ -252,7 +251,7 @@ def pruned_huge(tmp):
     """a pruned checkpoint of weights that overflow in the forward pass"""
     src = huge(tmp, "dense")
     model, _ = lw.load(src)
-    excise.write_pruned(model, src, [2, 3], tmp / "ckpt")
+    save_weights.write_pruned(model, src, [2, 3], tmp / "ckpt")
     return tmp / "ckpt"
 
 
@@ -260,7 +259,7 @@ def packable(tmp, name="ckpt", fill=None):
     """a valid tiny Qwen2 checkpoint whose Linears GPTQ can pack"""
     torch.manual_seed(0)
     model = Transformer(lw.config_from_dict(PACKABLE))
-    tensors = {k: v.detach().clone() for k, v in lw.hf_state_dict(model).items()}
+    tensors = {k: v.detach().clone() for k, v in hf_state_dict(model).items()}
     if fill:
         fill(tensors)
     out = save_weights.save_checkpoint(tmp / name, PACKABLE, tensors)

@@ -10,7 +10,7 @@ import load_weights
 import save_weights
 from benchmarks import bench_compare, compare_cells
 from conftest import DATA, need
-from model import Transformer
+from model import Transformer, hf_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def tiny_with_tokenizer(tmp_path_factory):
             if p.dim() == 2:
                 p.normal_(0, 0.02)
     out = tmp_path_factory.mktemp("tiny") / "ckpt"
-    tensors = {k: v.detach().clone() for k, v in load_weights.hf_state_dict(model).items()}
+    tensors = {k: v.detach().clone() for k, v in hf_state_dict(model).items()}
     save_weights.save_checkpoint(out, config, tensors, source_dir=src)
     return out
 

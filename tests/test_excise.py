@@ -10,6 +10,7 @@ import load_weights
 import save_weights
 import search
 from conftest import FIXTURES
+from model import hf_state_dict
 
 
 def reference_ids(tiny_dir):
@@ -25,7 +26,7 @@ def test_keep_zero_equals_excised_checkpoint(tiny_dir, tmp_path, removed):
     keep[removed] = 0
     want = model(ids, keep=keep)
     out = tmp_path / "pruned"
-    excise.write_pruned(model, tiny_dir, removed, out)
+    save_weights.write_pruned(model, tiny_dir, removed, out)
     small, _ = load_weights.load(out)
     assert small.cfg.num_layers == 6 - len(removed)
     torch.testing.assert_close(small(ids), want, atol=1e-5, rtol=0)
@@ -36,7 +37,7 @@ def test_keep_zero_equals_excised_checkpoint(tiny_dir, tmp_path, removed):
 def test_checkpoint_contents(tiny_dir, tmp_path):
     model, _ = load_weights.load(tiny_dir)
     out = tmp_path / "pruned"
-    excise.write_pruned(model, tiny_dir, [1, 2], out, {"method": "test"})
+    save_weights.write_pruned(model, tiny_dir, [1, 2], out, {"method": "test"})
     src, cfg = load_weights.read_config_dict(tiny_dir), load_weights.read_config_dict(out)
     assert cfg["num_hidden_layers"] == 4
     assert {k: v for k, v in cfg.items() if k not in ("num_hidden_layers", "layer_types")} == \
@@ -97,7 +98,7 @@ def test_bf16_source_stays_bf16(tmp_path):
     src = FIXTURES / "tiny-qwen2"
     model, _ = load_weights.load(src, dtype=torch.bfloat16)
     config = dict(load_weights.read_config_dict(src), torch_dtype="bfloat16")
-    save_weights.save_checkpoint(tmp_path / "bf16", config, load_weights.hf_state_dict(model), source_dir=src)
+    save_weights.save_checkpoint(tmp_path / "bf16", config, hf_state_dict(model), source_dir=src)
     excise.main(["--ckpt", str(tmp_path / "bf16"), "--layers", "4-5", "--out", str(tmp_path / "cut")])
     with safe_open(tmp_path / "cut" / "model.safetensors", "pt") as f:
         t = f.get_tensor("model.layers.3.self_attn.q_proj.bias")
@@ -109,7 +110,10 @@ def test_search_in_bf16_still_writes_the_stored_fp32_weights(tmp_path):
     from conftest import FIXTURES
     src = FIXTURES / "tiny-llama2"
     model, _ = load_weights.load(src, dtype=torch.bfloat16)
-    excise.write_pruned(model, src, [0], tmp_path / "cut")
+    assert load_weights.unrounded(model, src) is not model  # rounded below the stored fp32: loaded again
+    fp32 = load_weights.load(src)[0]
+    assert load_weights.unrounded(fp32, src) is fp32
+    save_weights.write_pruned(load_weights.unrounded(model, src), src, [0], tmp_path / "cut")  # as search.py --excise
     with safe_open(tmp_path / "cut" / "model.safetensors", "pt") as f, safe_open(src / "model.safetensors", "pt") as g:
         torch.testing.assert_close(f.get_tensor("model.layers.0.self_attn.q_proj.weight"),
                                    g.get_tensor("model.layers.1.self_attn.q_proj.weight"), atol=0, rtol=0)

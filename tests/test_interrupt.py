@@ -29,6 +29,7 @@ import load_weights as lw
 import quantize
 import tune
 from errors import UserError
+from model import hf_state_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,7 +75,7 @@ def versions(tmp_path):
     """(source dir with tokenizer files, old tensors, new tensors, config); the old checkpoint is at tmp/out."""
     src = badinputs.tiny(tmp_path, "src")
     model, _ = lw.load(src)
-    old = {k: v.clone() for k, v in lw.hf_state_dict(model).items()}
+    old = {k: v.clone() for k, v in hf_state_dict(model).items()}
     new = {k: v + 1 for k, v in old.items()}
     config = lw.read_config_dict(src)
     save_weights.save_checkpoint(tmp_path / "out", config, old, source_dir=src)

@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 import load_weights as lw
 import save_weights
 from conftest import FIXTURES
+from model import hf_state_dict
 
 
 def copy_fixture(tmp_path, name="tiny-llama3"):
@@ -24,7 +25,7 @@ def listing(path):
 def test_sharded_round_trip_gives_the_same_logits(tmp_path, tiny_dir):
     model, _ = lw.load(tiny_dir)
     cfg = lw.read_config_dict(tiny_dir)
-    out = save_weights.save_checkpoint(tmp_path / "out", cfg, lw.hf_state_dict(model), source_dir=tiny_dir, max_shard_bytes=200_000)
+    out = save_weights.save_checkpoint(tmp_path / "out", cfg, hf_state_dict(model), source_dir=tiny_dir, max_shard_bytes=200_000)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     assert ("lm_head.weight" in index["weight_map"]) == (not cfg.get("tie_word_embeddings", False))
@@ -55,7 +56,7 @@ def test_missing_config_is_a_clear_error(tmp_path):
 
 def test_missing_shard_names_the_file(tmp_path):
     model, _ = lw.load(FIXTURES / "tiny-llama2")
-    out = save_weights.save_checkpoint(tmp_path / "s", lw.read_config_dict(FIXTURES / "tiny-llama2"), lw.hf_state_dict(model),
+    out = save_weights.save_checkpoint(tmp_path / "s", lw.read_config_dict(FIXTURES / "tiny-llama2"), hf_state_dict(model),
                              max_shard_bytes=100_000)
     shard = sorted(out.glob("model-*.safetensors"))[1]
     shard.unlink()
@@ -135,7 +136,7 @@ def test_loading_does_not_hold_two_copies_of_the_weights(tmp_path):
     cfg = Config("llama", vocab_size=32000, hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8, num_kv_heads=8)
     raw = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 512, "intermediate_size": 1536,
            "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 8}
-    out = save_weights.save_checkpoint(tmp_path / "ckpt", raw, lw.hf_state_dict(Transformer(cfg)))
+    out = save_weights.save_checkpoint(tmp_path / "ckpt", raw, hf_state_dict(Transformer(cfg)))
     size = (out / "model.safetensors").stat().st_size
     probe = ("import resource, sys, torch, load_weights as lw\n"
              "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"

@@ -11,7 +11,7 @@ import save_weights
 from conftest import FIXTURES, need
 from gptq_format import (SUPPORTED_BITS, check_quantization_config, dequantize, pack, pack_rows,
                          quantization_config, unpack_rows)
-from model import Transformer
+from model import Transformer, hf_state_dict
 from gptq import gptq, grid, proxy_error, rtn
 from latency import model_bytes
 from quantize import check_settings, input_hessian, packed_tensors, quantize_model
@@ -166,7 +166,7 @@ def test_checkpoint_reloads_to_the_same_weights(tmp_path, bits, group_size, act_
     assert len(rows) == 7 * RAW["num_hidden_layers"] and all(r["proxy_error"] >= 0 for r in rows)
     src, out = tmp_path / "src", tmp_path / "q"
     dense = tiny_model()
-    save_weights.save_checkpoint(src, RAW, lw.hf_state_dict(dense))
+    save_weights.save_checkpoint(src, RAW, hf_state_dict(dense))
     cfg = dict(RAW, quantization_config=quantization_config(bits, group_size, False, act_order, 0.01, "gptq"))
     save_weights.save_checkpoint(out, cfg, packed_tensors(model, results, bits, torch.float32))
     q, _ = lw.load(out)
@@ -176,7 +176,7 @@ def test_checkpoint_reloads_to_the_same_weights(tmp_path, bits, group_size, act_
     assert torch.equal(q(tokens), model(tokens))
     assert json.loads((out / "config.json").read_text())["quantization_config"]["bits"] == bits
     # the Linears really shrink, on disk and in memory
-    lin_dense = sum(t.numel() * 4 for n, t in lw.hf_state_dict(dense).items() if "_proj.weight" in n)
+    lin_dense = sum(t.numel() * 4 for n, t in hf_state_dict(dense).items() if "_proj.weight" in n)
     lin_q = sum(b.numel() * b.element_size() for n, b in q.named_buffers() if n.endswith("qweight"))
     assert lin_q == lin_dense * bits // 32
     assert model_bytes(q) < model_bytes(dense)
