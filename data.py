@@ -114,6 +114,30 @@ def build_parser():
     return p
 
 
+def calibration_windows(tokenizer, source, nsamples, seqlen, seed=0, vocab_size=None, held_out=0, data_dir=None):
+    """(windows (nsamples, seqlen), held-out windows (held_out, seqlen) or None, description): seeded random
+    windows of the calibration text `source` (wikitext2 = its validation split, pydoc, or a text file). With
+    held_out, the windows come from the first 90% of its tokens and the held-out ones (seed + 1) from the last
+    10%. A checkpoint without a tokenizer (None) calibrates on uniformly random ids of `vocab_size`."""
+    if tokenizer is None:
+        print("note: this checkpoint has no tokenizer: calibrating on uniformly random token ids")
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, vocab_size, (nsamples + held_out, seqlen), generator=g)
+        return ids[:nsamples], ids[nsamples:] if held_out else None, f"random ids {nsamples}x{seqlen}"
+    text, desc = load_text(source, split="valid", data_dir=data_dir)
+    ids = tokenizer.encode(text, bos=False)
+    cut = int(0.9 * len(ids)) if held_out else len(ids)
+    if cut < nsamples * seqlen:
+        print(f"warning: the calibration text has only {cut:,} tokens for {nsamples * seqlen:,} requested: "
+              f"windows overlap")
+    windows = calibration_batch(ids[:cut], nsamples, seqlen, seed=seed)
+    if not held_out:
+        return windows, None, f"{desc}, {nsamples} random windows x {seqlen} tokens (seed {seed}, of {len(ids):,})"
+    return windows, calibration_batch(ids[cut:], held_out, seqlen, seed=seed + 1), (
+        f"{desc}: {nsamples} random windows x {seqlen} tokens from the first 90% (seed {seed}), {held_out} held out "
+        f"from the last 10%")
+
+
 @cli()
 def main(argv=None):
     p = build_parser()

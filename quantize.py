@@ -26,6 +26,7 @@ import placement
 import plan
 import resume
 from atomic import write_json
+from data import calibration_windows
 from devices import DTYPES, peak_memory
 from errors import check_finite, cli, old_spelling
 from gptq import Quantized, gptq, proxy_error, rtn
@@ -195,20 +196,12 @@ def check_linears(model, group_size):
               f"as the format allows (g_idx = i // group_size)")
 
 
-def calibration_tokens(tok, calib, nsamples, seqlen, seed, data_dir, max_in):
-    """(nsamples, seqlen) random windows of the calibration text; warns when it is too short to trust."""
-    from data import calibration_batch, load_text
-
-    text, desc = load_text(calib, split="valid", data_dir=data_dir)
-    ids = tok.encode(text, bos=False)
-    n = nsamples * seqlen
-    print(f"calibration: {nsamples} x {seqlen} = {n:,} tokens drawn from {desc} ({len(ids):,} tokens)")
-    if len(ids) < n:
-        print(f"warning: the calibration text has only {len(ids):,} tokens for {n:,} requested: windows overlap")
+def check_calibration(tokens, max_in):
+    """GPTQ needs several times more calibration tokens than a Linear has inputs: H = 2XX^T has rank <= tokens."""
+    n = tokens.numel()
     if n < 10 * max_in:
         print(f"warning: only {n:,} calibration tokens for Linears with up to {max_in:,} inputs: H = 2XX^T has rank "
               f"<= {n:,} and GPTQ needs several times more tokens than inputs; raise --nsamples or --seqlen")
-    return calibration_batch(ids, nsamples, seqlen, seed=seed), desc
 
 
 def packed_tensors(model, results, bits, dtype):
@@ -269,9 +262,10 @@ def quantize_checkpoint(ckpt, out, method="gptq", bits=4, group_size=128, sym=Fa
     if nsamples > 0:
         if tok is None:
             raise ValueError(f"{src} has no tokenizer: calibration text cannot be encoded")
-        max_in = max(model.layers[0].get_submodule(n).in_features for n in LINEARS)
-        tokens, calib_desc = calibration_tokens(tok, calib, nsamples, min(seqlen, model.cfg.max_position_embeddings),
-                                                seed, data_dir, max_in)
+        tokens, _, calib_desc = calibration_windows(tok, calib, nsamples, min(seqlen, model.cfg.max_position_embeddings),
+                                                    seed, data_dir=data_dir)
+        print(f"calibration: {calib_desc}")
+        check_calibration(tokens, max(model.layers[0].get_submodule(n).in_features for n in LINEARS))
     settings = dict(method=method, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
                     blocksize=blocksize, percdamp=percdamp)
     print(f"quantizing {shown(src)} with {method}: {bits} bits, group size {group_size}, "

@@ -37,18 +37,6 @@ class Teacher:
         return self.hidden[-1]
 
 
-def calibration_tokens(tokenizer, source, nsamples, seqlen, seed, vocab_size):
-    """(tokens (nsamples, seqlen), description): windows of `source` text, or random ids without a tokenizer."""
-    if tokenizer is None:
-        print("note: this checkpoint has no tokenizer: calibrating on uniformly random token ids")
-        g = torch.Generator().manual_seed(seed)
-        return torch.randint(0, vocab_size, (nsamples, seqlen), generator=g), f"random ids {nsamples}x{seqlen}"
-    text, desc = data.load_text(source, split="valid")
-    ids = tokenizer.encode(text, bos=False)
-    tokens = data.calibration_batch(ids, nsamples, seqlen, seed=seed)
-    return tokens, f"{desc}, {nsamples} random windows x {seqlen} tokens (seed {seed}, of {len(ids):,})"
-
-
 @torch.no_grad()
 def build_teacher(model, tokens, description="", batch=4, cache_device=None):
     """Run the dense model once, layer by layer, and cache every layer boundary (in the weights' dtype).
@@ -68,7 +56,7 @@ def build_teacher(model, tokens, description="", batch=4, cache_device=None):
 
 def make_teacher(model, tokenizer, calib, nsamples, seqlen, seed, cache_device=None):
     """Calibration windows and the cached dense pass over them."""
-    tokens, desc = calibration_tokens(tokenizer, calib, nsamples, seqlen, seed, model.cfg.vocab_size)
+    tokens, _, desc = data.calibration_windows(tokenizer, calib, nsamples, seqlen, seed, model.cfg.vocab_size)
     t0 = time.perf_counter()
     teacher = build_teacher(model, tokens, desc, cache_device=cache_device)
     size = sum(h.numel() * h.element_size() for h in teacher.hidden)

@@ -38,7 +38,7 @@ from devices import peak_memory, stored_dtype
 from errors import cli, old_spelling, read_json
 from gates import spec_indices
 from model import LINEARS, hf_state_dict
-from teacher import calibration_tokens, eta, kl_backward, kl_sum
+from teacher import eta, kl_backward, kl_sum
 
 
 
@@ -191,20 +191,6 @@ def load_teacher(teacher, pruning, student, place):
     return dense, name
 
 
-def split_text_tokens(tokenizer, calib, nsamples, val_samples, seqlen, seed, vocab_size):
-    """Training windows from the first 90% of the calibration text and held-out windows from the last 10%."""
-    if tokenizer is None:
-        tokens, desc = calibration_tokens(None, calib, nsamples + val_samples, seqlen, seed, vocab_size)
-        return tokens[:nsamples], tokens[nsamples:], desc
-    text, desc = data.load_text(calib, split="valid")
-    ids = tokenizer.encode(text, bos=False)
-    cut = int(0.9 * len(ids))
-    train_t = data.calibration_batch(ids[:cut], nsamples, seqlen, seed=seed)
-    val_t = data.calibration_batch(ids[cut:], val_samples, seqlen, seed=seed + 1)
-    return train_t, val_t, (f"{desc}: {nsamples} random windows x {seqlen} tokens from the first 90% "
-                            f"(seed {seed}), {val_samples} held out from the last 10%")
-
-
 def tuned_parameters(model, layers, method, rank, alpha):
     """Make the chosen weights trainable (full) or attach LoRA adapters to them; return the trainable list."""
     if method == "full":
@@ -237,7 +223,7 @@ def tune(ckpt, out, teacher=None, train_layers="endpoints", method="full", steps
     atomic.check_out(out, {"--ckpt": source, "--teacher": dense and load_weights.resolve(dense)})
     model, tokenizer, devs, _ = placement.load(source, **place)
     settings["placement"] = placement.describe_split(model)
-    train_t, val_t, desc = split_text_tokens(tokenizer, calib, nsamples, val_samples, seqlen, seed, model.cfg.vocab_size)
+    train_t, val_t, desc = data.calibration_windows(tokenizer, calib, nsamples, seqlen, seed, model.cfg.vocab_size, val_samples)
     head, teacher_name, (teacher_h, val_teacher_h) = teacher_cache(teacher, pruning, model, (train_t, val_t), place)
     prefix, val_prefix = (frozen_prefix(model, t, chosen[0]) for t in (train_t, val_t))
     kl_before = mean_kl(model, val_prefix, head, val_teacher_h, chosen[0], batch_size, kl_chunk)

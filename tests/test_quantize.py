@@ -227,7 +227,8 @@ def test_ragged_groups_are_noted(capsys):
 
 
 def test_short_calibration_warns_with_token_count(capsys, tmp_path):
-    from quantize import calibration_tokens
+    from data import calibration_windows
+    from quantize import check_calibration
 
     class Chars:  # a stand-in tokenizer: one token per character
         def encode(self, text, bos=False):
@@ -235,11 +236,12 @@ def test_short_calibration_warns_with_token_count(capsys, tmp_path):
 
     text = tmp_path / "calib.txt"
     text.write_text("short calibration text. " * 40)
-    tokens, _ = calibration_tokens(Chars(), str(text), 4, 64, 0, None, max_in=128)
+    tokens, _, _ = calibration_windows(Chars(), str(text), 4, 64)
+    check_calibration(tokens, max_in=128)
     out = capsys.readouterr().out
     assert tokens.shape == (4, 64)
     assert "only 256 calibration tokens for Linears with up to 128 inputs" in out and "overlap" not in out
-    calibration_tokens(Chars(), str(text), 40, 64, 0, None, max_in=128)
+    check_calibration(calibration_windows(Chars(), str(text), 40, 64)[0], max_in=128)
     out = capsys.readouterr().out
     assert "only 960 tokens for 2,560 requested" in out and "calibration tokens for" not in out
 

@@ -147,7 +147,7 @@ def test_one_pass_baselines_see_a_planted_identity_block():
 
 
 def test_calibration_windows_come_from_the_tokenized_text(tmp_path):
-    from teacher import calibration_tokens
+    from data import calibration_windows
 
     class CharTokenizer:
         def encode(self, text, bos=False):
@@ -155,11 +155,18 @@ def test_calibration_windows_come_from_the_tokenized_text(tmp_path):
 
     text = "".join(chr(ord("a") + (i * 7) % 26) for i in range(2000))
     (tmp_path / "calib.txt").write_text(text)
-    tokens, desc = calibration_tokens(CharTokenizer(), str(tmp_path / "calib.txt"), 5, 64, seed=3, vocab_size=512)
-    again, _ = calibration_tokens(CharTokenizer(), str(tmp_path / "calib.txt"), 5, 64, seed=3, vocab_size=512)
-    assert tokens.shape == (5, 64) and torch.equal(tokens, again) and "calib.txt" in desc
+    tokens, held, desc = calibration_windows(CharTokenizer(), str(tmp_path / "calib.txt"), 5, 64, seed=3)
+    again, _, _ = calibration_windows(CharTokenizer(), str(tmp_path / "calib.txt"), 5, 64, seed=3)
+    assert tokens.shape == (5, 64) and torch.equal(tokens, again) and "calib.txt" in desc and held is None
     for row in tokens.tolist():
         assert "".join(map(chr, row)) in text
+    # with held-out windows: training windows from the first 90% of the text, held-out ones from the last 10%
+    train, held, _ = calibration_windows(CharTokenizer(), str(tmp_path / "calib.txt"), 5, 64, seed=3, held_out=2)
+    assert train.shape == (5, 64) and held.shape == (2, 64)
+    for row in train.tolist():
+        assert "".join(map(chr, row)) in text[:1800]
+    for row in held.tolist():
+        assert "".join(map(chr, row)) in text[1800:]
 
 
 def test_read_off_also_scores_the_blocks_the_starts_visited(monkeypatch):
