@@ -42,8 +42,7 @@ from devices import peak_memory
 from errors import at_least, cli
 from atomic import write_json
 from resume import Scores
-from model import follow
-from teacher import eta, log_probs, make_teacher, removed_kl, token_kl
+from teacher import eta, log_probs, make_teacher, removed_kl, run_windows, token_kl
 
 METHODS = ["exhaustive", "block-influence", "angular", "tail", "random", "sleb", "shortened-ppl", "shortened-taylor"]
 
@@ -104,7 +103,6 @@ def score_placements(model, teacher, sets, batch=4, chunk=1024, quiet=False, max
     removed_kl does, on the same batches and chunks, so the KLs are identical to it. on_score(set, kl, seconds)
     is called as each one finishes (seconds: since the previous one)."""
     L = model.cfg.num_layers
-    cos, sin = model.rope(0, teacher.tokens.shape[1])
     finals = [th.reshape(-1, th.shape[-1]) for th in teacher.final.split(batch)]
     keep = 4 * teacher.num_tokens * model.cfg.vocab_size <= max_cache
     tl = {}
@@ -117,12 +115,6 @@ def score_placements(model, teacher, sets, batch=4, chunk=1024, quiet=False, max
             tl[b, j] = out
         return out
 
-    def advance(xs, start, stop):
-        for i in range(start, stop):
-            layer = placement.on_device(model, i)
-            xs = [layer(follow(x, layer), cos, sin) for x in xs]
-        return xs
-
     carried = {}  # leading blocks -> (p, states entering layer p with those blocks removed)
 
     def state_at(lead, p):
@@ -132,7 +124,7 @@ def score_placements(model, teacher, sets, batch=4, chunk=1024, quiet=False, max
         if pos is None or pos > p:
             a, w = lead[-1]
             pos, xs = a + w, state_at(lead[:-1], a)
-        xs = advance(xs, pos, p)
+        xs = run_windows(model, xs, pos, p)
         carried[lead] = (p, xs)
         return xs
 
@@ -142,7 +134,7 @@ def score_placements(model, teacher, sets, batch=4, chunk=1024, quiet=False, max
     for m, n in enumerate(order):
         blocks = tuple(layers_to_blocks(sorted(sets[n])))
         a, w = blocks[-1]
-        xs = advance(state_at(blocks[:-1], a), a + w, L)
+        xs = run_windows(model, state_at(blocks[:-1], a), a + w, L)
         total = 0.0
         for b, x in enumerate(xs):
             h = x.reshape(-1, x.shape[-1])

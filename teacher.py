@@ -108,6 +108,17 @@ def run_layers(model, x, first, keep=None, removed=()):
     return x
 
 
+def run_windows(model, xs, start, stop=None, removed=()):
+    """Layers start..stop-1 (default: to the last) over the batches of hidden states `xs`, skipping `removed`.
+    Layers are the outer loop, so a streamed layer (--offload) is fetched once for all the batches."""
+    cos, sin = model.rope(0, xs[0].shape[1])
+    for i in range(start, model.cfg.num_layers if stop is None else stop):
+        if i not in removed:
+            layer = placement.on_device(model, i)
+            xs = [layer(follow(x, layer), cos, sin) for x in xs]
+    return list(xs)
+
+
 @torch.no_grad()
 def kl_sum(model, h, teacher_h, chunk, head=None):
     """Sum of per-token KL over h (..., C) against the teacher's final states teacher_h, `chunk` tokens at a
@@ -142,14 +153,8 @@ def removed_kl(model, teacher, removed, batch=4, chunk=1024):
     Layers are the outer loop (all windows through one layer, then the next), so a streamed layer is
     fetched once per block scored; the windows' states in flight take as much memory as one cached h[i].
     """
-    removed = set(removed)
     first = min(removed)
-    cos, sin = model.rope(0, teacher.tokens.shape[1])
-    xs = teacher.hidden[first].split(batch)
-    for i in range(first, model.cfg.num_layers):
-        if i not in removed:
-            layer = placement.on_device(model, i)
-            xs = [layer(follow(x, layer), cos, sin) for x in xs]
+    xs = run_windows(model, teacher.hidden[first].split(batch), first, removed=set(removed))
     total = sum(kl_sum(model, x, th, chunk) for x, th in zip(xs, teacher.final.split(batch)))
     return total / teacher.num_tokens
 

@@ -38,7 +38,7 @@ from devices import peak_memory, stored_dtype
 from errors import cli, old_spelling, read_json
 from gates import spec_indices
 from model import LINEARS, hf_state_dict
-from teacher import eta, kl_backward, kl_sum
+from teacher import eta, kl_backward, kl_sum, run_layers
 
 
 
@@ -116,18 +116,10 @@ def frozen_prefix(model, tokens, first, batch=4):
     return torch.cat(out)
 
 
-def run_from(model, x, first):
-    """Layers first..end of the student from hidden state x."""
-    cos, sin = model.rope(0, x.shape[1])
-    for layer in model.layers[first:]:
-        x = layer(x, cos, sin)
-    return x
-
-
 @torch.no_grad()
 def mean_kl(model, prefix, teacher, teacher_h, first, batch, chunk):
     """Mean KL of the student to the teacher over all cached windows (no gradients)."""
-    total = sum(kl_sum(model, run_from(model, prefix[j: j + batch], first), teacher_h[j: j + batch], chunk, teacher)
+    total = sum(kl_sum(model, run_layers(model, prefix[j: j + batch], first), teacher_h[j: j + batch], chunk, teacher)
                 for j in range(0, len(prefix), batch))
     return total / (prefix.shape[0] * prefix.shape[1])
 
@@ -151,7 +143,7 @@ def train(model, params, prefix, teacher, teacher_h, first, steps, batch_size, l
         idx = torch.randint(0, len(prefix), (batch_size,), generator=g)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup)
-        loss = kl_backward(model, run_from(model, prefix[idx], first), teacher_h[idx], chunk, head=teacher)
+        loss = kl_backward(model, run_layers(model, prefix[idx], first), teacher_h[idx], chunk, head=teacher)
         if not math.isfinite(loss):
             raise FloatingPointError(f"the loss became {loss} at step {step + 1}: nothing was written; "
                                      f"try a smaller --lr (now {lr:g})")
