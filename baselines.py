@@ -41,20 +41,19 @@ from gates import blocks_to_layers, budget, layers_to_blocks, segment_widths, sp
 from devices import peak_memory
 from errors import at_least, cli
 from atomic import write_json
-from resume import Scores
+from resume import OFF, Scores
 from teacher import eta, log_probs, make_teacher, removed_kl, run_windows, token_kl
 
 METHODS = ["exhaustive", "block-influence", "angular", "tail", "random", "sleb", "shortened-ppl", "shortened-taylor"]
 
 
-def exhaustive(model, teacher, k, quiet=False, done=None):
+def exhaustive(model, teacher, k, quiet=False, done=OFF):
     """Calibration KL of every contiguous block of k layers: [{"removed_layers", "kl"}], best first.
     `done` (resume.Scores) keeps each finished block's KL, and gives back those an interrupted run left."""
     L = model.cfg.num_layers
     scores, t0 = [], time.perf_counter()
     for s in range(L - k + 1):
-        exact = lambda: removed_kl(model, teacher, range(s, s + k))  # noqa: E731
-        kl = done.get(f"{s}-{s + k - 1}", exact) if done is not None else exact()
+        kl = done.get(f"{s}-{s + k - 1}", lambda: removed_kl(model, teacher, range(s, s + k)))
         scores.append({"removed_layers": list(range(s, s + k)), "kl": kl})
         if not quiet:
             print(f"  block {s:3d}-{s + k - 1:<3d} kl {kl:.5f}   ({s + 1}/{L - k + 1}, {eta(t0, s + 1, L - k + 1)})", flush=True)
@@ -81,13 +80,13 @@ def placements(L, widths):
     return sorted(out)
 
 
-def exhaustive_segments(model, teacher, k, segments=2, quiet=False, done=None):
+def exhaustive_segments(model, teacher, k, segments=2, quiet=False, done=OFF):
     """Calibration KL of every placement of `segments` blocks with the gate's widths: the S-segment oracle.
     `done` (resume.Scores) keeps each finished placement's KL, so an interrupted run scores only the rest."""
     sets = placements(model.cfg.num_layers, segment_widths(k, segments))
-    kl = {} if done is None else {s: done.scores[span(s)] for s in sets if span(s) in done.scores}
+    kl = {s: done.scores[span(s)] for s in sets if span(s) in done.scores}
     todo = [s for s in sets if s not in kl]
-    save = None if done is None else lambda layers, v, seconds: done.put(span(layers), v, seconds)
+    save = lambda layers, v, seconds: done.put(span(layers), v, seconds)  # noqa: E731
     kl |= dict(zip(todo, score_placements(model, teacher, todo, quiet=quiet, on_score=save)))
     return sorted(({"removed_layers": list(s), "kl": kl[s]} for s in sets), key=lambda c: c["kl"])
 
@@ -168,7 +167,7 @@ def angular_distance(teacher, k):
     return [math.acos(max(-1.0, min(1.0, mean_cosine(h[s], h[s + k])))) / math.pi for s in range(len(h) - k)]
 
 
-def choose(method, model, teacher, k, seed=0, done=None):
+def choose(method, model, teacher, k, seed=0, done=OFF):
     """(removed layers, scores) for one method."""
     L = model.cfg.num_layers
     if method == "exhaustive":

@@ -96,7 +96,7 @@ def quantize_block(layer, X, cos, sin, settings, rows):
 
 
 @torch.no_grad()
-def quantize_model(model, tokens, settings, rows=None, work=None):
+def quantize_model(model, tokens, settings, rows=None, work=resume.OFF):
     """Quantize every Block of `model` in place, sequentially; tokens (N, T) calibration, or None for data-free RTN.
 
     Returns ({"layers.i.<linear>": Quantized}, [per-sublayer report rows]). `work` (resume.LayerStore) keeps
@@ -125,7 +125,7 @@ def quantize_model(model, tokens, settings, rows=None, work=None):
         # the layer on its device (a fresh copy when streamed: quantized in place, then let go)
         layer = placement.on_device(model, i)
         X = X.to(layer.device)
-        if work is not None and work.has(i):
+        if work.has(i):
             block, block_rows = load_block(layer, work, i)
         else:
             block, block_rows = {}, []
@@ -134,8 +134,7 @@ def quantize_model(model, tokens, settings, rows=None, work=None):
                 block_rows.append({"layer": i, "sublayer": name, **stats})
                 print(f"layer {i:3d}/{L}  {name:<17} proxy {stats['proxy_error']:10.4e}  "
                       f"(rtn {stats['proxy_error_rtn']:10.4e})  {stats['seconds']:6.2f}s", flush=True)
-            if work is not None:
-                work.save(i, block, block_rows)
+            work.save(i, block, block_rows)
         results.update({f"layers.{i}.{name}": res for name, res in block.items()})
         report += block_rows
         # the quantized Block's output is the next Block's input
@@ -271,7 +270,7 @@ def quantize_checkpoint(ckpt, out, method="gptq", bits=4, group_size=128, sym=Fa
     print(f"quantizing {shown(src)} with {method}: {bits} bits, group size {group_size}, "
           f"{'symmetric' if sym else 'asymmetric'}{', act-order (static groups)' if act_order else ''}")
     t0 = time.perf_counter()
-    work = None
+    work = resume.OFF
     if tokens is not None:
         # finished layers wait beside the output: a rerun with the same settings continues from them
         work = resume.LayerStore(resume.gptq_work_dir(out), dict(settings, source=str(src), calib=calib_desc,
@@ -283,8 +282,7 @@ def quantize_checkpoint(ckpt, out, method="gptq", bits=4, group_size=128, sym=Fa
                   torch_dtype=save_dtype)
     save_checkpoint(out, config, packed_tensors(model, results, bits, DTYPES[save_dtype]), source_dir=src)
     ram_quant = verify_reload(out, results)
-    if work is not None:
-        work.remove()
+    work.remove()
     rep = {"command": "python " + " ".join(sys.argv), "versions": {"python": sys.version.split()[0],
                                                                    "torch": torch.__version__},
            "seed": seed, "source": str(src), "out": str(out), "settings": settings, "dtype_unquantized": save_dtype,

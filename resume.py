@@ -47,6 +47,38 @@ def decode_trajectory(rows):
     return [dict(t, kl={int(r): v for r, v in t["kl"]}, mu={int(r): v for r, v in t["mu"]}) for t in rows]
 
 
+class Off:
+    """The resume state of a run that keeps nothing (the default): each method does what a fresh run does and
+    saves nothing, so the loops of search, baselines and quantize read the same with and without one."""
+    scores, seconds = {}, 0.0
+
+    def restore(self, gates, opt):  # GateState: (next step, active starts, step of the last halving, trajectory)
+        return 0, list(range(len(gates))), 0, []
+
+    def after_step(self, *args):
+        pass
+
+    def score(self, key, compute):  # GateState.score and Scores.get
+        return compute()
+
+    get = score
+
+    def put(self, key, value, seconds):  # Scores
+        pass
+
+    def has(self, i):  # LayerStore
+        return False
+
+    def save(self, i, results, rows):
+        pass
+
+    def remove(self):
+        pass
+
+
+OFF = Off()
+
+
 class GateState:
     """Saves and restores train_gates' loop state; `every` steps (0: never), into `path` (safetensors: the
     tensors, plus the loop's counters, trajectory and scored blocks as JSON metadata; nothing is unpickled)."""

@@ -14,7 +14,9 @@ halving). At the end the surviving starts' rounded blocks and their neighbours a
 exact (discrete) calibration KL, stepping on to the best block's neighbours until it is a local
 minimum: the relaxed gate often settles between two adjacent blocks, and rounding alone can pick
 the worse one. Before the walk, every block a start's rounded window passed through (stopped starts
-included) is scored exactly too (--read-off visited, the default; see choose_block).
+included) is scored exactly too. With --segments 2 or more, a reshaping walk over exact KLs follows
+(RESHAPE), so the blocks may change widths, move, or split. docs/design.md tells how each piece came
+to be, with the measurements.
 """
 import argparse
 import inspect
@@ -35,29 +37,28 @@ import plan
 from devices import peak_memory
 from errors import UserError, at_least, cli, old_spelling
 from atomic import write_json
-from resume import GateState
+from resume import OFF, GateState
 from save_weights import info_from_report, write_pruned
 from gates import (ContiguousGate, blocks_to_layers, boundary_moves, budget, halving_cuts, initial_centres, layers_to_blocks,
                    neighbours, place_segments, relocations, segment_widths, span, start_steps, strip, swaps, tau_at)
 from teacher import eta, kl_backward, make_teacher, removed_kl, run_layers
 
-# versions of the search: what seeds the exact read-off, whether the walk may move a block next to another
-# (merge), and whether a second walk may change the blocks' widths ("widths"), also move a block anywhere
-# ("anywhere"), and then also swap any removed layer for a kept one ("swaps"); merge and the second walk change
-# only multi-segment searches. Benchmark rows name them (before/after a change)
-VARIANTS = {"v1": ("survivors", False, None), "v2": ("visited", False, None), "v3": ("visited", True, None),
-            "v4": ("visited", True, "widths"), "v5": ("visited", True, "anywhere"), "v6": ("visited", True, "swaps"),
-            "v7": ("visited", True, "swaps2")}
-VARIANT = "v7"
+# The reshaping walk that follows the read-off when the gate has two or more segments: rounds of (moves, beam).
+# The gate's segments have fixed widths and stay in their own part of the depth; the cheapest blocks need not.
+# Round 1 moves an end layer of a block to just outside one (widths change) or a whole block anywhere it fits;
+# round 2 also swaps any removed layer for a kept one, so a block can split; round 3 goes on until the two best
+# placements are expanded, stepping over one placement uphill. docs/design.md has the measurements behind each.
+def shifts(layers, L, segments):
+    """Boundary moves and relocations (gates.py): the blocks change width or place, at most `segments` of them."""
+    return boundary_moves(layers, L, segments) | relocations(layers, L)
 
-# the moves of each second walk, and the walks (moves, beam) each setting runs in turn: "swaps" first exhausts
-# v5's cheaper moves (about 4 S + S L per step) and only then pays for the k (L - k) swaps; "swaps2" then also
-# expands the second-best placement (a beam-2 walk begins as the beam-1 walk does, so each run continues the last)
-MOVES = {"widths": lambda layers, L, S: boundary_moves(layers, L, S),
-         "anywhere": lambda layers, L, S: boundary_moves(layers, L, S) | relocations(layers, L),
-         "swaps": lambda layers, L, S: swaps(layers, L, S) | relocations(layers, L)}
-WALKS = {"widths": (("widths", 1),), "anywhere": (("anywhere", 1),), "swaps": (("anywhere", 1), ("swaps", 1)),
-         "swaps2": (("anywhere", 1), ("swaps", 1), ("swaps", 2))}
+
+def splits(layers, L, segments):
+    """Swaps (a removed layer for a kept one: a block can split) and relocations, at most `segments` blocks."""
+    return swaps(layers, L, segments) | relocations(layers, L)
+
+
+RESHAPE = ((shifts, 1), (splits, 1), (splits, 2))
 
 
 def first_gated_layer(keep, eps=1e-4):
@@ -87,7 +88,7 @@ def make_gates(L, k, segments, starts):
     return [ContiguousGate(L, k, segments, initial_centres(L, widths, r, starts)) for r in range(starts)]
 
 
-def train_gates(model, teacher, gates, steps, batch_size, lr, tau0, tau1, seed, chunk, log_every, halving, state=None):
+def train_gates(model, teacher, gates, steps, batch_size, lr, tau0, tau1, seed, chunk, log_every, halving, state=OFF):
     """Adam on the centres of every start, same minibatch for all; returns (trajectory, surviving starts).
     `state` (resume.GateState) saves the loop every few steps and restores it on --resume."""
     opt = torch.optim.Adam([g.mu for g in gates], lr=lr)
@@ -95,9 +96,8 @@ def train_gates(model, teacher, gates, steps, batch_size, lr, tau0, tau1, seed, 
     cuts = halving_cuts(steps, halving)
     active, since = list(range(len(gates))), 0
     work = start_steps(len(gates), steps, halving)  # start-steps done after each step, for an honest time left
-    trajectory, t0, first = [], time.perf_counter(), 0
-    if state is not None:
-        first, active, since, trajectory = state.restore(gates, opt)
+    first, active, since, trajectory = state.restore(gates, opt)
+    t0 = time.perf_counter()
     for step in range(first, steps):
         tau = tau_at(step, steps, tau0, tau1)
         # the step in layers shrinks with the softness of the window
@@ -118,8 +118,7 @@ def train_gates(model, teacher, gates, steps, batch_size, lr, tau0, tau1, seed, 
             log_step(step, steps, tau, losses, gates, eta(t0, work[step], work[-1], 'start-step'))
         if step + 1 in cuts and len(active) > 1:
             active, since = halve(trajectory[since:], active), step + 1
-        if state is not None:
-            state.after_step(step, steps, gates, opt, active, since, trajectory)
+        state.after_step(step, steps, gates, opt, active, since, trajectory)
     return trajectory, active
 
 
@@ -147,87 +146,60 @@ def visited_blocks(trajectory, widths, L):
     return out
 
 
-def choose_block(model, teacher, gates, L, radius=1, state=None, seeds=(), merge=True, resize=None):
-    """Discrete read-off: score each surviving start's block and its neighbours by the exact calibration KL
-    with the layers removed, then keep stepping to the best block's neighbours until the best one has all
-    its neighbours scored (a local minimum of the discrete KL). `gates` is {start: gate}; `seeds` are more
-    placements scored exactly (without their neighbours) before the walk: the placements the starts visited.
+def choose_block(model, teacher, gates, L, radius=1, seeds=(), state=OFF, merge=True, rounds=RESHAPE):
+    """Discrete read-off: score each surviving start's block and its neighbours by the exact calibration KL with
+    the layers removed, then keep stepping to the best block's neighbours until the best one has all its
+    neighbours scored (a local minimum of the discrete KL). `gates` is {start: gate}; `seeds`, the placements
+    the starts visited, are scored first (without their neighbours). With two or more segments, the reshaping
+    walk (`rounds`, see RESHAPE) follows. Returns every scored placement, best first.
 
-    Why seeds (v2): the relaxed gate sees the KL landscape smoothed over about tau layers, and it prefers a wide
-    basin to a narrow deeper one. At k = 3 on smollm2-135m a start crossed the optimum 16-18 on its way to the wider
-    basin 12-15, and halving stopped it; the walk from 13-15 cannot cross the bump at 14-16. Scoring what the starts
-    passed over costs one exact KL per distinct block, far fewer than all of them.
-
-    Why merge (v3): with two segments the starts place the blocks in different halves of the depth and the gate
-    keeps them apart, so a walk of one-layer moves cannot bring them together; on smollm2-135m at k = 6 it ended
-    at 4-6,13-15 (KL 1.04) while the contiguous 13-18, also a two-block placement, has KL 0.79. A move that puts
-    one block next to another adds 2 S (S - 1) neighbours per step.
-
-    Why resize (v4, "widths"): the gate's segments have fixed widths (k split evenly), and the cheapest two blocks
-    need not have them: at k = 9 the walk can reach 5 + 4 layers but not 7 + 2. From the first walk's best
-    placement, a second walk moves one layer from the end of a block to just outside one (gates.boundary_moves:
-    widths change by one), still at most S blocks, until no such move lowers the exact KL.
-    v5 ("anywhere"): the second walk may also move a whole block anywhere it fits (gates.relocations), so that a
-    block can leave the half of the depth the gate kept it in. On smollm2-135m at k = 9 v4 stopped at 4-5,12-18
-    (KL 1.370), while 12-18,25-26 (1.344) is one relocation away.
-    v6 ("swaps"): after v5's walk, a third one whose moves also put back any removed layer and remove any kept one
-    (gates.swaps), so a block can split: at k = 3 v5 stopped at the one block 16-18 (KL 0.395), while 13-14,17
-    (0.367) has two blocks of widths 2 + 1 that no boundary move or relocation of 16-18 reaches.
-    v7 ("swaps2"): measured, v6 was not enough: 16-18 is a local minimum of every swap too (the best swap,
-    13,16-17, has 0.420), and 13-14,17 is one swap beyond it. So the swap walk goes on until the two best
-    placements have been expanded, which steps over one placement uphill; it reaches 13-14,17."""
+    Why seeds: the relaxed gate sees the KL landscape smoothed over about tau layers and prefers a wide basin to a
+    narrow deeper one; a start can cross the optimum on its way and be stopped by halving. Why merge: with two
+    segments the gate keeps the blocks apart, so a move that puts one block next to another (2 S (S - 1) more
+    neighbours per step) lets the walk reach a contiguous placement."""
     read = {g.blocks(): [r for r, h in gates.items() if h.blocks() == g.blocks()] for g in gates.values()}
     seeds = set(seeds) - set(read)
     print(f"read-off: {len(read)} distinct block(s) from the surviving starts, {len(seeds)} more visited; "
           f"scoring them, and the neighbours of the best")
     scored, expanded, frontier = {}, set(), set(read)
     for blocks in sorted(seeds):
-        exact = lambda: removed_kl(model, teacher, blocks_to_layers(blocks))  # noqa: E731
-        scored[blocks] = state.score(blocks, exact) if state is not None else exact()
+        scored[blocks] = state.score(blocks, lambda: removed_kl(model, teacher, blocks_to_layers(blocks)))
         print(f"  {span(blocks_to_layers(blocks)):>12s}  kl {scored[blocks]:.5f}  (visited)", flush=True)
     while frontier:
         for blocks in sorted(set().union(*(neighbours(b, L, radius, merge) for b in frontier)) - set(scored)):
-            exact = lambda: removed_kl(model, teacher, blocks_to_layers(blocks))  # noqa: E731
-            scored[blocks] = state.score(blocks, exact) if state is not None else exact()
+            scored[blocks] = state.score(blocks, lambda: removed_kl(model, teacher, blocks_to_layers(blocks)))
             note = f"read off by start(s) {read[blocks]}" if blocks in read else "neighbour"
             print(f"  {span(blocks_to_layers(blocks)):>12s}  kl {scored[blocks]:.5f}  ({note})", flush=True)
         expanded |= frontier
         best = min(scored, key=scored.get)
         frontier = set() if best in expanded else {best}
     S = len(next(iter(gates.values())).widths)
-    if resize and S > 1:
-        for moves, beam in WALKS[resize]:
-            walk_widths(model, teacher, scored, L, S, state, moves, beam)
+    if S > 1:
+        reshape(model, teacher, scored, L, S, rounds, state)
     return sorted(({"removed_layers": blocks_to_layers(b), "kl": kl, "read_off_by_starts": read.get(b, [])}
                    for b, kl in scored.items()), key=lambda c: c["kl"])
 
 
-def walk_widths(model, teacher, scored, L, segments, state=None, moves="widths", beam=1):
-    """choose_block's second walk (resize): from the best scored placement, its MOVES[moves] (boundary moves,
-    relocations, swaps), until the `beam` best placements have all their moves scored (beam 1: a local minimum;
-    beam 2 may step over one placement uphill of the best). Adds to `scored` ({blocks: kl}); a layer set already
-    scored under another split into blocks is not scored again."""
+def reshape(model, teacher, scored, L, segments, rounds=RESHAPE, state=OFF):
+    """The reshaping walk: for each round (moves, beam), from the best scored placement, score its moves until
+    the `beam` best placements have all theirs scored (beam 1: a local minimum; beam 2 may step over one
+    placement uphill of the best). Adds to `scored` ({blocks: kl}); a layer set already scored under another
+    split into blocks is not scored again."""
     by_layers = {tuple(blocks_to_layers(b)): kl for b, kl in scored.items()}
-    expanded = set()
-    while True:
-        todo = [ls for ls in sorted(by_layers, key=by_layers.get)[:beam] if ls not in expanded]
-        if not todo:
-            return
-        layers = todo[0]
-        expanded.add(layers)
-        for moved in sorted(MOVES[moves](layers, L, segments) - set(by_layers)):
-            blocks = tuple(layers_to_blocks(moved))
-            exact = lambda: removed_kl(model, teacher, list(moved))  # noqa: E731
-            scored[blocks] = by_layers[moved] = state.score(blocks, exact) if state is not None else exact()
-            print(f"  {span(list(moved)):>12s}  kl {scored[blocks]:.5f}  ({moves} move)", flush=True)
+    for moves, beam in rounds:
+        expanded = set()
+        while todo := [ls for ls in sorted(by_layers, key=by_layers.get)[:beam] if ls not in expanded]:
+            expanded.add(todo[0])
+            for moved in sorted(moves(todo[0], L, segments) - set(by_layers)):
+                blocks = tuple(layers_to_blocks(moved))
+                scored[blocks] = by_layers[moved] = state.score(blocks, lambda: removed_kl(model, teacher, list(moved)))
+                print(f"  {span(list(moved)):>12s}  kl {scored[blocks]:.5f}  ({moves.__name__})", flush=True)
 
 
 def search(model, teacher, k, segments=1, starts=4, steps=30, batch_size=1, lr=1.0, tau0=2.0, tau1=0.05,
-           radius=1, halving=True, read_off=VARIANTS[VARIANT][0], merge=VARIANTS[VARIANT][1], resize=VARIANTS[VARIANT][2],
-           seed=0, kl_chunk=1024, log_every=1, state=None):
+           radius=1, halving=True, seed=0, kl_chunk=1024, log_every=1, state=OFF, rounds=RESHAPE):
     """The CLP gate search on a cached teacher; returns a dict with the chosen block and how it was found.
-
-    The defaults are search.py's (the current VARIANT); bench_gate.py passes an older variant's settings."""
+    `state` (resume.GateState) keeps the loop and the exact scores of an interrupted run."""
     torch.manual_seed(seed)
     gates = make_gates(model.cfg.num_layers, k, segments, starts)
     t0 = time.perf_counter()
@@ -235,15 +207,13 @@ def search(model, teacher, k, segments=1, starts=4, steps=30, batch_size=1, lr=1
                                      log_every, halving, state)
     t1 = time.perf_counter()
     L = model.cfg.num_layers
-    seeds = visited_blocks(trajectory, gates[0].widths, L) if read_off == "visited" else ()
-    candidates = choose_block(model, teacher, {r: gates[r] for r in active}, L, radius, state, seeds, merge, resize)
+    seeds = visited_blocks(trajectory, gates[0].widths, L)
+    candidates = choose_block(model, teacher, {r: gates[r] for r in active}, L, radius, seeds, state, rounds=rounds)
     t2 = time.perf_counter()
     best = candidates[0]
     return {"removed_layers": best["removed_layers"], "kl": best["kl"], "candidates": candidates,
             "trajectory": trajectory, "final_mu": [g.mu.tolist() for g in gates], "survivors": active,
             "time_s": {"gate_steps": t1 - t0, "read_off": t2 - t1}}
-
-
 
 
 def check_settings(k, **settings):
@@ -287,7 +257,7 @@ def run(ckpt, out, prune_layers=None, prune_ratio=None, calib="wikitext2", nsamp
     teacher = make_teacher(model, tokenizer, calib, nsamples, seqlen, seed, "cpu" if cache_on_cpu else None)
     print(f"searching for {k} of {L} layers to remove with the gate ({gate})")
     t1 = time.perf_counter()
-    state = None
+    state = OFF
     if save_every or resume:
         same = {key: v for key, v in settings.items() if key not in ("out", "excise_to", "log_every")}
         same |= {"model": load_weights.fingerprint(model)}
@@ -345,14 +315,6 @@ def build_parser():
     p.add_argument("--tau0", type=float, default=2.0, help="initial gate temperature, in layers")
     p.add_argument("--tau1", type=float, default=0.05, help="final gate temperature, in layers")
     p.add_argument("--radius", type=int, default=1, help="neighbours of each read-off scored exactly, in layers")
-    p.add_argument("--read-off", default=VARIANTS[VARIANT][0], choices=sorted({v[0] for v in VARIANTS.values()}),
-                   help="exact read-off from the surviving starts' blocks, or also from every block a start visited")
-    p.add_argument("--second-walk", dest="resize", default=VARIANTS[VARIANT][2] or "none",
-                   choices=["none", *WALKS],
-                   help="with --segments > 1: after the read-off, walk on by moving one layer between the ends of blocks "
-                        "(widths), also whole blocks anywhere they fit (anywhere), then also any removed layer for a kept "
-                        "one (swaps: can split a block; costs about k (L - k) exact KLs per step), and expand the second-best "
-                        "placement too (swaps2)")
     p.add_argument("--halving", action=argparse.BooleanOptionalAction, default=True,
                    help="after each third of the steps, stop the worse half of the starts")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows and minibatch order")
@@ -382,7 +344,6 @@ def main(argv=None):
         p.error("give exactly one of --prune-ratio and --prune-layers")
     kwargs = vars(a)
     kwargs["excise_to"] = kwargs.pop("excise")
-    kwargs["resize"] = None if a.resize == "none" else a.resize
     plot = kwargs.pop("plot")
     run(**kwargs)
     if plot:

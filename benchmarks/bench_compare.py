@@ -35,8 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import eval as ev  # noqa: E402
 import load_weights  # noqa: E402
-import search  # noqa: E402
-from benchmarks import bench_gate  # noqa: E402
+import gates  # noqa: E402
+from benchmarks import gate_cells  # noqa: E402
 from benchmarks.common import BENCHMARKS, ROOT, command, update_section  # noqa: E402
 from benchmarks.compare_cells import (CHEAP_FIRST, METHODS, NEW_TOKENS, TASKS, Bench, DenseLogits, choose,  # noqa: E402
                                       evaluate, repaired, speed, variants, work_dir)
@@ -60,7 +60,7 @@ def run_all(b):
             for r in a.ratios:
                 k = ks[r]
                 ch = choose(b, method, k)
-                print(f"-- {r:.0%} {method}: layers {search.span(ch['removed_layers'])}  calib KL {ch['kl']:.4f}", flush=True)
+                print(f"-- {r:.0%} {method}: layers {gates.span(ch['removed_layers'])}  calib KL {ch['kl']:.4f}", flush=True)
                 if stage == "untuned":
                     evaluate(b, ch["removed_layers"], full=full)
                 else:
@@ -92,7 +92,7 @@ def build_parser():
     p.add_argument("--latency-runs", type=int, default=5, help="timed interleaved rounds (median) after one warm-up")
     p.add_argument("--data-dir", type=Path, default=None, help="data directory; None: $CLP_DATA, then ./data")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "compare.json", help="finished cells")
-    p.add_argument("--gate-results", type=Path, default=bench_gate.RESULTS, help="bench_gate.py's cells (gate and oracle runs)")
+    p.add_argument("--gate-results", type=Path, default=gate_cells.RESULTS, help="bench_gate.py's cells (gate and oracle runs)")
     p.add_argument("--work", type=Path, default=Path("runs/bench_compare"), help="pruned and tuned checkpoints (deleted once evaluated)")
     p.add_argument("--markdown", type=Path, default=BENCHMARKS, help="file whose 'compare' section is rewritten")
     p.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "compare.png", help="picture of ppl and retention vs ratio")

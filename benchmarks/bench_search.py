@@ -18,10 +18,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import atomic  # noqa: E402
 import baselines  # noqa: E402
 import data  # noqa: E402
+import gates  # noqa: E402
 import load_weights  # noqa: E402
 import search  # noqa: E402
 from benchmarks.common import ROOT, command, update_section  # noqa: E402
-from teacher import log_probs, run_layers  # noqa: E402
+from teacher import log_probs, make_teacher, run_layers  # noqa: E402
 
 
 @torch.no_grad()
@@ -46,7 +47,7 @@ def compare(model, teacher, k, windows, gate_settings):
     t_exh = time.perf_counter() - t0
     blocks = [r["removed_layers"] for r in ranked]
     rank = blocks.index(gate["removed_layers"]) + 1
-    ppl = {search.span(b): perplexity(model, windows, b) for b in (gate["removed_layers"], blocks[0])}
+    ppl = {gates.span(b): perplexity(model, windows, b) for b in (gate["removed_layers"], blocks[0])}
     return {"k": k, "gate": gate["removed_layers"], "gate_kl": gate["kl"], "rank": rank, "of": len(ranked),
             "best": blocks[0], "best_kl": ranked[0]["kl"], "gap": gate["kl"] / ranked[0]["kl"] - 1,
             "t_gate": t_gate, "t_exhaustive": t_exh, "ppl": ppl, "ranked": ranked,
@@ -58,7 +59,7 @@ def table(rows, dense_ppl, L):
            "|---|---|---|---:|---:|---:|---:|",
            f"| 0 | dense | - | 0 | - | {dense_ppl:,.2f} | - |"]
     for r in rows:
-        g, b = search.span(r["gate"]), search.span(r["best"])
+        g, b = gates.span(r["gate"]), gates.span(r["best"])
         out.append(f"| {r['k']}/{L} | CLP gate | {g} | {r['gate_kl']:.4f} | {r['rank']} of {r['of']} "
                    f"| {r['ppl'][g]:,.2f} | {r['t_gate']:,.0f} s |")
         out.append(f"| {r['k']}/{L} | exhaustive | {b} | {r['best_kl']:.4f} | 1 of {r['of']} "
@@ -77,7 +78,7 @@ def seed_rows(model, tok, a):
             "|---|---|---|---:|---|---:|---:|---:|---:|---:|"]
     rows = []
     for seed in map(int, a.seeds.split(",")):
-        teacher = search.make_teacher(model, tok, "wikitext2", a.nsamples, a.seqlen, seed)
+        teacher = make_teacher(model, tok, "wikitext2", a.nsamples, a.seqlen, seed)
         for k in map(int, a.budgets.split(",")):
             t0 = time.perf_counter()
             gate = search.search(model, teacher, k, seed=seed, log_every=10)
@@ -85,8 +86,8 @@ def seed_rows(model, tok, a):
             ranked = baselines.exhaustive(model, teacher, k)
             t2 = time.perf_counter()
             rank = [r["removed_layers"] for r in ranked].index(gate["removed_layers"]) + 1
-            rows.append(f"| {seed} | {k} | {search.span(gate['removed_layers'])} | {gate['kl']:.4f} "
-                        f"| {search.span(ranked[0]['removed_layers'])} | {ranked[0]['kl']:.4f} | {rank} of {len(ranked)} "
+            rows.append(f"| {seed} | {k} | {gates.span(gate['removed_layers'])} | {gate['kl']:.4f} "
+                        f"| {gates.span(ranked[0]['removed_layers'])} | {ranked[0]['kl']:.4f} | {rank} of {len(ranked)} "
                         f"| {100 * (gate['kl'] / ranked[0]['kl'] - 1):.2f}% | {t1 - t0:,.0f} s | {t2 - t1:,.0f} s |")
             print(rows[-1], flush=True)
             update_section("search-seeds", "\n".join(head + rows))
@@ -115,7 +116,7 @@ def main():
         return print("\n".join(seed_rows(model, tok, a)))
     L = model.cfg.num_layers
     t0 = time.perf_counter()
-    teacher = search.make_teacher(model, tok, "wikitext2", a.nsamples, a.seqlen, a.seed)
+    teacher = make_teacher(model, tok, "wikitext2", a.nsamples, a.seqlen, a.seed)
     t_teacher = time.perf_counter() - t0
     text, desc = data.load_text("wikitext2", "test")
     windows = data.eval_windows(tok.encode(text), 2048)
@@ -135,7 +136,7 @@ def main():
         body.append(f"- {r['k']} layers: gate KL is {100 * r['gap']:.2f}% above the optimum; gate time / exhaustive "
                     f"time = {r['t_gate'] / r['t_exhaustive']:.2f}; the gate's read-off scored "
                     f"{len(r['candidates'])} blocks exactly. Five best blocks: "
-                    + ", ".join(f"{search.span(x['removed_layers'])} ({x['kl']:.4f})" for x in r["ranked"][:5]) + ".")
+                    + ", ".join(f"{gates.span(x['removed_layers'])} ({x['kl']:.4f})" for x in r["ranked"][:5]) + ".")
     update_section("search", "\n".join(body))
     print("\n".join(body))
 

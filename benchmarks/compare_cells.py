@@ -7,8 +7,8 @@ an interrupted run loses at most the cell in progress; with `readonly` set a mis
 instead (writing the report computes nothing).
 """
 import copy
-import os
 import dataclasses
+import os
 import shutil
 import time
 
@@ -16,17 +16,17 @@ import torch
 
 import baselines
 import eval as ev
-import latency
-import save_weights
+import gates
 import importance
+import latency
 import load_weights
-import search
+import save_weights
 import tune
 import zeroshot
-from benchmarks import bench_gate
-from data import find_data_dir
+from benchmarks import gate_cells
 from benchmarks.common import load_cells, store_cell
-from teacher import removed_kl, run_layers
+from data import find_data_dir
+from teacher import make_teacher, removed_kl, run_layers
 
 METHODS = ["clp-gate", "exhaustive", "clp-gate-s2", "exhaustive-s2", "sleb", "shortened-ppl", "shortened-taylor", "block-influence", "angular",
            "tail", "random-0", "random-1", "random-2"]
@@ -66,7 +66,7 @@ class Bench:
     @property
     def teacher(self):
         if self._teacher is None:
-            self._teacher = search.make_teacher(self.model, self.tok, "wikitext2", self.a.nsamples, self.a.seqlen, self.a.seed)
+            self._teacher = make_teacher(self.model, self.tok, "wikitext2", self.a.nsamples, self.a.seqlen, self.a.seed)
         return self._teacher
 
     def path(self, store):
@@ -93,13 +93,13 @@ def choose(b, method, k):
     m, t = b.model, lambda: b.teacher
     if method.startswith(("clp-gate", "exhaustive")):  # -s2: two segments; the gate's and oracle's cells are bench_gate.py's
         S = 2 if method.endswith("-s2") else 1
-        base = bench_gate.key(b.fp, b.calib, b.a.seed, k, S)
+        base = gate_cells.key(b.fp, b.calib, b.a.seed, k, S)
         if method.startswith("clp-gate"):
-            v = bench_gate.variant_for(S)
-            g = b.cell(key(base, "gate", v), lambda: bench_gate.gate_cell(m, t(), k, S, b.a.seed, v, b.gates, base), b.gates)
+            v = gate_cells.variant_for(S)
+            g = b.cell(key(base, "gate", v), lambda: gate_cells.gate_cell(m, t(), k, S, b.a.seed, v, b.gates, base), b.gates)
             return {"removed_layers": g["removed_layers"], "kl": g["kl"], "seconds": g["seconds"]}
-        o = b.cell(key(base, "oracle"), lambda: bench_gate.oracle_cell(m, t(), k, S, base, b.a.work), b.gates)
-        bench_gate.oracle_partial(base, b.a.work).unlink(missing_ok=True)
+        o = b.cell(key(base, "oracle"), lambda: gate_cells.oracle_cell(m, t(), k, S, base, b.a.work), b.gates)
+        gate_cells.oracle_partial(base, b.a.work).unlink(missing_ok=True)
         return {"removed_layers": o["ranked"][0][0], "kl": o["ranked"][0][1], "seconds": o["seconds"]}
     if method == "sleb":
         layers, seconds = sleb_prefix(b, k)
@@ -109,7 +109,7 @@ def choose(b, method, k):
     else:
         c = b.cell(key(b.fp, b.calib, b.a.seed, k, method, "layers"), lambda: cheap_choice(method, m, t, k))
         layers, seconds = c["layers"], c["seconds"]
-    kl = b.cell(key(b.fp, b.calib, b.a.seed, "kl", search.span(layers)), lambda: removed_kl(m, t(), layers))
+    kl = b.cell(key(b.fp, b.calib, b.a.seed, "kl", gates.span(layers)), lambda: removed_kl(m, t(), layers))
     return {"removed_layers": layers, "kl": kl, "seconds": seconds}
 
 
@@ -191,12 +191,12 @@ def eval_settings(b, full=False):
 def evaluate(b, removed, tuned=None, full=False, extra=None):
     """The evaluation cell of the dense model (removed = []), a pruned one, or a tuned checkpoint; with `full`
     only its perplexity on the whole WikiText-2 test set (the headline rows); `extra` is stored with a new cell."""
-    k = key(b.fp, eval_settings(b, full), search.span(removed) if removed else "dense", tuned or "untuned")
+    k = key(b.fp, eval_settings(b, full), gates.span(removed) if removed else "dense", tuned or "untuned")
     if k in b.res:
         return b.res[k]
     if b.readonly:
         raise Missing(k)
-    print(f"== evaluating {search.span(removed) if removed else 'dense'} ({tuned or 'untuned'})"
+    print(f"== evaluating {gates.span(removed) if removed else 'dense'} ({tuned or 'untuned'})"
           f"{' on the whole test set' if full else ''}", flush=True)
     if not removed:
         model, teacher = b.model, None
@@ -250,7 +250,7 @@ def lora_rank(b, n_layers):
 
 
 def work_dir(b, removed, variant=None, lr=None):
-    name = f"pruned-{search.span(removed).replace(',', '_')}"
+    name = f"pruned-{gates.span(removed).replace(',', '_')}"
     return b.a.work / (name if variant is None else f"{name}-{variant}-lr{lr:g}")
 
 
@@ -280,11 +280,11 @@ def repaired(b, removed, variant, full=False):
     whole test set, or a run on another machine) tunes the chosen lr again, with the same seed and data, and
     stores the held-out KL it reaches beside the new figures: the check that it is the same model."""
     lrs = [float(x) for x in b.a.lrs.split(",")]
-    tkey = {lr: key(b.fp, tune_settings(b), search.span(removed), variant, f"lr{lr:g}") for lr in lrs}
+    tkey = {lr: key(b.fp, tune_settings(b), gates.span(removed), variant, f"lr{lr:g}") for lr in lrs}
     runs = {lr: b.cell(tkey[lr], lambda: tune_one(b, removed, variant, lr)) for lr in lrs}
     lr = min(runs, key=lambda x: runs[x]["heldout_kl"]["after"])
     tag, extra = f"{variant}@{lr:g}", None
-    if not b.readonly and key(b.fp, eval_settings(b, full), search.span(removed), tag) not in b.res \
+    if not b.readonly and key(b.fp, eval_settings(b, full), gates.span(removed), tag) not in b.res \
             and not (work_dir(b, removed, variant, lr) / "config.json").is_file():
         again = tune_one(b, removed, variant, lr)
         extra = {"retuned_heldout_kl": again["heldout_kl"]["after"]}

@@ -4,7 +4,7 @@ Nothing here computes a cell: every lookup is read-only (a missing cell reads as
 import math
 import statistics
 
-import search
+import gates
 from benchmarks.compare_cells import Missing, choose, evaluate, repaired, variants
 from gates import budget
 from tasks import PRIMARY
@@ -93,7 +93,7 @@ def table(b, res):
                      + " | ".join(f"{100 * dense['tasks'][t][PRIMARY[t]]:.0f}" for t in tasks) + " | 100 | 100 |")
     for (r, method), x in res.items():
         ch = x["choice"]
-        first = [f"{r:.0%}", method, search.span(ch["removed_layers"]), f"{ch['kl']:.3f}", f"{ch['seconds']:,.0f}"]
+        first = [f"{r:.0%}", method, gates.span(ch["removed_layers"]), f"{ch['kl']:.3f}", f"{ch['seconds']:,.0f}"]
         lines.append("| " + " | ".join(first + ["none"] + row_cells(b, x["untuned"], tasks)) + " |")
         for v, t in x["tuned"].items():
             what = "endpoints" if v == "endpoints" else f"LoRA r{t['tune']['rank']} all"
@@ -154,7 +154,7 @@ def margins(b, res):
             out.append(txt + ".")
             if "clp-gate-s2" in val:
                 (p2, q2), c1, c2 = val["clp-gate-s2"], res[r, "clp-gate"]["choice"], res[r, "clp-gate-s2"]["choice"]
-                txt = (f"  Two segments: {search.span(c2['removed_layers'])} against {search.span(c1['removed_layers'])}, "
+                txt = (f"  Two segments: {gates.span(c2['removed_layers'])} against {gates.span(c1['removed_layers'])}, "
                        f"calib. KL {c2['kl']:.3f} vs {c1['kl']:.3f}, ppl {p2:,.2f} vs {p:,.2f}")
                 if q is not None and q2 is not None:
                     txt += f", retention {100 * q2:.1f}% vs {100 * q:.1f}%"
@@ -212,12 +212,12 @@ def repair_ranking(b, res):
         for (rr, m), x in res.items():
             t = x["tuned"].get("endpoints")
             if rr == r and t is not None:
-                sets[search.span(x["choice"]["removed_layers"])] = (x["choice"]["kl"], t["tune"]["heldout_kl"]["after"], t["ppl"])
+                sets[gates.span(x["choice"]["removed_layers"])] = (x["choice"]["kl"], t["tune"]["heldout_kl"]["after"], t["ppl"])
         if len(sets) < 3:
             continue
         calib, held, ppl = zip(*sets.values())
         first = min(sets, key=lambda s: sets[s][0])
-        clp = search.span(res[r, "clp-gate"]["choice"]["removed_layers"]) if (r, "clp-gate") in res else None
+        clp = gates.span(res[r, "clp-gate"]["choice"]["removed_layers"]) if (r, "clp-gate") in res else None
         place = lambda s, i: "-" if s not in sets else 1 + sum(v[i] < sets[s][i] for v in sets.values())  # noqa: E731
         lines.append(f"| {r:.0%} | {len(sets)} | {spearman(calib, held):.2f} | {spearman(held, ppl):.2f} | {first} | "
                      f"{place(first, 1)} / {place(first, 2)} | {clp or '-'} | {place(clp, 1)} / {place(clp, 2)} |")
@@ -240,7 +240,7 @@ def whole_test_set(b, res):
         for tag, sub in [(None, x["untuned"])] + [(f"{v}@{t['lr']:g}", t) for v, t in x["tuned"].items()]:
             f = lookup(b, evaluate, rem, tag, True)
             if f is not None and sub is not None:
-                rows.setdefault((r, search.span(rem), tag), ([], sub, f))[0].append(method)
+                rows.setdefault((r, gates.span(rem), tag), ([], sub, f))[0].append(method)
     lines = []
     for (r, span, tag), (methods, sub, f) in rows.items():
         what = "none" if tag is None else f"{sub['variant']}, lr {sub['lr']:g}"

@@ -8,7 +8,8 @@ import torch
 
 import load_weights
 import save_weights
-from benchmarks import bench_compare, compare_cells
+import search
+from benchmarks import bench_compare, compare_cells, gate_cells
 from conftest import DATA, need
 from model import Transformer, hf_state_dict
 
@@ -96,7 +97,7 @@ def test_runs_end_to_end_and_resumes_without_recomputing(tiny_with_tokenizer, sm
         monkeypatch.setattr(compare_cells, name, lambda *a, **k: pytest.fail("recomputed a stored cell"))
     monkeypatch.setattr(compare_cells.ev, "text_metrics", lambda *a, **k: pytest.fail("recomputed a perplexity"))
     monkeypatch.setattr(compare_cells.importance, "sleb", lambda *a, **k: pytest.fail("recomputed SLEB"))
-    monkeypatch.setattr(compare_cells.bench_gate, "gate_run", lambda *a, **k: pytest.fail("recomputed the gate"))
+    monkeypatch.setattr(compare_cells.gate_cells, "gate_run", lambda *a, **k: pytest.fail("recomputed the gate"))
     monkeypatch.setattr(compare_cells.latency, "interleaved_latency", lambda *a, **k: pytest.fail("recomputed a latency"))
     bench_compare.main(full)
     bench_compare.main(argv)
@@ -115,7 +116,7 @@ def test_bad_method_is_a_clear_error(capsys):
 
 
 def test_v1_replay_equals_the_v1_read_off(monkeypatch):
-    from benchmarks import bench_gate
+    from benchmarks import gate_cells
     import search
 
     landscape = {s: abs(s - 7) + 1.0 for s in range(11)} | {1: 0.5, 2: 6.0}
@@ -124,7 +125,7 @@ def test_v1_replay_equals_the_v1_read_off(monkeypatch):
     for mu in (2.0, 4.0, 9.5):
         gate = search.ContiguousGate(12, 2, mu=[mu])
         want = search.choose_block(None, None, {0: gate}, 12, radius=1)
-        got = bench_gate.replay_v1([gate.read_off()], orc, 12, 2)
+        got = gate_cells.replay_v1([gate.read_off()], orc, 12, 2)
         assert got["removed_layers"] == want[0]["removed_layers"] and got["scored"] == len(want)
 
 
@@ -158,9 +159,9 @@ def test_a_run_over_fewer_ratios_reuses_the_wider_speed_measurement(tmp_path, mo
 
 def test_v4_continued_from_a_stored_v3_run_equals_a_v4_run(monkeypatch):
     """bench_gate stores v4 as v3's run continued by the width walk: the same choice and the same scored
-    placements as search.choose_block with resize on, from the same gate."""
+    placements as search.choose_block with that round, from the same gate."""
     from types import SimpleNamespace
-    from benchmarks import bench_gate
+    from benchmarks import gate_cells
     import search
 
     target = {2, 3, 10, 11, 12, 13, 14, 15}
@@ -168,14 +169,14 @@ def test_v4_continued_from_a_stored_v3_run_equals_a_v4_run(monkeypatch):
                         + 0.001 * min(layers))  # no ties
     model = SimpleNamespace(cfg=SimpleNamespace(num_layers=20))
     gate = search.ContiguousGate(20, 8, segments=2, mu=[4.0, 12.0])
-    v3 = search.choose_block(model, None, {0: gate}, 20, radius=1, merge=True)
-    live = search.choose_block(model, None, {0: gate}, 20, radius=1, merge=True, resize="widths")
+    v3 = search.choose_block(model, None, {0: gate}, 20, radius=1, rounds=())
+    live = search.choose_block(model, None, {0: gate}, 20, radius=1, rounds=gate_cells.rounds((("widths", 1),)))
     prior = {"candidates": [[c["removed_layers"], c["kl"]] for c in v3], "seconds": 10.0, "time_s": {"gate_steps": 1.0}}
-    got = bench_gate.continue_with_width_walk(model, None, prior, 2)
+    got = gate_cells.continue_run(model, None, prior, 2)
     assert got["removed_layers"] == live[0]["removed_layers"] == sorted(target) and got["kl"] == live[0]["kl"]
     assert sorted(c[0] for c in got["candidates"]) == sorted(c["removed_layers"] for c in live)
-    live5 = search.choose_block(model, None, {0: gate}, 20, radius=1, merge=True, resize="anywhere")
-    got5 = bench_gate.continue_with_width_walk(model, None, prior, 2, (("anywhere", 1),))
+    live5 = search.choose_block(model, None, {0: gate}, 20, radius=1, rounds=((search.shifts, 1),))
+    got5 = gate_cells.continue_run(model, None, prior, 2, (("anywhere", 1),))
     assert sorted(c[0] for c in got5["candidates"]) == sorted(c["removed_layers"] for c in live5)
     assert len(got5["candidates"]) > len(got["candidates"]) and got5["removed_layers"] == sorted(target)
     assert got["seconds"] >= 10.0 and "walk_widths1" in got["time_s"] and got["continued_from"] == "v3"
@@ -185,7 +186,7 @@ def test_v6_continues_the_stored_v5_run_and_equals_a_live_v6_run(monkeypatch):
     """v6's walks begin with v5's, so bench_gate stores v6 as the stored v5 run continued by the swap walk (and
     falls back to v3's with both walks): the same choice and scored placements as a live v6 search."""
     from types import SimpleNamespace
-    from benchmarks import bench_gate
+    from benchmarks import gate_cells
     import search
 
     path = {(13, 14, 17): 0.367, (13, 16, 17): 0.38, (16, 17, 18): 0.395}  # as in test_search: v5 stops at 16-18
@@ -193,25 +194,29 @@ def test_v6_continues_the_stored_v5_run_and_equals_a_live_v6_run(monkeypatch):
     model = SimpleNamespace(cfg=SimpleNamespace(num_layers=30))
     gate = search.ContiguousGate(30, 3, segments=2, mu=[16.0, 18.5])
     target = {13, 14, 17}
-    runs = {v: search.choose_block(model, None, {0: gate}, 30, radius=1, merge=True, resize=search.VARIANTS[v][2])
+    runs = {v: search.choose_block(model, None, {0: gate}, 30, radius=1, rounds=gate_cells.rounds(gate_cells.HISTORY[v][1]))
             for v in ("v3", "v5", "v6")}
     assert runs["v5"][0]["kl"] == 0.395 and runs["v6"][0]["removed_layers"] == sorted(target)
     stored = lambda v: {"candidates": [[c["removed_layers"], c["kl"]] for c in runs[v]], "seconds": 1.0, "time_s": {}}  # noqa: E731
     for have, want_prior, want_walks in ((("v3", "v5"), "v5", (("swaps", 1),)), (("v3",), "v3", (("anywhere", 1), ("swaps", 1))),
                                          ((), None, None)):
-        res = {bench_gate.key("b", "gate", v): stored(v) for v in have}
-        prior, walks = bench_gate.stored_prefix("v6", res, "b")
+        res = {gate_cells.key("b", "gate", v): stored(v) for v in have}
+        prior, walks = gate_cells.stored_prefix("v6", res, "b")
         assert (prior and prior["continued_from"]) == want_prior and walks == want_walks
         if prior:
-            got = bench_gate.continue_with_width_walk(model, None, prior, 2, walks)
+            got = gate_cells.continue_run(model, None, prior, 2, walks)
             assert got["removed_layers"] == sorted(target) and got["continued_from"] == want_prior
             assert {tuple(c[0]) for c in got["candidates"]} == {tuple(c["removed_layers"]) for c in runs["v6"]}
     # v7 (a beam of two) continues the stored v6 run the same way
-    runs["v7"] = search.choose_block(model, None, {0: gate}, 30, radius=1, merge=True, resize="swaps2")
-    prior, walks = bench_gate.stored_prefix("v7", {bench_gate.key("b", "gate", v): stored(v) for v in ("v3", "v5", "v6")}, "b")
+    runs["v7"] = search.choose_block(model, None, {0: gate}, 30, radius=1)  # search.py's RESHAPE
+    prior, walks = gate_cells.stored_prefix("v7", {gate_cells.key("b", "gate", v): stored(v) for v in ("v3", "v5", "v6")}, "b")
     assert prior["continued_from"] == "v6" and walks == (("swaps", 2),)
-    got = bench_gate.continue_with_width_walk(model, None, prior, 2, walks)
+    got = gate_cells.continue_run(model, None, prior, 2, walks)
     assert {tuple(c[0]) for c in got["candidates"]} == {tuple(c["removed_layers"]) for c in runs["v7"]}
+
+
+def test_the_current_variant_is_what_search_runs():
+    assert gate_cells.rounds(gate_cells.HISTORY[gate_cells.CURRENT][1]) == search.RESHAPE
 
 
 def test_spearman_by_hand():

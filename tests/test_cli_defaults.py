@@ -1,6 +1,6 @@
 """The importable functions behind the CLIs run what the CLIs run: where a function's keyword mirrors a flag
 (same name as the flag's dest), its default is the flag's default. Calling search.search(...) with no
-settings must not run an older search than `python search.py` does."""
+settings must not run another search than `python search.py` does."""
 import argparse
 import inspect
 from pathlib import Path
@@ -19,7 +19,6 @@ ENTRIES = [(search, [search.run, search.search]), (baselines, [baselines.run]), 
            (quantize, [quantize.quantize_checkpoint]), (excise, [excise.excise]), (ev, [ev.run])]
 # flags whose parsed value main() turns into the keyword's: {(module, dest): (keyword, how main converts)}
 CONVERTED = {("search", "excise"): ("excise_to", lambda v: v),
-             ("search", "resize"): ("resize", lambda v: None if v == "none" else v),
              ("eval", "tasks"): ("tasks", lambda v: []),  # parse_args: None (no --tasks) -> no tasks
              }
 # where the CLI's default differs from the function's on purpose
@@ -57,7 +56,7 @@ def test_every_cli_mirrors_some_keywords():
     ids = [p.id for p in pairs()]
     for module, _ in ENTRIES:
         assert sum(i.startswith(module.__name__ + ".") for i in ids) >= 2, module.__name__
-    assert "search.resize" in ids and "search.kl_chunk" in ids and "tune.train_layers" in ids
+    assert "search.segments" in ids and "search.kl_chunk" in ids and "tune.train_layers" in ids
 
 
 @pytest.mark.parametrize("module, argv, dest, value", [

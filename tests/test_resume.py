@@ -38,7 +38,7 @@ def quiet(fn, *a, **k):
         return fn(*a, **k)
 
 
-def tiny_search(state=None):
+def tiny_search(state=resume.OFF):
     model, _ = load_weights.load(FIXTURES / "tiny-llama3")
     tokens = torch.randint(0, model.cfg.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
     teacher = build_teacher(model, tokens)
@@ -67,7 +67,7 @@ def test_resume_without_a_state_is_a_clear_error(tmp_path):
         resume.GateState(tmp_path / "search_state.safetensors", 2, {}, resume=True)
 
 
-def gptq_run(work=None):
+def gptq_run(work=resume.OFF):
     model = tiny_model()
     tokens = torch.randint(0, RAW["vocab_size"], (4, 64), generator=torch.Generator().manual_seed(1))
     settings = dict(method="gptq", bits=4, group_size=32, sym=False, act_order=False, blocksize=128, percdamp=0.01)
@@ -144,24 +144,24 @@ def test_quantize_cli_leaves_no_checkpoint_until_done_and_resumes(tmp_path, monk
 def test_two_segment_oracle_keeps_finished_placements(tmp_path, monkeypatch):
     """bench_gate's S = 2 oracle killed after 4 placements: the rerun scores only the others, and ranks exactly
     as an uninterrupted run; its time adds the scoring time of both runs."""
-    from benchmarks import bench_gate
+    from benchmarks import gate_cells
     model, _ = load_weights.load(FIXTURES / "tiny-llama3")
     tokens = torch.randint(0, model.cfg.vocab_size, (3, 16), generator=torch.Generator().manual_seed(0))
     teacher = build_teacher(model, tokens)
-    want = quiet(bench_gate.oracle, model, teacher, 2, 2)["ranked"]
+    want = quiet(gate_cells.oracle, model, teacher, 2, 2)["ranked"]
     n = len(want)  # 1 + 1 * C(L - 2 + 1, 2) placements of two 1-layer blocks (touching ones are one block)
     assert n == len(baselines.placements(model.cfg.num_layers, [1, 1])) > 4
     interrupt_after(monkeypatch, baselines, "token_kl", 4)  # one token_kl call per placement on this tiny teacher
     with pytest.raises(Interrupt):
-        quiet(bench_gate.oracle_cell, model, teacher, 2, 2, "fp|x|0|2|2", tmp_path)
-    saved = json.loads(bench_gate.oracle_partial("fp|x|0|2|2", tmp_path).read_text())
+        quiet(gate_cells.oracle_cell, model, teacher, 2, 2, "fp|x|0|2|2", tmp_path)
+    saved = json.loads(gate_cells.oracle_partial("fp|x|0|2|2", tmp_path).read_text())
     assert len(saved["scores"]) == 4 and saved["seconds"] > 0
     monkeypatch.undo()
     scored = []
     real = baselines.score_placements
     monkeypatch.setattr(baselines, "score_placements", lambda m, t, sets, **k: scored.extend(sets) or real(m, t, sets, **k))
-    got = quiet(bench_gate.oracle_cell, model, teacher, 2, 2, "fp|x|0|2|2", tmp_path)
+    got = quiet(gate_cells.oracle_cell, model, teacher, 2, 2, "fp|x|0|2|2", tmp_path)
     assert got["ranked"] == want and len(scored) == n - 4 and got["reused"] == 4
     assert got["seconds"] > saved["seconds"]
     with pytest.raises(ValueError, match="cell"):  # the same file under another cell's settings is refused
-        resume.Scores(bench_gate.oracle_partial("fp|x|0|2|2", tmp_path), {"cell": "fp|x|0|3|2|oracle"})
+        resume.Scores(gate_cells.oracle_partial("fp|x|0|2|2", tmp_path), {"cell": "fp|x|0|3|2|oracle"})

@@ -7,6 +7,7 @@ import torch
 
 import baselines
 import load_weights
+import gates
 import search
 from conftest import FIXTURES
 from teacher import build_teacher, kl_backward, log_probs, removed_kl, token_kl
@@ -204,8 +205,8 @@ def test_merge_moves_let_the_two_segment_walk_reach_a_contiguous_optimum(monkeyp
     monkeypatch.setattr(search, "removed_kl", kl)
     g = search.ContiguousGate(30, 6, segments=2, mu=[5.5, 14.5])  # blocks 4-6 and 13-15
     assert g.blocks() == ((4, 3), (13, 3))
-    without = search.choose_block(None, None, {0: g}, 30, radius=1, merge=False)
-    with_merge = search.choose_block(None, None, {0: g}, 30, radius=1, merge=True)
+    without = search.choose_block(None, None, {0: g}, 30, radius=1, merge=False, rounds=())
+    with_merge = search.choose_block(None, None, {0: g}, 30, radius=1, rounds=())
     assert without[0]["removed_layers"] == [4, 5, 6, 13, 14, 15]
     assert with_merge[0]["removed_layers"] == list(range(13, 19)) and with_merge[0]["kl"] == 0.5
 
@@ -239,8 +240,8 @@ def test_swaps_by_hand():
 
 def test_swaps_let_the_walk_split_a_block(monkeypatch):
     """A landscape like smollm2-135m's at k = 3: the one block 16-18 beats every placement a boundary move or a
-    relocation away, and the way down to the optimum 13-14,17 (2 + 1) splits it (13,16-17, then 13-14,17): v5 stops
-    at 16-18, v6's swap walk goes on to the optimum."""
+    relocation away, and the way down to the optimum 13-14,17 (2 + 1) splits it (13,16-17, then 13-14,17): the
+    shifts alone stop at 16-18, a round of splits after them goes on to the optimum."""
     path = {(13, 14, 17): 0.367, (13, 16, 17): 0.38, (16, 17, 18): 0.395}
 
     def kl(model, teacher, layers):
@@ -249,16 +250,17 @@ def test_swaps_let_the_walk_split_a_block(monkeypatch):
     monkeypatch.setattr(search, "removed_kl", kl)
     g = search.ContiguousGate(30, 3, segments=2, mu=[16.0, 18.5])  # blocks 15-16 and 18
     assert g.blocks() == ((15, 2), (18, 1))
-    v5 = search.choose_block(None, None, {0: g}, 30, radius=1, merge=True, resize="anywhere")
-    v6 = search.choose_block(None, None, {0: g}, 30, radius=1, merge=True, resize="swaps")
+    v5 = search.choose_block(None, None, {0: g}, 30, radius=1, rounds=((search.shifts, 1),))
+    v6 = search.choose_block(None, None, {0: g}, 30, radius=1, rounds=((search.shifts, 1), (search.splits, 1)))
     assert v5[0]["removed_layers"] == [16, 17, 18] and v6[0]["removed_layers"] == [13, 14, 17]
     assert v6[0]["kl"] == 0.367 and len(v6) > len(v5)
 
 
 def test_a_beam_of_two_steps_over_one_placement_uphill(monkeypatch):
     """smollm2-135m at k = 3, measured: 16-18 (0.395) is a local minimum of every swap (the best, 13,16-17, has
-    0.420), and 13-14,17 (0.367) is one swap beyond that one. v6 stops at 16-18; v7 also expands the second-best
-    placement and gets there, then stops when the two best have been expanded."""
+    0.420), and 13-14,17 (0.367) is one swap beyond that one. A beam-1 round of splits stops at 16-18; the third
+    round of RESHAPE also expands the second-best placement and gets there, then stops when the two best have been
+    expanded."""
     path = {(13, 14, 17): 0.367, (16, 17, 18): 0.395, (13, 16, 17): 0.420}
 
     def kl(model, teacher, layers):
@@ -266,16 +268,16 @@ def test_a_beam_of_two_steps_over_one_placement_uphill(monkeypatch):
 
     monkeypatch.setattr(search, "removed_kl", kl)
     g = search.ContiguousGate(30, 3, segments=2, mu=[16.0, 18.5])
-    v6 = search.choose_block(None, None, {0: g}, 30, radius=1, merge=True, resize="swaps")
-    v7 = search.choose_block(None, None, {0: g}, 30, radius=1, merge=True, resize="swaps2")
+    v6 = search.choose_block(None, None, {0: g}, 30, radius=1, rounds=search.RESHAPE[:2])
+    v7 = search.choose_block(None, None, {0: g}, 30, radius=1)  # RESHAPE, the default
     assert v6[0]["removed_layers"] == [16, 17, 18] and v7[0]["removed_layers"] == [13, 14, 17]
     assert {tuple(c["removed_layers"]) for c in v6} < {tuple(c["removed_layers"]) for c in v7}
 
 
-def test_resize_moves_let_the_two_segment_walk_change_the_widths(monkeypatch):
+def test_boundary_moves_let_the_two_segment_walk_change_the_widths(monkeypatch):
     """The cheapest two blocks are 2-3 and 10-15 (widths 2 + 6); the gate's segments have widths 4 + 4, so the
-    walks of v3 stop at a 4 + 4 placement or a contiguous 8; the width walk (v4) hands layers from one block to
-    the other and reaches the optimum, scoring each layer set once."""
+    read-off walk stops at a 4 + 4 placement or a contiguous 8; a round of boundary moves hands layers from one
+    block to the other and reaches the optimum, scoring each layer set once."""
     target, calls = {2, 3, 10, 11, 12, 13, 14, 15}, []
 
     def kl(model, teacher, layers):
@@ -285,17 +287,17 @@ def test_resize_moves_let_the_two_segment_walk_change_the_widths(monkeypatch):
     monkeypatch.setattr(search, "removed_kl", kl)
     g = search.ContiguousGate(20, 8, segments=2, mu=[4.0, 12.0])  # blocks 2-5 and 10-13
     assert g.blocks() == ((2, 4), (10, 4))
-    v3 = search.choose_block(None, None, {0: g}, 20, radius=1, merge=True)
+    v3 = search.choose_block(None, None, {0: g}, 20, radius=1, rounds=())
     assert v3[0]["kl"] >= 1.2  # two layers in, two out, whatever 4 + 4 or contiguous placement
     calls.clear()
-    v4 = search.choose_block(None, None, {0: g}, 20, radius=1, merge=True, resize="widths")
+    v4 = search.choose_block(None, None, {0: g}, 20, radius=1, rounds=((gates.boundary_moves, 1),))
     assert v4[0]["removed_layers"] == sorted(target) and v4[0]["kl"] == 1.0
     assert len(calls) == len(set(calls))  # no layer set scored twice
 
 
 def test_relocations_let_a_block_leave_its_half(monkeypatch):
     """Blocks 2-3 and 10-15 of a planted landscape whose optimum is 10-15 with 25-26: one boundary move at a time
-    only raises the KL (a local minimum of v4), one relocation reaches the optimum (v5)."""
+    only raises the KL (a local minimum of boundary moves alone), one relocation reaches the optimum (shifts)."""
     target = {10, 11, 12, 13, 14, 15, 25, 26}
 
     def kl(model, teacher, layers):
@@ -304,16 +306,9 @@ def test_relocations_let_a_block_leave_its_half(monkeypatch):
 
     monkeypatch.setattr(search, "removed_kl", kl)
     g = search.ContiguousGate(30, 8, segments=2, mu=[4.0, 12.0])  # blocks 2-5 and 10-13
-    v4 = search.choose_block(None, None, {0: g}, 30, radius=1, merge=True, resize="widths")
-    v5 = search.choose_block(None, None, {0: g}, 30, radius=1, merge=True, resize="anywhere")
+    v4 = search.choose_block(None, None, {0: g}, 30, radius=1, rounds=((gates.boundary_moves, 1),))
+    v5 = search.choose_block(None, None, {0: g}, 30, radius=1, rounds=((search.shifts, 1),))
     assert v4[0]["removed_layers"] == [2, 3, 10, 11, 12, 13, 14, 15] and v4[0]["kl"] == 1.0
     assert v5[0]["removed_layers"] == sorted(target) and v5[0]["kl"] == 0.5
 
 
-def test_second_walk_flag_reaches_the_search(monkeypatch):
-    got = []
-    monkeypatch.setattr(search, "run", lambda **kw: got.append(kw["resize"]))
-    for flag, want in (([], search.VARIANTS[search.VARIANT][2]), (["--second-walk", "none"], None),
-                       (["--second-walk", "anywhere"], "anywhere")):
-        search.main(["--prune-layers", "2", "--segments", "2", *flag])
-        assert got.pop() == want
