@@ -8,6 +8,8 @@ The decoder loop carries the per-layer gate used by continuous layer pruning:
     x = x + keep[i] * (layer(x) - x)
 so keep[i] = 0 skips layer i exactly, keep = 1 is the dense model, and gradients flow into keep.
 """
+import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -226,6 +228,15 @@ class Transformer(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)  # (T, hd)
         dtype = self.embed_tokens.weight.dtype
         return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def without(self, removed):
+        """This model with the layers in `removed` left out, sharing every weight (nothing is copied): what the
+        pruned checkpoint computes, for measuring it before it is written."""
+        view = copy.copy(self)
+        view._modules = dict(self._modules)
+        view.layers = nn.ModuleList(layer for i, layer in enumerate(self.layers) if i not in set(removed))
+        view.cfg = dataclasses.replace(self.cfg, num_layers=len(view.layers))
+        return view
 
     def make_cache(self, batch=1, max_len=None):
         """An empty static KV cache for `batch` sequences of up to `max_len` tokens, in the model's dtype."""

@@ -13,8 +13,6 @@ RTN uses no data, so one run is its figure. Writes the "quantize" section of BEN
 file. Finished runs are cached in --work/results.json, so an interrupted run resumes; --fresh recomputes.
 """
 import argparse
-import contextlib
-import fcntl
 import json
 import statistics
 import sys
@@ -24,11 +22,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import command, update_section  # noqa: E402
+from benchmarks.common import PPL, command, heavy, load_cells, store_cell, update_section  # noqa: E402
 
 import load_weights  # noqa: E402
-from data import find_data_dir  # noqa: E402
-from eval import text_metrics, text_windows  # noqa: E402
 from model import LINEARS  # noqa: E402
 from atomic import write_json  # noqa: E402
 from latency import model_bytes  # noqa: E402
@@ -36,20 +32,6 @@ from quantize import dir_bytes, quantize_checkpoint  # noqa: E402
 
 
 METHODS = {"rtn": "RTN", "gptq": "GPTQ", "gptq-act": "GPTQ+act"}
-
-
-@contextlib.contextmanager
-def heavy(lock):
-    """Hold the machine-wide lock for one heavy step, so that others' jobs can run between our rows."""
-    if lock is None:
-        yield
-        return
-    with open(lock, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def parse_settings(spec):
@@ -65,19 +47,6 @@ def linear_bytes(model):
             m = layer.get_submodule(name)
             total += sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
     return total
-
-
-class PPL:
-    """WikiText-2 test perplexity on a fixed subset of windows, tokenized once."""
-
-    def __init__(self, tok, windows, seqlen, data_dir):
-        (self.key, (w, self.desc)), = text_windows(tok, ["wikitext2"], seqlen, data_dir, bos=False).items()
-        self.desc = self.desc.replace(str(find_data_dir(data_dir)), "$CLP_DATA")  # no path of this machine
-        self.total = w.shape[0]
-        self.windows = w[:windows]
-
-    def __call__(self, model):
-        return text_metrics(model, self.windows, label="ppl")["ppl"]
 
 
 def measure(ckpt, ppl):
@@ -147,7 +116,9 @@ def run(a):
     """One row per run: (model, method, bits, group size, seed); GPTQ once per calibration seed."""
     a.work.mkdir(parents=True, exist_ok=True)
     cache_file = a.work / "results.json"
-    cache = {} if a.fresh or not cache_file.is_file() else json.loads(cache_file.read_text())
+    if a.fresh:
+        cache_file.unlink(missing_ok=True)
+    cache = load_cells(cache_file)
     models = prepare_models(a)
     _, tok = load_weights.load(models[0][1])
     ppl = PPL(tok, a.windows, a.seqlen, a.data_dir)
@@ -166,14 +137,14 @@ def run(a):
                     with heavy(a.lock):
                         t0 = time.perf_counter()
                         if method == "fp32":
-                            cache[key] = dict(measure(src, ppl), seconds=None, command=f"(source checkpoint {src})")
+                            row = dict(measure(src, ppl), seconds=None, command=f"(source checkpoint {src})")
                         else:
                             out = a.work / (f"{Path(src).name}-{method}-{bits}b-g{gs}"
                                             + ("" if seed is None else f"-s{seed}"))
-                            cache[key] = quantized_row(src, out, method, bits, gs, seed, a, ppl)
-                    print(f"{label} {method} {bits} {gs} seed {seed}: ppl {cache[key]['ppl']:.3f} "
+                            row = quantized_row(src, out, method, bits, gs, seed, a, ppl)
+                    store_cell(cache_file, cache, key, row)
+                    print(f"{label} {method} {bits} {gs} seed {seed}: ppl {row['ppl']:.3f} "
                           f"({time.perf_counter() - t0:,.0f}s)", flush=True)
-                    write_json(cache_file, cache)
                 rows.append(dict(cache[key], model=label, method=method, bits=bits, group_size=gs, seed=seed))
     return rows, ppl
 

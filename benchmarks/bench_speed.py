@@ -12,7 +12,6 @@ row-major weights) as one more row, so "before" and "after" share the same round
 """
 import argparse
 import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import ROOT, command, update_section  # noqa: E402
+from benchmarks.common import ROOT, command, load_cells, store_cell, update_section  # noqa: E402
 
 import load_weights  # noqa: E402
 import latency as lat  # noqa: E402
@@ -128,7 +127,7 @@ def build_models(ckpts, a):
 def perplexities(rows, a):
     """WikiText-2 perplexity of every row on the same first --windows windows, cached per row and subset."""
     cache_file = a.work / "ppl.json"
-    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    cache = load_cells(cache_file)
     _, tok = load_weights.load(rows[0][3])
     (key, (windows, desc)), = text_windows(tok, ["wikitext2"], 2048, a.data_dir, False, a.windows).items()
     desc = desc.replace(str(find_data_dir(a.data_dir)), "$CLP_DATA")  # no path of this machine in BENCHMARKS.md
@@ -144,8 +143,7 @@ def perplexities(rows, a):
         ck = f"{name}|{d}|{key}"
         if ck not in cache:
             print(f"perplexity of {label} on {desc}", flush=True)
-            cache[ck] = text_metrics(m, windows, label=f"ppl {name}")["ppl"]
-            write_json(cache_file, cache)
+            store_cell(cache_file, cache, ck, text_metrics(m, windows, label=f"ppl {name}")["ppl"])
         out[name] = cache[ck]
     return out, key, desc
 

@@ -9,13 +9,11 @@ accuracy on the first --limit items of --tasks. Writes the "tune" section of BEN
 rows are cached in --work/results.json, so an interrupted run resumes; --fresh recomputes everything.
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_quantize import PPL, heavy  # noqa: E402
-from common import command, update_section  # noqa: E402
+from benchmarks.common import PPL, command, heavy, load_cells, store_cell, update_section  # noqa: E402
 
 import excise  # noqa: E402
 import load_weights  # noqa: E402
@@ -23,7 +21,6 @@ import tune  # noqa: E402
 from data import find_data_dir  # noqa: E402
 from eval import text_metrics  # noqa: E402
 from zeroshot import run_task  # noqa: E402
-from atomic import write_json  # noqa: E402
 
 # (label, --train-layers, --method); every variant gets the same steps, data and seed
 VARIANTS = [
@@ -75,7 +72,9 @@ def main(argv=None):
     a = p.parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)
     cache = a.work / "results.json"
-    rows = {} if a.fresh or not cache.is_file() else json.loads(cache.read_text())
+    if a.fresh:
+        cache.unlink(missing_ok=True)
+    rows = load_cells(cache)
     pruned = a.work / f"pruned-{a.prune_layers}"
     if not (pruned / "config.json").is_file():
         with heavy(a.lock):
@@ -93,8 +92,7 @@ def main(argv=None):
                 key = f"{label} @ {lr}"
                 if key not in rows:
                     with heavy(a.lock):
-                        rows[key] = tune_run(pruned, spec, method, float(lr), a)
-                    write_json(cache, rows)
+                        store_cell(cache, rows, key, tune_run(pruned, spec, method, float(lr), a))
         if label in rows:
             continue
         print(f"== {label}", flush=True)
@@ -105,8 +103,7 @@ def main(argv=None):
             ckpt = row["out"]
         with heavy(a.lock):
             row = dict(row, **measure(ckpt, None if label == "dense" else dense, ppl, a))
-        rows[label] = row
-        write_json(cache, rows)
+        store_cell(cache, rows, label, row)
     write_section(rows, jobs, a, pruning, ppl)
 
 

@@ -1,4 +1,7 @@
-"""Shared by the benchmark scripts: each one rewrites its own section of BENCHMARKS.md."""
+"""Shared by the benchmark scripts: each one rewrites its own section of BENCHMARKS.md, keeps its finished cells
+in one results file (load_cells / store_cell), and may hold a machine-wide lock during heavy steps."""
+import contextlib
+import fcntl
 import json
 import os
 import platform
@@ -13,6 +16,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import atomic  # noqa: E402
+from data import find_data_dir  # noqa: E402
+from eval import text_metrics, text_windows  # noqa: E402
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 HEADER = "# Benchmarks\n\nEvery figure below comes from the command printed beside it. Sections are rewritten by the scripts in `benchmarks/`.\n"
 
@@ -66,3 +71,30 @@ def store_cell(path, store, key, value):
         store[key] = value
         atomic.write_text(path, json.dumps(store, indent=2) + "\n")
     return value
+
+
+@contextlib.contextmanager
+def heavy(lock):
+    """Hold the machine-wide lock for one heavy step, so that others' jobs can run between our rows."""
+    if lock is None:
+        yield
+        return
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class PPL:
+    """WikiText-2 test perplexity on a fixed subset of windows, tokenized once."""
+
+    def __init__(self, tok, windows, seqlen, data_dir):
+        (self.key, (w, self.desc)), = text_windows(tok, ["wikitext2"], seqlen, data_dir, bos=False).items()
+        self.desc = self.desc.replace(str(find_data_dir(data_dir)), "$CLP_DATA")  # no path of this machine
+        self.total = w.shape[0]
+        self.windows = w[:windows]
+
+    def __call__(self, model):
+        return text_metrics(model, self.windows, label="ppl")["ppl"]

@@ -6,8 +6,6 @@ that produced it. `Bench.cell` returns the stored value or computes and stores i
 an interrupted run loses at most the cell in progress; with `readonly` set a missing cell raises Missing
 instead (writing the report computes nothing).
 """
-import copy
-import dataclasses
 import os
 import shutil
 import time
@@ -150,15 +148,6 @@ def sleb_prefix(b, k):
 
 # ---------------------------------------------------------------- measuring (cached)
 
-def pruned_view(model, removed):
-    """The model without the layers in `removed`, sharing every weight with it (nothing copied)."""
-    view = copy.copy(model)
-    view._modules = dict(model._modules)
-    view.layers = torch.nn.ModuleList(l for i, l in enumerate(model.layers) if i not in set(removed))
-    view.cfg = dataclasses.replace(model.cfg, num_layers=len(view.layers))
-    return view
-
-
 class DenseLogits:
     """eval.text_metrics' teacher: the dense logits of a ppl window from its cached last hidden state,
     so that every row's KL does not rerun the dense layers."""
@@ -201,7 +190,7 @@ def evaluate(b, removed, tuned=None, full=False, extra=None):
     if not removed:
         model, teacher = b.model, None
     else:
-        model = pruned_view(b.model, removed) if tuned is None else load_weights.load(tuned_path(b, removed, tuned))[0]
+        model = b.model.without(removed) if tuned is None else load_weights.load(tuned_path(b, removed, tuned))[0]
         teacher = b.dense_logits
     if full:
         return b.cell(k, lambda: dict(ev.text_metrics(model, b.all_windows, label="ppl, whole test set"), **(extra or {})))
@@ -221,7 +210,7 @@ def speed(b, layer_counts):
 
     def run():
         print(f"== latency: {', '.join(map(str, counts))} layers interleaved, {b.a.latency_runs} rounds", flush=True)
-        models = {n: pruned_view(b.model, range(n, b.L)) for n in counts}
+        models = {n: b.model.without(range(n, b.L)) for n in counts}
         out, bandwidth = latency.interleaved_latency(models, b.a.latency_seqlen, NEW_TOKENS, b.a.latency_runs, verbose=True)
         return {str(n): v for n, v in out.items()} | {"bandwidth": bandwidth, "load": os.getloadavg()[0]}
     return b.cell(k, run)

@@ -14,7 +14,6 @@ models of real shapes with seeded random weights (random:NAME reads configs/NAME
 Random weights: speed and memory only, no quality figure.
 """
 import argparse
-import dataclasses
 import gc
 import statistics
 import sys
@@ -30,7 +29,6 @@ import quantize  # noqa: E402
 import search  # noqa: E402
 from benchmarks.common import command, update_section  # noqa: E402
 from latency import peak_memory, reset_peak_memory, sync  # noqa: E402
-from model import Transformer  # noqa: E402
 from teacher import build_teacher  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,25 +75,13 @@ def fixture_rows(device):
 
 # ---------------------------------------------------------------- 2. latency, dense vs excised in memory
 
-def excised_view(model, removed):
-    """The model with `removed` layers left out, sharing every weight (no copy): the pruned model's compute."""
-    kept = [i for i in range(model.cfg.num_layers) if i not in set(removed)]
-    cfg = dataclasses.replace(model.cfg, num_layers=len(kept))
-    with torch.device("meta"):
-        small = Transformer(cfg)
-    small.embed_tokens, small.norm, small.lm_head = model.embed_tokens, model.norm, model.lm_head
-    small.layers = torch.nn.ModuleList(model.layers[i] for i in kept)
-    small.inv_freq = model.inv_freq
-    return small
-
-
 @torch.no_grad()
 def latency_row(name, device, s):
     model = random(name, device)
     L = model.cfg.num_layers
     k = round(s["ratio"] * L)
     s0 = (L - k) // 2
-    pruned = excised_view(model, range(s0, s0 + k))
+    pruned = model.without(range(s0, s0 + k))
     g = torch.Generator().manual_seed(0)
     x = torch.randint(model.cfg.vocab_size, (1, s["prefill"]), generator=g).to(device)
     prompt = x[:, :min(128, s["prefill"])]

@@ -2,6 +2,7 @@
 that recomputes nothing."""
 import json
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -152,8 +153,7 @@ def test_a_run_over_fewer_ratios_reuses_the_wider_speed_measurement(tmp_path, mo
     assert compare_cells.speed(b, [24]) == wide  # depths 30 and 24 were timed together already
     b.a.latency_runs = 3  # other settings: a new measurement
     monkeypatch.setattr(compare_cells.latency, "interleaved_latency", lambda models, *a, **k: ({n: {} for n in models}, 0.0))
-    monkeypatch.setattr(compare_cells, "pruned_view", lambda model, removed: None)
-    b.model = None
+    b.model = SimpleNamespace(without=lambda removed: None)
     assert set(compare_cells.speed(b, [24])) == {"30", "24", "bandwidth", "load"}
 
 

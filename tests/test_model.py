@@ -127,6 +127,20 @@ def test_keep_zero_equals_model_without_that_layer(tiny_dir):
     assert not torch.allclose(gated, dense, atol=1e-2)  # the layer mattered, so the test can fail
 
 
+def test_without_shares_the_weights_and_equals_the_cut_model():
+    model, _ = load(FIXTURES / "tiny-qwen2")
+    ids, _ = reference(FIXTURES / "tiny-qwen2")
+    view = model.without([1, 4])
+    assert view.cfg.num_layers == 4 and model.cfg.num_layers == 6 and len(model.layers) == 6
+    assert view.layers[1] is model.layers[2] and view.embed_tokens.weight is model.embed_tokens.weight
+    keep = torch.ones(6)
+    keep[[1, 4]] = 0
+    cache = view.make_cache(1, ids.shape[1])
+    with torch.no_grad():
+        torch.testing.assert_close(view(ids), model(ids, keep=keep), atol=1e-5, rtol=0)
+        torch.testing.assert_close(view(ids[:1], cache=cache), model(ids[:1], keep=keep), atol=1e-5, rtol=0)
+
+
 def test_keep_one_is_dense_and_gradients_reach_keep():
     model, _ = load(FIXTURES / "tiny-llama3")
     ids, _ = reference(FIXTURES / "tiny-llama3")
