@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import fcntl
@@ -237,3 +238,13 @@ def swap_in(tmp, out_dir):
 def write_json(path, obj):
     """Write JSON atomically (write_text): the old file or the complete new one, never half of one."""
     write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def provenance(seed=None):
+    """What every report records about how it was made: the command line, the versions, when, and the seed."""
+    import platform
+
+    import torch
+
+    return {"command": " ".join(["python"] + sys.argv), "seed": seed, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "versions": {"python": platform.python_version(), "torch": torch.__version__}}

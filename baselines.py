@@ -21,9 +21,7 @@ Every method reports the calibration KL of its choice, so all are compared on on
 import argparse
 import itertools
 import math
-import platform
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -223,8 +221,7 @@ def run(ckpt, method, out, prune_layers=None, prune_ratio=None, calib="wikitext2
               "settings": {"nsamples": nsamples, "seqlen": seqlen, "seed": seed, "calib": calib,
                            "placement": placement.describe_split(model)}, "seed": seed,
               "wall_time_s": {"load_and_teacher": round(t1 - t0, 2), "method": round(t2 - t1, 2)},
-              "command": " ".join(["python"] + sys.argv),
-              "versions": {"python": platform.python_version(), "torch": torch.__version__}}
+              **atomic.provenance(seed)}
     report["peak_memory_bytes"] = peak_memory(devs)
     write_json(Path(out) / "report.json", placement.mark_random(report, ckpt))
     return report

@@ -20,15 +20,14 @@ Protocols (docs/protocols.md; never change them silently):
 """
 import argparse
 import math
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+import atomic
 import devices
 import latency as lat
 import load_weights
@@ -262,11 +261,12 @@ def run(ckpt, compare=None, teacher=None, ppl=(), ppl_windows=None, tasks=(), li
         print_table(res, dense, res["compare"])
     if res["latency"]:
         lat.print_note(res["latency"])
+    made = atomic.provenance(seed=0)  # the eval.py schema keeps them in settings (docs/protocols.md)
     res["settings"].update(
-        command="python " + " ".join(sys.argv), teacher=str(ckpt) if compare else teacher, limit=limit,
+        command=made["command"], teacher=str(ckpt) if compare else teacher, limit=limit,
         batch_size=batch_size, kl_chunk=kl_chunk, runs=runs, warmup=warmup, compile=compile,
         new_tokens=new_tokens, dtype=dtype, device=device, devices=devices, offload=offload,
-        threads=torch.get_num_threads(), seed=0, torch=torch.__version__, python=platform.python_version(),
+        threads=torch.get_num_threads(), seed=made["seed"], **made["versions"],
         wall_s=round(time.perf_counter() - t0, 1))
     if placement.mark_random(res, ckpt, compare, teacher).get("random_weights"):
         print(f"note: {res['random_weights']}")

@@ -13,7 +13,6 @@ The per-matrix algorithms (the grids, round-to-nearest, GPTQ's Algorithm 1) live
 Embeddings, norms and the output head stay unquantized, as in the paper.
 """
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -283,9 +282,7 @@ def quantize_checkpoint(ckpt, out, method="gptq", bits=4, group_size=128, sym=Fa
     save_checkpoint(out, config, packed_tensors(model, results, bits, DTYPES[save_dtype]), source_dir=src)
     ram_quant = verify_reload(out, results)
     work.remove()
-    rep = {"command": "python " + " ".join(sys.argv), "versions": {"python": sys.version.split()[0],
-                                                                   "torch": torch.__version__},
-           "seed": seed, "source": str(src), "out": str(out), "settings": settings, "dtype_unquantized": save_dtype,
+    rep = {**atomic.provenance(seed), "source": str(src), "out": str(out), "settings": settings, "dtype_unquantized": save_dtype,
            "calibration": None if tokens is None else {"text": calib_desc, "nsamples": tokens.shape[0],
                                                        "seqlen": tokens.shape[1], "tokens": tokens.numel()},
            "quantize_seconds": quant_seconds, "wall_seconds": time.perf_counter() - t_start,

@@ -7,8 +7,6 @@ is load_weights.py. A checkpoint directory appears complete or not at all (atomi
 import json
 import re
 import shutil
-import sys
-import time
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -114,7 +112,7 @@ def write_pruned(model, source_dir, removed, out, info=None):
                "num_layers": L - len(removed), "config_lists_trimmed": trimmed,
                "method": "manual", "budget": {"layers": len(removed), "ratio": round(len(removed) / L, 4)},
                "calibration": None, "scores": None, **(info or {}),
-               "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": " ".join(sys.argv)}
+               **atomic.provenance()}
     save_checkpoint(out, new_config, tensors, source_dir=source_dir,
                     extra_files={"pruning.json": json.dumps(pruning, indent=2) + "\n"})
     return pruning

@@ -21,7 +21,6 @@ to be, with the measurements.
 import argparse
 import inspect
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -274,8 +273,7 @@ def run(ckpt, out, prune_layers=None, prune_ratio=None, calib="wikitext2", nsamp
               "wall_time_s": {"load_and_teacher": round(t1 - t0, 2),
                               **{key: round(v, 2) for key, v in result["time_s"].items()},
                               "total": round(time.perf_counter() - t0, 2)},
-              "command": " ".join(["python"] + sys.argv), "seed": seed,
-              "versions": {"python": platform.python_version(), "torch": torch.__version__}}
+              **atomic.provenance(seed)}
     report["peak_memory_bytes"] = peak_memory(devs)
     write_json(Path(out) / "report.json", placement.mark_random(report, ckpt))
     print("peak memory: " + ", ".join(f"{d} {b / 2**30:,.2f} GiB" for d, b in report["peak_memory_bytes"].items()))

@@ -17,8 +17,6 @@ The output is a plain HF-layout checkpoint: pruning.json is carried over and tun
 import argparse
 import json
 import math
-import platform
-import sys
 import time
 from pathlib import Path
 
@@ -239,8 +237,7 @@ def tune(ckpt, out, teacher=None, train_layers="endpoints", method="full", steps
               "trainable_parameters": sum(p.numel() for p in params),
               "heldout_kl": {"before": kl_before, "after": kl_after}, "losses": losses,
               "wall_time_s": {"setup": round(t1 - t0, 2), "tuning": round(t2 - t1, 2)},
-              "peak_memory_bytes": peak_memory(devs), "command": " ".join(["python"] + sys.argv), "seed": seed,
-              "versions": {"python": platform.python_version(), "torch": torch.__version__}}
+              "peak_memory_bytes": peak_memory(devs), **atomic.provenance(seed)}
     write_tuned(model, source, out, report)
     print(f"tuned checkpoint: {out}")
     return report
