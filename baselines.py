@@ -37,7 +37,7 @@ import placement
 import plan
 from gates import blocks_to_layers, budget, layers_to_blocks, segment_widths, span
 from devices import peak_memory
-from errors import at_least, cli
+from errors import UserError, at_least, cli
 from atomic import write_json
 from resume import OFF, Scores
 from teacher import eta, log_probs, make_teacher, removed_kl, run_windows, token_kl
@@ -191,7 +191,7 @@ def choose(method, model, teacher, k, seed=0, done=OFF):
     if method == "shortened-taylor":
         scores = importance.taylor_importance(model, teacher)
         return importance.lowest(scores, k), scores
-    raise ValueError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+    raise UserError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
 
 
 def run(ckpt, method, out, prune_layers=None, prune_ratio=None, calib="wikitext2", nsamples=16, seqlen=256, seed=0,

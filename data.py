@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 import fetch as fetcher
-from errors import cli
+from errors import UserError, cli
 from paths import ROOT, shown
 
 WIKITEXT_FILES = {"test": "wiki.test.raw", "valid": "wiki.valid.raw", "validation": "wiki.valid.raw"}
@@ -77,9 +77,9 @@ def load_text(source, split="test", data_dir=None, quiet=False):
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"text file {p} is not UTF-8 text (byte {e.start})") from None
+        raise UserError(f"text file {p} is not UTF-8 text (byte {e.start})") from None
     if not text.strip():
-        raise ValueError(f"text file {p} is empty")
+        raise UserError(f"text file {p} is empty")
     if p.suffix == ".raw":
         text = wikitext_text(p)
     return text, shown(p)
@@ -90,7 +90,7 @@ def eval_windows(ids, seqlen):
     ids = torch.as_tensor(ids, dtype=torch.long)
     n = ids.numel() // seqlen
     if n == 0:
-        raise ValueError(f"text has {ids.numel():,} tokens, fewer than one window of {seqlen:,}")
+        raise UserError(f"text has {ids.numel():,} tokens, fewer than one window of {seqlen:,}")
     return ids[: n * seqlen].view(n, seqlen)
 
 
@@ -98,7 +98,7 @@ def calibration_batch(ids, nsamples, seqlen, seed=0):
     """`nsamples` random windows of `seqlen` tokens (seeded, reproducible): (nsamples, seqlen)."""
     ids = torch.as_tensor(ids, dtype=torch.long)
     if ids.numel() <= seqlen:
-        raise ValueError(f"calibration text has {ids.numel():,} tokens, need more than seqlen={seqlen:,}")
+        raise UserError(f"calibration text has {ids.numel():,} tokens, need more than seqlen={seqlen:,}")
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=g)
     return torch.stack([ids[s: s + seqlen] for s in starts.tolist()])

@@ -207,7 +207,7 @@ def read_gguf(path):
 def tokenizer_json(r):
     """A Hugging Face tokenizer.json for SmolLM2 from the GGUF's vocabulary and merges."""
     if gguf_field(r, "tokenizer.ggml.model") != "gpt2" or gguf_field(r, "tokenizer.ggml.pre") != "smollm":
-        raise ValueError("the GGUF does not carry SmolLM2's byte-level BPE tokenizer")
+        raise UserError("the GGUF does not carry SmolLM2's byte-level BPE tokenizer")
     tokens = gguf_field(r, "tokenizer.ggml.tokens")
     types = gguf_field(r, "tokenizer.ggml.token_type")
     control = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,

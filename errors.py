@@ -3,12 +3,11 @@
     @cli(memory="--batch-size or --kl-chunk")
     def main(argv=None): ...
 
-What counts as a user error: `UserError`; a ValueError or KeyError raised by this project's own code (the
-project's convention for bad input: a bad flag value, config.json, report, task file...); a file that
-cannot be read or written (OSError); a corrupt safetensors file; a loss or Hessian that is NaN or Inf
-(FloatingPointError); running out of memory, with the flags that would help; a device this machine lacks.
-Everything else -- a TypeError, an IndexError, a ValueError from inside torch -- is a bug and keeps its
-traceback.
+What counts as a user error: `UserError` (the project raises it for every bad input: a flag value,
+config.json, a report, a task file...); a file that cannot be read or written (OSError); a corrupt
+safetensors file; a loss or Hessian that is NaN or Inf (FloatingPointError); running out of memory, with the
+flags that would help; a device this machine lacks. Everything else -- a TypeError, an IndexError, any
+other ValueError -- is a bug and keeps its traceback, whichever file raised it.
 """
 import functools
 import json
@@ -17,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent
 EXIT_USAGE = 2  # argparse's status for bad usage; ours for every user error
 # messages torch gives when a device is asked for that this machine does not have
 DEVICE_MESSAGES = ("Torch not compiled with CUDA", "no NVIDIA driver", "No CUDA GPUs", "invalid device ordinal",
@@ -88,17 +86,6 @@ def check_device(device):
     return d
 
 
-def raised_by_project(e):
-    """True when the innermost frame of e's traceback is one of this project's own files (not a library's)."""
-    tb = e.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    if tb is None:
-        return False
-    f = Path(tb.tb_frame.f_code.co_filename).resolve()
-    return f.is_relative_to(ROOT) and "site-packages" not in f.parts and ".venv" not in f.parts
-
-
 def is_out_of_memory(e):
     return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
         isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
@@ -119,8 +106,6 @@ def user_message(e, memory=""):
         name = e.filename2 or e.filename
         return f"{name}: {e.strerror}" if name and e.strerror else first
     if isinstance(e, (UserError, FloatingPointError, SafetensorError)):
-        return first
-    if isinstance(e, (ValueError, KeyError)) and raised_by_project(e):
         return first
     return None
 

@@ -38,7 +38,7 @@ import quant_paths
 import tasks as task_files
 from atomic import write_json
 from data import eval_windows, find_data_dir, load_text
-from errors import cli
+from errors import UserError, cli
 from zeroshot import Progress, run_task
 
 
@@ -98,7 +98,7 @@ def text_windows(tok, sources, seqlen, data_dir, bos, max_windows=None):
     """{key: (windows (n, seqlen), description)} for each perplexity text, tokenized once; with `max_windows`
     only the first windows (a subset that the description states)."""
     if sources and tok is None:
-        raise ValueError("perplexity needs a tokenizer; this checkpoint has none")
+        raise UserError("perplexity needs a tokenizer; this checkpoint has none")
     out = {}
     for src in sources:
         text, desc = load_text(src, "test", data_dir)
@@ -119,7 +119,7 @@ def evaluate(model, tok, ckpt, *, ppl=(), ppl_windows=None, teacher=None, tasks=
     res = {"ckpt": str(ckpt), "ppl": {}, "kl": {}, "tasks": {}, "latency": None,
            "settings": {"seqlen": seqlen, "bos": use_bos, "layers": model.cfg.num_layers, "data": {}}}
     if teacher is not None and teacher.cfg.vocab_size != model.cfg.vocab_size:
-        raise ValueError(f"teacher vocabulary {teacher.cfg.vocab_size:,} != model vocabulary {model.cfg.vocab_size:,}")
+        raise UserError(f"teacher vocabulary {teacher.cfg.vocab_size:,} != model vocabulary {model.cfg.vocab_size:,}")
     for key, (windows, desc) in text_windows(tok, ppl, seqlen, data_dir, use_bos, ppl_windows).items():
         print(f"{ckpt}: perplexity on {desc}, {windows.shape[0]:,} windows of {seqlen:,} tokens")
         m = text_metrics(model, windows, teacher, kl_chunk, device, label=f"ppl {key}")
@@ -129,7 +129,7 @@ def evaluate(model, tok, ckpt, *, ppl=(), ppl_windows=None, teacher=None, tasks=
         res["settings"]["data"][key] = dict(m, text=desc)
     if tasks:
         if tok is None:
-            raise ValueError("zero-shot tasks need a tokenizer; this checkpoint has none")
+            raise UserError("zero-shot tasks need a tokenizer; this checkpoint has none")
         root = find_data_dir(data_dir)
         if root is None:
             raise FileNotFoundError("zero-shot tasks need the data directory: set CLP_DATA or pass --data-dir")

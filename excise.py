@@ -17,7 +17,7 @@ import atomic
 import load_weights
 import placement
 from devices import stored_dtype
-from errors import cli, old_spelling, parses, read_json
+from errors import UserError, cli, old_spelling, parses, read_json
 from gates import check_layers, spec_indices
 from save_weights import info_from_report, write_pruned
 
@@ -32,14 +32,14 @@ def layers_from_report(path, model):
     """The removed layers of a search report, after checking that it was made on this very model."""
     report = read_json(path, "report")
     if not isinstance(report, dict) or "removed_layers" not in report:
-        raise ValueError(f"{path} has no 'removed_layers': not a search report")
+        raise UserError(f"{path} has no 'removed_layers': not a search report")
     layers = report["removed_layers"]
     if not (isinstance(layers, list) and all(type(i) is int for i in layers)):
-        raise ValueError(f"{path}: removed_layers must be a list of layer indices, not {layers!r}")
+        raise UserError(f"{path}: removed_layers must be a list of layer indices, not {layers!r}")
     theirs, ours = report.get("model", {}).get("fingerprint", {}), load_weights.fingerprint(model)
     for key, value in ours.items():
         if theirs.get(key) != value:
-            raise ValueError(f"{path} was made on another model ({report.get('model', {}).get('ckpt', '?')}): "
+            raise UserError(f"{path} was made on another model ({report.get('model', {}).get('ckpt', '?')}): "
                              f"its {key} is {theirs.get(key)!r}, this checkpoint's is {value!r}")
     return check_layers(report["removed_layers"], model.cfg.num_layers), report
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import atomic
 from paths import cache_root, shown
+from errors import UserError
 
 GITHUB = "https://raw.githubusercontent.com"
 
@@ -118,7 +119,7 @@ def content(rel, raw, mirror):
     if mirror or not s.blob:
         return raw
     if git_blob_id(raw) != s.blob:
-        raise ValueError(f"its git blob id {git_blob_id(raw)[:12]} is not the pinned {s.blob[:12]}")
+        raise UserError(f"its git blob id {git_blob_id(raw)[:12]} is not the pinned {s.blob[:12]}")
     return derive_arc(raw)
 
 

@@ -21,22 +21,24 @@ import re
 import torch
 import torch.nn as nn
 
+from errors import UserError
+
 
 def budget(num_layers, prune_layers=None, prune_ratio=None):
     """The number of layers k to remove: given directly, or round(ratio * L); 1 <= k < L."""
     if (prune_layers is None) == (prune_ratio is None):
-        raise ValueError("give exactly one of prune_layers and prune_ratio")
+        raise UserError("give exactly one of prune_layers and prune_ratio")
     k = prune_layers if prune_layers is not None else round(prune_ratio * num_layers)
     if not 1 <= k < num_layers:
         what = f"--prune-layers {prune_layers}" if prune_layers is not None else f"--prune-ratio {prune_ratio} (k = {k})"
-        raise ValueError(f"pruning budget {what} is out of range: need 1 <= k < L = {num_layers}")
+        raise UserError(f"pruning budget {what} is out of range: need 1 <= k < L = {num_layers}")
     return k
 
 
 def segment_widths(k, segments):
     """Split the budget k into `segments` widths as evenly as possible, wider ones first."""
     if not 1 <= segments <= k:
-        raise ValueError(f"segments={segments} must be between 1 and the budget k={k}")
+        raise UserError(f"segments={segments} must be between 1 and the budget k={k}")
     return [k // segments + (s < k % segments) for s in range(segments)]
 
 
@@ -227,10 +229,10 @@ def spec_indices(spec):
     for part in str(spec).replace(" ", "").split(","):
         m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
         if not m:
-            raise ValueError(f"cannot read layer spec {part!r} in {spec!r}: use e.g. 17-22 or 3,5,10-12")
+            raise UserError(f"cannot read layer spec {part!r} in {spec!r}: use e.g. 17-22 or 3,5,10-12")
         a, b = int(m[1]), int(m[2] or m[1])
         if b < a:
-            raise ValueError(f"layer range {part!r} runs backwards")
+            raise UserError(f"layer range {part!r} runs backwards")
         layers += range(a, b + 1)
     return layers
 
@@ -238,10 +240,10 @@ def spec_indices(spec):
 def check_layers(layers, num_layers):
     layers = sorted(layers)
     if len(set(layers)) != len(layers):
-        raise ValueError(f"layer {next(i for i in layers if layers.count(i) > 1)} is listed twice")
+        raise UserError(f"layer {next(i for i in layers if layers.count(i) > 1)} is listed twice")
     unknown = [i for i in layers if not 0 <= i < num_layers]
     if unknown:
-        raise ValueError(f"unknown layer(s) {unknown}: the model has layers 0..{num_layers - 1}")
+        raise UserError(f"unknown layer(s) {unknown}: the model has layers 0..{num_layers - 1}")
     if not 1 <= len(layers) < num_layers:
-        raise ValueError(f"removing {len(layers)} of {num_layers} layers: need at least one removed and one kept")
+        raise UserError(f"removing {len(layers)} of {num_layers} layers: need at least one removed and one kept")
     return layers

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from errors import check_finite
+from errors import UserError, check_finite
 from gptq_format import n_groups
 
 @dataclass
@@ -79,7 +79,7 @@ def inverse_cholesky(H, percdamp):
     H = H + damp * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     L, info = torch.linalg.cholesky_ex(H)
     if info:
-        raise ValueError(f"H + {percdamp} * mean(diag H) * I is not positive definite: raise --percdamp "
+        raise UserError(f"H + {percdamp} * mean(diag H) * I is not positive definite: raise --percdamp "
                          f"or add calibration data")
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
     check_finite(Hinv, "the inverse Cholesky factor of H (GPTQ)")

@@ -28,6 +28,8 @@ import math
 
 import torch
 
+from errors import UserError
+
 SUPPORTED_BITS = (2, 3, 4, 8)
 FORMATS = {"gptq": 1, "gptq_v2": 0}  # checkpoint_format -> offset added to stored zero points
 QUANT_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
@@ -39,7 +41,7 @@ def pack_rows(values, bits):
     """(n, m) ints in [0, 2^bits) -> (n*bits/32, m) int32: each 32 rows become `bits` words (see module doc)."""
     n, m = values.shape
     if n % 32:
-        raise ValueError(f"cannot pack {n} rows: the GPTQ layout needs a multiple of 32")
+        raise UserError(f"cannot pack {n} rows: the GPTQ layout needs a multiple of 32")
     v = values.to(torch.int64).view(n // 32, 32, m)
     words = torch.zeros(n // 32, bits, m, dtype=torch.int64)
     for j in range(32):
@@ -70,7 +72,7 @@ def unpack_rows(packed, bits):
 def pack(codes, scales, zeros, g_idx, bits):
     """Integer codes (O, I), scales / zero points (G, O), g_idx (I,) -> the four format tensors (v1 zeros)."""
     if int(zeros.min()) < 1:
-        raise ValueError("checkpoint_format 'gptq' stores zero - 1: a zero point of 0 cannot be written")
+        raise UserError("checkpoint_format 'gptq' stores zero - 1: a zero point of 0 cannot be written")
     return {
         "qweight": pack_rows(codes.t(), bits),  # (I*b/32, O)
         "qzeros": pack_rows((zeros - 1).t(), bits).t().contiguous(),  # (G, O*b/32)
@@ -96,7 +98,7 @@ def check_packable(name, in_features, out_features):
     """Clear error for a Linear whose dimensions the packed layout cannot hold."""
     for what, n in (("in_features", in_features), ("out_features", out_features)):
         if n % 32:
-            raise ValueError(f"{name}: {what} = {n} is not a multiple of 32; the GPTQ layout packs values "
+            raise UserError(f"{name}: {what} = {n} is not a multiple of 32; the GPTQ layout packs values "
                              f"32 at a time into int32 words, so this checkpoint cannot be stored in it")
 
 
@@ -112,13 +114,13 @@ def quantization_config(bits, group_size, sym, act_order, percdamp, method):
 def check_quantization_config(qc, source="config.json"):
     """Validate a checkpoint's quantization_config; returns (bits, group_size, zero_offset)."""
     if qc.get("quant_method") != "gptq":
-        raise ValueError(f"{source}: quant_method {qc.get('quant_method')!r} is not supported (only 'gptq')")
+        raise UserError(f"{source}: quant_method {qc.get('quant_method')!r} is not supported (only 'gptq')")
     fmt = qc.get("checkpoint_format", "gptq")
     if fmt not in FORMATS:
-        raise ValueError(f"{source}: checkpoint_format {fmt!r} is not supported ({', '.join(FORMATS)})")
+        raise UserError(f"{source}: checkpoint_format {fmt!r} is not supported ({', '.join(FORMATS)})")
     bits, group_size = qc.get("bits"), qc.get("group_size", -1)
     if bits not in SUPPORTED_BITS:
-        raise ValueError(f"{source}: bits = {bits!r} is not supported (supported: {SUPPORTED_BITS})")
+        raise UserError(f"{source}: bits = {bits!r} is not supported (supported: {SUPPORTED_BITS})")
     if not isinstance(group_size, int) or (group_size < 1 and group_size != -1):
-        raise ValueError(f"{source}: group_size = {group_size!r} must be -1 (per-channel) or a positive integer")
+        raise UserError(f"{source}: group_size = {group_size!r} must be -1 (per-channel) or a positive integer")
     return bits, group_size, FORMATS[fmt]

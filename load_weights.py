@@ -134,31 +134,31 @@ def check_config_types(d, source):
                 "num_key_value_heads", "head_dim"):
         optional = key in ("num_key_value_heads", "head_dim") and d.get(key) is None
         if key in d and not optional and (type(d[key]) is not int or d[key] < 1):
-            raise ValueError(f"{source}: {key} = {d[key]!r} must be a positive integer")
+            raise UserError(f"{source}: {key} = {d[key]!r} must be a positive integer")
     theta = d.get("rope_theta", 1.0)
     if type(theta) not in (int, float) or theta <= 0:
-        raise ValueError(f"{source}: rope_theta = {theta!r} must be a positive number")
+        raise UserError(f"{source}: rope_theta = {theta!r} must be a positive number")
     for key in ("rope_scaling", "rope_parameters", "quantization_config"):
         if d.get(key) is not None and not isinstance(d[key], dict):
-            raise ValueError(f"{source}: {key} = {d[key]!r} must be an object")
+            raise UserError(f"{source}: {key} = {d[key]!r} must be an object")
 
 
 def config_from_dict(d, source="config.json"):
     mt = d.get("model_type")
     check_config_types(d, source)
     if not isinstance(mt, str) or mt not in SUPPORTED:
-        raise ValueError(f"{source}: model_type {mt!r} is not supported (supported: {', '.join(sorted(SUPPORTED))})")
+        raise UserError(f"{source}: model_type {mt!r} is not supported (supported: {', '.join(sorted(SUPPORTED))})")
     if d.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{source}: hidden_act {d['hidden_act']!r} is not supported (only silu)")
+        raise UserError(f"{source}: hidden_act {d['hidden_act']!r} is not supported (only silu)")
     if d.get("use_sliding_window"):
-        raise ValueError(f"{source}: use_sliding_window=true is not supported")
+        raise UserError(f"{source}: use_sliding_window=true is not supported")
     # newer configs put theta and scaling together in rope_parameters
     rp = d.get("rope_parameters") or {}
     scaling = d.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
     if scaling and scaling.get("rope_type", scaling.get("type")) not in ("llama3", "default"):
-        raise ValueError(f"{source}: rope scaling {scaling!r} is not supported (only llama3)")
+        raise UserError(f"{source}: rope scaling {scaling!r} is not supported (only llama3)")
     if d.get("mlp_bias"):
-        raise ValueError(f"{source}: mlp_bias is not supported")
+        raise UserError(f"{source}: mlp_bias is not supported")
     try:
         return Config(
             model_type=mt,
@@ -181,9 +181,9 @@ def config_from_dict(d, source="config.json"):
             sliding_window=d.get("sliding_window") if mt == "mistral" else None,
         )
     except KeyError as e:
-        raise ValueError(f"{source}: required key {e.args[0]!r} is missing") from None
+        raise UserError(f"{source}: required key {e.args[0]!r} is missing") from None
     except (TypeError, ZeroDivisionError) as e:
-        raise ValueError(f"{source}: a size is not a number ({e})") from None
+        raise UserError(f"{source}: a size is not a number ({e})") from None
 
 
 # ---------------------------------------------------------------- safetensors -> model
@@ -231,10 +231,10 @@ def checked_tensors(path, table, tied):
     unexpected = [k for k in files if k not in table and not (tied and k == "lm_head.weight")
                   and not k.endswith("rotary_emb.inv_freq")]
     if unexpected:
-        raise KeyError(f"{path}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all)")
+        raise UserError(f"{path}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all)")
     missing = [k for k in table if k not in files]
     if missing:
-        raise KeyError(f"{path}: missing tensor {missing[0]!r} ({len(missing)} in all)")
+        raise UserError(f"{path}: missing tensor {missing[0]!r} ({len(missing)} in all)")
     handles = {}
     try:
         for hf_name, (ours, shape) in table.items():
@@ -243,7 +243,7 @@ def checked_tensors(path, table, tied):
                 handles[f] = open_safetensors(f)
             t = handles[f].get_tensor(hf_name)
             if tuple(t.shape) != tuple(shape):
-                raise ValueError(f"{f.name}: tensor {hf_name!r} has shape {tuple(t.shape)}, config.json implies {tuple(shape)}")
+                raise UserError(f"{f.name}: tensor {hf_name!r} has shape {tuple(t.shape)}, config.json implies {tuple(shape)}")
             check_finite(t, f"{f}: tensor {hf_name!r}")
             yield ours, t
     finally:
@@ -381,7 +381,7 @@ def check_g_idx(model):
         for name in LINEARS:
             q = layer.get_submodule(name)
             if q.g_idx.numel() and (int(q.g_idx.min()) < 0 or int(q.g_idx.max()) >= q.scales.shape[0]):
-                raise ValueError(f"layers.{i}.{name}: g_idx points outside the {q.scales.shape[0]} groups of scales")
+                raise UserError(f"layers.{i}.{name}: g_idx points outside the {q.scales.shape[0]} groups of scales")
 
 
 # ---------------------------------------------------------------- CLI: inspect a checkpoint

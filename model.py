@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from errors import UserError
+
 
 @dataclass
 class Config:
@@ -41,7 +43,7 @@ class Config:
         if self.head_dim == 0:
             self.head_dim = self.hidden_size // self.num_heads
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+            raise UserError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         self.n_rep = self.num_heads // self.num_kv_heads  # query heads per key/value head
 
 
@@ -108,7 +110,7 @@ class KVCache:
         """Store layer i's new k, v (B, nkv, T, hd) after the cached tokens; return its keys and values so far."""
         s, T = self.length, k.shape[2]
         if s + T > self.max_len:
-            raise ValueError(f"KV cache full: {s} + {T} tokens exceed its {self.max_len} positions")
+            raise UserError(f"KV cache full: {s} + {T} tokens exceed its {self.max_len} positions")
         self.k[i][:, :, s:s + T] = k
         self.v[i][:, :, s:s + T] = v
         return self.k[i][:, :, :s + T], self.v[i][:, :, :s + T]  # (B, nkv, S, hd)
@@ -249,7 +251,7 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         start = 0 if cache is None else cache.length
         if self.cfg.sliding_window and start + T > self.cfg.sliding_window:
-            raise ValueError(f"{start + T} tokens exceed the sliding window of {self.cfg.sliding_window}, "
+            raise UserError(f"{start + T} tokens exceed the sliding window of {self.cfg.sliding_window}, "
                              f"which this decoder does not implement")
         cos, sin = self.rope(start, T)
         x = self.embed_tokens(tokens)  # (B, T, C)

@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 import load_weights
 from devices import resolve as resolve_flags
 from model import Block, Transformer, rope_frequencies
+from errors import UserError
 
 
 # ---------------------------------------------------------------- which layers go where
@@ -169,7 +170,7 @@ def is_random(ckpt):
 def refuse_random(ckpt, what, why):
     """Refuse random weights where the output would mean nothing: `what` names the input, `why` the reason."""
     if is_random(ckpt):
-        raise ValueError(f"{what} {ckpt} has random weights: {why} (random: is for memory and speed runs)")
+        raise UserError(f"{what} {ckpt} has random weights: {why} (random: is for memory and speed runs)")
 
 
 def mark_random(report, *ckpts):
@@ -245,7 +246,7 @@ def load(ckpt, device=None, dtype=None, devices=None, offload=False, seed=0, qua
     else:
         quantized = bool(load_weights.read_config_dict(load_weights.resolve(ckpt)).get("quantization_config"))
         if offload and quantized:
-            raise ValueError(f"{ckpt} is quantized: --offload streams plain layers only; use --device or --devices")
+            raise UserError(f"{ckpt} is quantized: --offload streams plain layers only; use --device or --devices")
         # several devices or streaming: the weights first stay as stored (memory-mapped, no copy)
         simple = len(devs) == 1 and not offload
         model, tok = load_weights.load(ckpt, dtype=dt if simple or quantized else None,

@@ -51,7 +51,7 @@ def capacity_fn(device_memory, devices):
         if d == "cpu":
             return available_ram()
         if not torch.cuda.is_available():
-            raise ValueError(f"{d}: no CUDA device here; plan for another machine with --device-memory (e.g. 80GB)")
+            raise UserError(f"{d}: no CUDA device here; plan for another machine with --device-memory (e.g. 80GB)")
         return torch.cuda.mem_get_info(torch.device(d))[0]
     return capacity
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import atomic
-from errors import cli, old_spelling, read_json
+from errors import UserError, cli, old_spelling, read_json
 from gates import ContiguousGate
 
 HOW = "plots need matplotlib: pip install -r requirements-plots.txt (make demo installs it)"
@@ -41,7 +41,7 @@ def gate_masks(report):
     """{start: (steps, L) removal mask, NaN after the start stopped} from a search report's trajectory."""
     traj = report.get("trajectory")
     if not traj:
-        raise ValueError("the report has no gate trajectory: not a search.py report")
+        raise UserError("the report has no gate trajectory: not a search.py report")
     L, k = report["model"]["fingerprint"]["num_layers"], report["budget"]["layers"]
     segments = report.get("settings", {}).get("segments", 1)
     starts = sorted({int(r) for t in traj for r in t["mu"]})
@@ -58,7 +58,7 @@ def block_kls(report):
     """[(first layer of the block, kl)] sorted by layer: an exhaustive report's scores or a search's candidates."""
     rows = report.get("candidates") or (report["scores"] if report.get("method") == "exhaustive" else None)
     if not rows:
-        raise ValueError(f"the report of method {report.get('method')!r} scores no blocks")
+        raise UserError(f"the report of method {report.get('method')!r} scores no blocks")
     return sorted((r["removed_layers"][0], r["kl"]) for r in rows if is_block(r["removed_layers"]))
 
 

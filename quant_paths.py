@@ -25,8 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import column_major
+from errors import UserError
 from gptq_format import SUPPORTED_BITS, dequantize, n_groups, pack, unpack_rows
+from model import column_major
 
 PATHS = ("auto", "int4-kernel", "int8-kernel", "unpacked", "dequantized", "reference")
 KERNEL_GROUPS = (32, 64, 128, 256)  # group sizes the int4 kernel accepts
@@ -44,7 +45,7 @@ class QuantLinear(nn.Module):
     def __init__(self, in_features, out_features, bits, group_size, bias=False, zero_offset=1):
         super().__init__()
         if bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits = {bits} is not supported (supported: {SUPPORTED_BITS})")
+            raise UserError(f"bits = {bits} is not supported (supported: {SUPPORTED_BITS})")
         self.in_features, self.out_features, self.bits, self.zero_offset = in_features, out_features, bits, zero_offset
         self.group_size, self.path, self.rt_meta, self.rt_forward = group_size, "reference", {}, None
         G = n_groups(in_features, group_size)
@@ -118,11 +119,11 @@ def choose(path, q, device):
     cuda = torch.device(device).type == "cuda"
     if path != "auto":
         if path in ("int4-kernel", "int8-kernel", "unpacked") and perm is False:
-            raise ValueError(f"--quant-path {path}: this checkpoint's g_idx has groups of unequal sizes")
+            raise UserError(f"--quant-path {path}: this checkpoint's g_idx has groups of unequal sizes")
         if path == "int4-kernel" and (q.bits != 4 or (q.scales.shape[0] > 1 and gs not in KERNEL_GROUPS)):
-            raise ValueError(f"--quant-path int4-kernel needs 4 bits and a group size in {KERNEL_GROUPS}")
+            raise UserError(f"--quant-path int4-kernel needs 4 bits and a group size in {KERNEL_GROUPS}")
         if path == "int8-kernel" and (q.bits != 8 or q.scales.shape[0] > 1):
-            raise ValueError("--quant-path int8-kernel needs 8 bits, per-channel (group size -1)")
+            raise UserError("--quant-path int8-kernel needs 8 bits, per-channel (group size -1)")
         return path
     if perm is False:
         return "dequantized"

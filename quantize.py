@@ -27,7 +27,7 @@ import resume
 from atomic import write_json
 from data import calibration_windows
 from devices import DTYPES, peak_memory
-from errors import check_finite, cli, old_spelling
+from errors import UserError, check_finite, cli, old_spelling
 from gptq import Quantized, gptq, proxy_error, rtn
 from gptq_format import SUPPORTED_BITS, check_packable, pack, quantization_config
 from latency import model_bytes
@@ -161,16 +161,16 @@ def check_flags(raw_config, bits, group_size, blocksize, percdamp, method, nsamp
     """Clear errors for settings or a config.json this quantizer cannot handle, before the model loads."""
     if raw_config.get("quantization_config"):
         qc = raw_config["quantization_config"]
-        raise ValueError(f"the checkpoint is already quantized ({qc.get('quant_method')}, {qc.get('bits')} bits): "
+        raise UserError(f"the checkpoint is already quantized ({qc.get('quant_method')}, {qc.get('bits')} bits): "
                          f"quantize the unquantized source checkpoint instead")
     if bits not in SUPPORTED_BITS:
-        raise ValueError(f"--bits {bits} is not supported (supported: {', '.join(map(str, SUPPORTED_BITS))})")
+        raise UserError(f"--bits {bits} is not supported (supported: {', '.join(map(str, SUPPORTED_BITS))})")
     if group_size != -1 and group_size < 1:
-        raise ValueError(f"--group-size {group_size}: use -1 (one grid per output channel) or a positive size")
+        raise UserError(f"--group-size {group_size}: use -1 (one grid per output channel) or a positive size")
     if blocksize < 1 or not 0 < percdamp < 1:
-        raise ValueError(f"--blocksize must be >= 1 and --percdamp in (0, 1), got {blocksize} and {percdamp}")
+        raise UserError(f"--blocksize must be >= 1 and --percdamp in (0, 1), got {blocksize} and {percdamp}")
     if method == "gptq" and nsamples < 1:
-        raise ValueError("GPTQ needs calibration data: --nsamples must be >= 1 (only --method rtn runs without)")
+        raise UserError("GPTQ needs calibration data: --nsamples must be >= 1 (only --method rtn runs without)")
 
 
 def check_settings(model, raw_config, bits, group_size, blocksize, percdamp, method, nsamples):
@@ -259,7 +259,7 @@ def quantize_checkpoint(ckpt, out, method="gptq", bits=4, group_size=128, sym=Fa
     tokens, calib_desc = None, None
     if nsamples > 0:
         if tok is None:
-            raise ValueError(f"{src} has no tokenizer: calibration text cannot be encoded")
+            raise UserError(f"{src} has no tokenizer: calibration text cannot be encoded")
         tokens, _, calib_desc = calibration_windows(tok, calib, nsamples, min(seqlen, model.cfg.max_position_embeddings),
                                                     seed, data_dir=data_dir)
         print(f"calibration: {calib_desc}")

@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from errors import UserError
+
 # task -> files under the data directory (the first existing one is used)
 FILES = {
     "piqa": ["piqa/valid.jsonl"],
@@ -47,7 +49,7 @@ class Item:
     gold: int
 
 
-class TaskFileError(ValueError):
+class TaskFileError(UserError):
     pass
 
 
@@ -85,7 +87,7 @@ def read_labels(path, n):
 
 def mc_item(context, choices, gold):
     if not 0 <= gold < len(choices):
-        raise ValueError(f"gold index {gold} is outside the {len(choices)} choices")
+        raise UserError(f"gold index {gold} is outside the {len(choices)} choices")
     return Item([context] * len(choices), [" " + c for c in choices], [len(c) for c in choices], gold)
 
 
@@ -141,7 +143,7 @@ BUILDERS = {"piqa": piqa, "winogrande": winogrande, "boolq": boolq, "openbookqa"
 
 def task_file(name, data_dir):
     if name not in FILES:
-        raise KeyError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
+        raise UserError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
     for rel in FILES[name]:
         if (Path(data_dir) / rel).is_file():
             return Path(data_dir) / rel

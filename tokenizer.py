@@ -101,7 +101,7 @@ def split_pattern(pre, source):
             and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert") \
             and not (len(steps) == 2 and steps[1].get("use_regex", True)):
         return steps[0]["pattern"]["Regex"]
-    raise ValueError(f"{source}: pre_tokenizer {kinds} is not supported (byte-level BPE with a ByteLevel, "
+    raise UserError(f"{source}: pre_tokenizer {kinds} is not supported (byte-level BPE with a ByteLevel, "
                      f"Digits+ByteLevel or Split+ByteLevel pre-tokenizer is)")
 
 
@@ -111,14 +111,14 @@ def bpe_from_tokenizer_json(path):
     tj = read_json(path, "tokenizer.json")
     model = tj.get("model", {}) if isinstance(tj, dict) else None
     if not isinstance(model, dict):
-        raise ValueError(f"{path}: no tokenizer model object: not a tokenizer.json")
+        raise UserError(f"{path}: no tokenizer model object: not a tokenizer.json")
     if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise ValueError(f"{path}: only byte-level BPE tokenizer.json is supported (found {model.get('type')}"
+        raise UserError(f"{path}: only byte-level BPE tokenizer.json is supported (found {model.get('type')}"
                          f"{' with byte_fallback' if model.get('byte_fallback') else ''}; a sentencepiece "
                          f"tokenizer.model is read instead when present)")
     norm = tj.get("normalizer")
     if norm and norm.get("type") != "NFC":
-        raise ValueError(f"{path}: normalizer {norm.get('type')!r} is not supported")
+        raise UserError(f"{path}: normalizer {norm.get('type')!r} is not supported")
     pattern = split_pattern(tj.get("pre_tokenizer"), path)
     dec = byte_decoder()
     to_bytes = lambda tok: bytes(dec[c] for c in tok)

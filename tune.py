@@ -33,7 +33,7 @@ import placement
 import plan
 import save_weights
 from devices import peak_memory, stored_dtype
-from errors import cli, old_spelling, read_json
+from errors import UserError, cli, old_spelling, read_json
 from gates import spec_indices
 from model import LINEARS, hf_state_dict
 from teacher import eta, kl_backward, kl_sum, run_layers
@@ -46,7 +46,7 @@ def choose_layers(spec, pruning, num_layers):
     """'endpoints', 'all' or an index spec like '19,20' / '3-5' (pruned-model indices) -> sorted list."""
     if spec == "endpoints":
         if pruning is None:
-            raise ValueError("--train-layers endpoints needs the checkpoint's pruning.json to know where the cut is; "
+            raise UserError("--train-layers endpoints needs the checkpoint's pruning.json to know where the cut is; "
                              "name the layers instead, e.g. --train-layers 11,12")
         return endpoints(pruning["kept_layers"], pruning["source_num_layers"])
     if spec == "all":
@@ -54,7 +54,7 @@ def choose_layers(spec, pruning, num_layers):
     layers = sorted(set(spec_indices(spec)))
     bad = [j for j in layers if not 0 <= j < num_layers]
     if bad:
-        raise ValueError(f"unknown layer(s) {bad}: the pruned model has layers 0..{num_layers - 1}")
+        raise UserError(f"unknown layer(s) {bad}: the pruned model has layers 0..{num_layers - 1}")
     return layers
 
 
@@ -163,7 +163,7 @@ def read_pruning(path):
     pruning = read_json(f, "pruning.json") if f.is_file() else None
     if pruning is not None and not (isinstance(pruning, dict) and isinstance(pruning.get("kept_layers"), list)
                                     and isinstance(pruning.get("source_num_layers"), int)):
-        raise ValueError(f"{f} has no kept_layers / source_num_layers: not a pruning.json written by excise.py")
+        raise UserError(f"{f} has no kept_layers / source_num_layers: not a pruning.json written by excise.py")
     return pruning
 
 
@@ -171,12 +171,12 @@ def load_teacher(teacher, pruning, student, place):
     """The dense model: --teacher, else pruning.json's source; it must share the student's vocabulary and width."""
     name = teacher or (pruning or {}).get("source")
     if name is None:
-        raise ValueError("no teacher: the checkpoint has no pruning.json naming its source; give --teacher")
+        raise UserError("no teacher: the checkpoint has no pruning.json naming its source; give --teacher")
     placement.refuse_random(name, "teacher", "tuning needs a real model")
     dense = placement.load(name, **place)[0]
     for key in ("vocab_size", "hidden_size", "model_type"):
         if getattr(dense.cfg, key) != getattr(student.cfg, key):
-            raise ValueError(f"teacher {name} has {key}={getattr(dense.cfg, key)!r}, "
+            raise UserError(f"teacher {name} has {key}={getattr(dense.cfg, key)!r}, "
                              f"the pruned model {getattr(student.cfg, key)!r}: not its source")
     return dense, name
 
@@ -199,11 +199,11 @@ def tune(ckpt, out, teacher=None, train_layers="endpoints", method="full", steps
     placement.refuse_random(ckpt, "checkpoint", "tuning needs a real model")
     place = dict(device=device, dtype=dtype, devices=devices)
     if min(steps, batch_size, nsamples, val_samples) < 1 or not lr > 0:
-        raise ValueError("--steps, --batch-size, --nsamples and --val-samples must be at least 1, --lr positive")
+        raise UserError("--steps, --batch-size, --nsamples and --val-samples must be at least 1, --lr positive")
     t0 = time.perf_counter()
     source = load_weights.resolve(ckpt)
     if load_weights.read_config_dict(source).get("quantization_config"):
-        raise ValueError(f"{source} is quantized: tune the pruned checkpoint first, then quantize it")
+        raise UserError(f"{source} is quantized: tune the pruned checkpoint first, then quantize it")
     pruning = read_pruning(source)
     # the layers, the teacher and the output, before anything loads
     chosen = choose_layers(train_layers, pruning, placement.config(source).num_layers)
@@ -270,7 +270,7 @@ def memory_plan(a, cfg, path, placed):
     pruning = read_pruning(path)
     teacher = a.get("teacher") or (pruning or {}).get("source")
     if teacher is None:
-        raise ValueError("no teacher: the checkpoint has no pruning.json naming its source; give --teacher")
+        raise UserError("no teacher: the checkpoint has no pruning.json naming its source; give --teacher")
     tuned = choose_layers(a["train_layers"], pruning, cfg.num_layers)
     return memory.plan_tune(cfg, plan.config(teacher)[0], *placed[1:], tuned, a["nsamples"], a["val_samples"], a["seqlen"],
                             a["batch_size"], a["kl_chunk"], a["steps"], a["method"], a["rank"])

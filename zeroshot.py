@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import tasks as task_files
+from errors import UserError
 
 
 class Progress:
@@ -45,7 +46,7 @@ def encode_pair(tok, context, continuation, bos=False):
     whole = tok.encode(context + continuation, bos=bos)
     ctx = tok.encode(context, bos=bos)
     if not ctx or len(whole) <= len(ctx):
-        raise ValueError(f"cannot split {context[-40:]!r} + {continuation[:40]!r} into context and continuation tokens")
+        raise UserError(f"cannot split {context[-40:]!r} + {continuation[:40]!r} into context and continuation tokens")
     return ctx, whole[len(ctx):]
 
 

@@ -14,6 +14,7 @@ import latency
 import zeroshot as zs
 import tasks
 from conftest import DATA, WHOLE, need
+from errors import UserError
 from data import eval_windows
 from model import Config, Transformer
 
@@ -246,7 +247,7 @@ def test_bad_task_files_give_errors_naming_file_and_line(tmp_path):
         tasks.load_task("boolq", tmp_path)
     with pytest.raises(FileNotFoundError, match="no file for task winogrande"):
         tasks.load_task("winogrande", tmp_path)
-    with pytest.raises(KeyError, match="unknown task"):
+    with pytest.raises(UserError, match="unknown task"):
         tasks.load_task("mmlu", tmp_path)
 
 

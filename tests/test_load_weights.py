@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 import load_weights as lw
 import save_weights
 from conftest import FIXTURES
+from errors import UserError
 from model import hf_state_dict
 
 
@@ -78,11 +79,11 @@ def test_missing_and_unexpected_tensors_are_errors(tmp_path):
     t = load_file(d / "model.safetensors")
     t["model.layers.9.mlp.up_proj.weight"] = t.pop("model.layers.5.mlp.up_proj.weight")
     save_file(t, d / "model.safetensors")
-    with pytest.raises(KeyError, match=r"unexpected tensor 'model\.layers\.9"):
+    with pytest.raises(UserError, match=r"unexpected tensor 'model\.layers\.9"):
         lw.load(d)
     del t["model.layers.9.mlp.up_proj.weight"]
     save_file(t, d / "model.safetensors")
-    with pytest.raises(KeyError, match=r"missing tensor 'model\.layers\.5\.mlp\.up_proj\.weight'"):
+    with pytest.raises(UserError, match=r"missing tensor 'model\.layers\.5\.mlp\.up_proj\.weight'"):
         lw.load(d)
 
 

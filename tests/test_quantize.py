@@ -9,6 +9,7 @@ import torch
 import load_weights as lw
 import save_weights
 from conftest import FIXTURES, need
+from errors import UserError
 from gptq_format import (SUPPORTED_BITS, check_quantization_config, dequantize, pack, pack_rows,
                          quantization_config, unpack_rows)
 from model import Transformer, hf_state_dict
@@ -254,5 +255,5 @@ def test_missing_quantized_tensor_is_named(tmp_path):
     del tensors["model.layers.1.mlp.up_proj.scales"]
     save_weights.save_checkpoint(tmp_path / "q", dict(RAW, quantization_config=quantization_config(4, -1, False, False, 0.01, "rtn")),
                        tensors)
-    with pytest.raises(KeyError, match=r"missing tensor 'model\.layers\.1\.mlp\.up_proj\.scales'"):
+    with pytest.raises(UserError, match=r"missing tensor 'model\.layers\.1\.mlp\.up_proj\.scales'"):
         lw.load(tmp_path / "q")
