@@ -204,7 +204,7 @@ def run(ckpt, method, out, prune_layers=None, prune_ratio=None, calib="wikitext2
     at_least(1, nsamples=nsamples, seqlen=seqlen)
     atomic.check_out(out, {"--ckpt": None if placement.is_random(ckpt) else load_weights.resolve(ckpt)}, "--out",
                      kind="directory")
-    model, tokenizer, devs, dt = placement.load(ckpt, device, dtype, devices, offload, seed)
+    model, tokenizer, devs, dt = placement.load_placed(ckpt, device, dtype, devices, offload, seed)
     teacher = make_teacher(model, tokenizer, calib, nsamples, seqlen, seed, "cpu" if cache_on_cpu else None)
     t1 = time.perf_counter()
     done = Scores(Path(out) / "scores.json", {"method": method, "layers": k, "calibration": teacher.description,

@@ -1,9 +1,11 @@
 """Where and in what precision the tools compute: the --device, --dtype, --devices and --offload flags.
 
 Every CLI adds these flags with `add_arguments(parser)` and turns them into a list of torch devices and a
-dtype with `resolve(...)`. Defaults: CUDA when it is visible, else the CPU; bfloat16 on a GPU, float32 on
+dtype with `from_flags(...)`. Defaults: CUDA when it is visible, else the CPU; bfloat16 on a GPU, float32 on
 the CPU. The gate, the KL and GPTQ's Hessian stay in float32 whatever the weights' dtype (the callers cast).
 """
+from pathlib import Path
+
 import torch
 
 from errors import UserError, check_device
@@ -55,7 +57,7 @@ def names(device=None, devices=None):
     return [device or ("cuda" if torch.cuda.is_available() else "cpu")]
 
 
-def resolve(device=None, dtype=None, devices=None, offload=False):
+def from_flags(device=None, dtype=None, devices=None, offload=False):
     """(list of devices, dtype) from the flags; one device unless --devices names several."""
     if devices is not None and device is not None:
         raise UserError("give --device or --devices, not both")
@@ -75,13 +77,25 @@ def describe(devs, dtype, offload=False):
     return text + (", weights streamed from CPU memory one layer at a time" if offload else "")
 
 
+def reset_peak(device):
+    """Restart the peak count of `device` (CUDA's allocator statistics, or the process's peak RSS on Linux)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif Path("/proc/self/clear_refs").exists():
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: peak RSS (VmHWM) restarts from the current RSS
+
+
+def peak_bytes(device):
+    """(bytes, what was measured): CUDA peak allocation, or on CPU the process's peak resident set."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated"
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024, "process peak RSS"
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS since start"
+
+
 def peak_memory(devs):
-    """{device: peak bytes}: CUDA's max_memory_allocated per GPU, the process's peak RSS for the CPU."""
-    out = {}
-    for d in dict.fromkeys(devs):
-        if d.type == "cuda":
-            out[str(d)] = torch.cuda.max_memory_allocated(d)
-        else:
-            import resource
-            out["cpu (peak RSS)"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return out
+    """{device: peak bytes} over the devices of a run (peak_bytes of each; the CPU once, as the process's RSS)."""
+    return {str(d) if d.type == "cuda" else "cpu (peak RSS)": peak_bytes(d)[0] for d in dict.fromkeys(devs)}

@@ -213,7 +213,7 @@ def print_table(res, dense=None, cmp=None):
 
 def load_model(ckpt, place, decode=False):
     print(f"loading {ckpt}")
-    model, tok, devs, dt = placement.load(ckpt, **place)
+    model, tok, devs, dt = placement.load_placed(ckpt, **place)
     if decode and not place["offload"]:
         load_weights.decode_layout(model)  # latency runs decode: the faster CPU layout (docs/speed.md)
     return model, tok, str(devs[0]), str(dt).removeprefix("torch.")

@@ -44,7 +44,7 @@ def layers_from_report(path, model):
     return check_layers(report["removed_layers"], model.cfg.num_layers), report
 
 
-def excise(ckpt, out, layers=None, search_report=None):
+def run(ckpt, out, layers=None, search_report=None):
     """Load `ckpt`, remove `layers` (a spec like '17-22', original indices) or the removed_layers of the
     search.py / baselines.py report.json at `search_report`, write `out`."""
     placement.refuse_random(ckpt, "--ckpt", "there is nothing to excise")
@@ -82,7 +82,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     if (a.layers is None) == (a.search_report is None):
         p.error("give exactly one of --layers and --search-report")
-    excise(a.ckpt, a.out, layers=a.layers, search_report=a.search_report)
+    run(a.ckpt, a.out, layers=a.layers, search_report=a.search_report)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from devices import peak_bytes, reset_peak
+
 DECODE_PROMPT = 128  # tokens of prompt before the timed decode steps
 
 
@@ -65,24 +67,6 @@ def resident(device):
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
-
-
-def reset_peak_memory(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    elif Path("/proc/self/clear_refs").exists():
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: peak RSS (VmHWM) restarts from the current RSS
-
-
-def peak_memory(device):
-    """(bytes, what was measured): CUDA peak allocation, or on CPU the process's peak resident set."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated"
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024, "process peak RSS"
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS since start"
 
 
 def model_bytes(model):
@@ -151,10 +135,10 @@ def memory_pass(model, x, prompt, new_tokens, device, cache, step=None):
     """Peak memory of one prefill and one decode of `model`: its own weights + what the runs add on top.
     The process (or device) also holds the other models; only this model's part is reported."""
     before = resident(device)
-    reset_peak_memory(device)
+    reset_peak(device)
     prefill_seconds(model, x, device)
     greedy_decode(model, prompt, new_tokens, device, step, cache)  # a compiled step compiles here, untimed
-    peak, kind = peak_memory(device)
+    peak, kind = peak_bytes(device)
     return model_bytes(model) + max(0, peak - before), f"weights + ({kind} during its runs - before them)"
 
 

@@ -19,7 +19,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import load_weights
-from devices import resolve as resolve_flags
+from devices import from_flags
 from model import Block, Transformer, rope_frequencies
 from errors import UserError
 
@@ -235,10 +235,10 @@ def random_model(ckpt, devs, dtype, offload=False, seed=0):
 
 # ---------------------------------------------------------------- loading for the CLIs
 
-def load(ckpt, device=None, dtype=None, devices=None, offload=False, seed=0, quant_path="auto"):
+def load_placed(ckpt, device=None, dtype=None, devices=None, offload=False, seed=0, quant_path="auto"):
     """(model, tokenizer, devices, dtype) for a checkpoint or random:NAME, placed as the flags say; `quant_path`:
     how a GPTQ checkpoint's Linears run (quant_paths.py), chosen for the devices they end up on."""
-    devs, dt = resolve_flags(device, dtype, devices, offload)
+    devs, dt = from_flags(device, dtype, devices, offload)
     if is_random(ckpt):
         model, tok = random_model(ckpt, devs, dt, offload, seed)
         print(f"note: {ckpt} has seeded random weights (seed {seed}): for memory and speed only, "

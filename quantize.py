@@ -233,7 +233,7 @@ def verify_reload(out, results):
 
 # ---------------------------------------------------------------- driver and CLI
 
-def quantize_checkpoint(ckpt, out, method="gptq", bits=4, group_size=128, sym=False, act_order=False, blocksize=128,
+def run(ckpt, out, method="gptq", bits=4, group_size=128, sym=False, act_order=False, blocksize=128,
                         percdamp=0.01, calib="wikitext2", nsamples=128, seqlen=2048, seed=0, save_dtype="float16",
                         data_dir=None, json_out=None, device=None, dtype=None, devices=None, offload=False):
     """Load `ckpt`, quantize its Linears, write a GPTQ-layout checkpoint to `out` and a JSON report; returns it.
@@ -254,7 +254,7 @@ def quantize_checkpoint(ckpt, out, method="gptq", bits=4, group_size=128, sym=Fa
     atomic.check_out(json_out, {"--ckpt": src, "--out": out}, "--json", kind="file")
     with torch.device("meta"):  # the Linears' shapes from config.json alone, before the weights load
         check_linears(Transformer(placement.config(src)), group_size)
-    model, tok, devs, _ = placement.load(src, device, dtype, devices, offload)
+    model, tok, devs, _ = placement.load_placed(src, device, dtype, devices, offload)
     ram_dense = model_bytes(model)
     tokens, calib_desc = None, None
     if nsamples > 0:
@@ -350,7 +350,7 @@ def parse_args(argv=None):
 def main(argv=None):
     a = parse_args(argv)
     plan.check(a, "quantize", memory_plan)
-    quantize_checkpoint(**vars(a))
+    run(**vars(a))
 
 
 if __name__ == "__main__":

@@ -249,7 +249,7 @@ def run(ckpt, out, prune_layers=None, prune_ratio=None, calib="wikitext2", nsamp
     source = None if placement.is_random(ckpt) else load_weights.resolve(ckpt)
     atomic.check_out(out, {"--ckpt": source}, "--out", kind="directory")
     atomic.check_out(excise_to, {"--ckpt": source, "--out": out}, "--excise")
-    model, tokenizer, devs, dt = placement.load(ckpt, device, dtype, devices, offload, seed)
+    model, tokenizer, devs, dt = placement.load_placed(ckpt, device, dtype, devices, offload, seed)
     settings["placement"] = placement.describe_split(model)
     if source is None:
         source = model.random_source

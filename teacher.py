@@ -83,10 +83,10 @@ def token_kl(model, h, teacher_logp):
     return (teacher_logp.exp() * (teacher_logp - logq)).sum(-1)  # (n,)
 
 
-def chunk_kl(model, h, head, th):
+def chunk_kl(model, h, teacher_top, th):
     """Per-token KL of one chunk: the teacher's log-probs from its final states th through its own norm and head."""
     with torch.no_grad():
-        tl = log_probs(head, th.to(head.norm.weight.device))  # (chunk, V)
+        tl = log_probs(teacher_top, th.to(teacher_top.norm.weight.device))  # (chunk, V)
     return token_kl(model, h, tl.to(h.device))
 
 
@@ -120,15 +120,16 @@ def run_windows(model, xs, start, stop=None, removed=()):
 
 
 @torch.no_grad()
-def kl_sum(model, h, teacher_h, chunk, head=None):
+def kl_sum(model, h, teacher_h, chunk, teacher_top=None):
     """Sum of per-token KL over h (..., C) against the teacher's final states teacher_h, `chunk` tokens at a
-    time, so only chunk x V logits live at once. `head`: the teacher's norm and head (default: the model's)."""
+    time, so only chunk x V logits live at once. `teacher_top`: the teacher without its layers, whose final norm
+    and output head make its logits (default: the model's own, when the teacher is the same weights)."""
     h, th = h.reshape(-1, h.shape[-1]), teacher_h.reshape(-1, teacher_h.shape[-1])
-    return sum(float(chunk_kl(model, h[j: j + chunk], head or model, th[j: j + chunk]).sum())
+    return sum(float(chunk_kl(model, h[j: j + chunk], teacher_top or model, th[j: j + chunk]).sum())
                for j in range(0, len(h), chunk))
 
 
-def kl_backward(model, h, teacher_h, chunk, head=None):
+def kl_backward(model, h, teacher_h, chunk, teacher_top=None):
     """Mean KL over the tokens of h, and its gradient sent back through h, one chunk of tokens at a time.
 
     h is cut from the graph; each chunk's loss is back-propagated into that detached copy, and the summed
@@ -139,7 +140,7 @@ def kl_backward(model, h, teacher_h, chunk, head=None):
     th = teacher_h.reshape(-1, teacher_h.shape[-1])
     n, total = len(hd), 0.0
     for j in range(0, n, chunk):
-        loss = chunk_kl(model, hd[j: j + chunk], head or model, th[j: j + chunk]).sum() / n
+        loss = chunk_kl(model, hd[j: j + chunk], teacher_top or model, th[j: j + chunk]).sum() / n
         loss.backward()
         total += float(loss.detach())
     h.backward(hd.grad.view_as(h))

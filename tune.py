@@ -141,7 +141,7 @@ def train(model, params, prefix, teacher, teacher_h, first, steps, batch_size, l
         idx = torch.randint(0, len(prefix), (batch_size,), generator=g)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup)
-        loss = kl_backward(model, run_layers(model, prefix[idx], first), teacher_h[idx], chunk, head=teacher)
+        loss = kl_backward(model, run_layers(model, prefix[idx], first), teacher_h[idx], chunk, teacher_top=teacher)
         if not math.isfinite(loss):
             raise FloatingPointError(f"the loss became {loss} at step {step + 1}: nothing was written; "
                                      f"try a smaller --lr (now {lr:g})")
@@ -173,7 +173,7 @@ def load_teacher(teacher, pruning, student, place):
     if name is None:
         raise UserError("no teacher: the checkpoint has no pruning.json naming its source; give --teacher")
     placement.refuse_random(name, "teacher", "tuning needs a real model")
-    dense = placement.load(name, **place)[0]
+    dense = placement.load_placed(name, **place)[0]
     for key in ("vocab_size", "hidden_size", "model_type"):
         if getattr(dense.cfg, key) != getattr(student.cfg, key):
             raise UserError(f"teacher {name} has {key}={getattr(dense.cfg, key)!r}, "
@@ -191,7 +191,7 @@ def tuned_parameters(model, layers, method, rank, alpha):
     return [p for j in layers for n, p in model.layers[j].named_parameters() if n.endswith((".A", ".B"))]
 
 
-def tune(ckpt, out, teacher=None, train_layers="endpoints", method="full", steps=100, lr=1e-3, batch_size=4,
+def run(ckpt, out, teacher=None, train_layers="endpoints", method="full", steps=100, lr=1e-3, batch_size=4,
          nsamples=64, val_samples=8, seqlen=256, calib="wikitext2", seed=0, rank=8, alpha=16.0, warmup=5,
          clip=1.0, kl_chunk=1024, device=None, dtype=None, devices=None, log_every=10):
     """tune.py as a function: load, cache teacher and frozen prefix, train the chosen layers, write `out`."""
@@ -211,24 +211,24 @@ def tune(ckpt, out, teacher=None, train_layers="endpoints", method="full", steps
     if dense is not None:
         placement.refuse_random(dense, "teacher", "tuning needs a real model")
     atomic.check_out(out, {"--ckpt": source, "--teacher": dense and load_weights.resolve(dense)})
-    model, tokenizer, devs, _ = placement.load(source, **place)
+    model, tokenizer, devs, _ = placement.load_placed(source, **place)
     settings["placement"] = placement.describe_split(model)
     train_t, val_t, desc = data.calibration_windows(tokenizer, calib, nsamples, seqlen, seed, model.cfg.vocab_size, val_samples)
-    head, teacher_name, (teacher_h, val_teacher_h) = teacher_cache(teacher, pruning, model, (train_t, val_t), place)
+    teacher_top, teacher_name, (teacher_h, val_teacher_h) = teacher_cache(teacher, pruning, model, (train_t, val_t), place)
     prefix, val_prefix = (frozen_prefix(model, t, chosen[0]) for t in (train_t, val_t))
-    kl_before = mean_kl(model, val_prefix, head, val_teacher_h, chosen[0], batch_size, kl_chunk)
+    kl_before = mean_kl(model, val_prefix, teacher_top, val_teacher_h, chosen[0], batch_size, kl_chunk)
     t1 = time.perf_counter()
     print(f"tuning pruned layers {chosen} ({method}) of {model.cfg.num_layers} against {paths.shown(teacher_name)}; "
           f"{train_t.numel():,} tokens ({desc}); held-out KL before {kl_before:.4f}  [setup {t1 - t0:.0f} s]")
     torch.manual_seed(seed)
     params = tuned_parameters(model, chosen, method, rank, alpha)
     print(f"trainable parameters: {sum(p.numel() for p in params):,}")
-    losses = train(model, params, prefix, head, teacher_h, chosen[0], steps, batch_size, lr, warmup, clip, seed,
+    losses = train(model, params, prefix, teacher_top, teacher_h, chosen[0], steps, batch_size, lr, warmup, clip, seed,
                    kl_chunk, log_every)
     if method == "lora":
         swap_linears(model, chosen, LoRALinear.merged)
     model.requires_grad_(False)
-    kl_after = mean_kl(model, val_prefix, head, val_teacher_h, chosen[0], batch_size, kl_chunk)
+    kl_after = mean_kl(model, val_prefix, teacher_top, val_teacher_h, chosen[0], batch_size, kl_chunk)
     t2 = time.perf_counter()
     print(f"held-out KL {kl_before:.4f} -> {kl_after:.4f}  ({t2 - t1:.0f} s of tuning)")
     report = {"method": method, "layers": train_layers, "tuned_layers": chosen,
@@ -244,8 +244,8 @@ def tune(ckpt, out, teacher=None, train_layers="endpoints", method="full", steps
 
 
 def teacher_cache(teacher, pruning, student, token_sets, place):
-    """(head, name, last hidden states per token set) of the dense teacher. `head` is the teacher without its
-    layers: its own final norm and output head turn the cached states into its log-probs.
+    """(top, name, last hidden states per token set) of the dense teacher. `top` is what is left of the teacher
+    without its layers: its own final norm and output head turn the cached states into its log-probs.
     Bytes: (N + N_val) * T * C * bytes(dtype) for the states, plus the teacher's norm and head."""
     dense, name = load_teacher(teacher, pruning, student, place)
     states = [teacher_states(dense, t) for t in token_sets]
@@ -314,7 +314,7 @@ def main(argv=None):
     p = build_parser()
     a = p.parse_args(argv)
     plan.check(a, "tune", memory_plan)
-    tune(**vars(a))
+    run(**vars(a))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
     python benchmarks/bench_quantize.py --pruned runs/clp-30 --tuned runs/clp-30-tuned
 
 For every model (dense, pruned, and the endpoint-tuned one when given) and every setting
-(bits, group size), quantizes with RTN (data-free) and GPTQ through quantize.quantize_checkpoint,
+(bits, group size), quantizes with RTN (data-free) and GPTQ through quantize.run,
 reloads the written checkpoint with our loader and measures WikiText-2 test perplexity with eval.py on
 the first --windows windows of --seqlen tokens (the same windows for every row). GPTQ runs once per
 calibration seed (--seeds) and its row reports the mean and the spread over seeds: on a 135M model,
@@ -28,7 +28,7 @@ import load_weights  # noqa: E402
 from model import LINEARS  # noqa: E402
 from atomic import write_json  # noqa: E402
 from latency import model_bytes  # noqa: E402
-from quantize import dir_bytes, quantize_checkpoint  # noqa: E402
+from quantize import dir_bytes, run as quantize_run  # noqa: E402
 
 
 METHODS = {"rtn": "RTN", "gptq": "GPTQ", "gptq-act": "GPTQ+act"}
@@ -61,7 +61,7 @@ def quantized_row(src, out, method, bits, group_size, seed, a, ppl):
     shown = a.ckpt if Path(src) == load_weights.resolve(a.ckpt) else src
     act = method == "gptq-act"
     method = "gptq" if act else method
-    rep = quantize_checkpoint(src, out, method=method, bits=bits, group_size=group_size, act_order=act,
+    rep = quantize_run(src, out, method=method, bits=bits, group_size=group_size, act_order=act,
                               nsamples=a.nsamples if method == "gptq" else 0, seqlen=a.calib_seqlen, seed=seed or 0,
                               calib="wikitext2", data_dir=a.data_dir)
     row = measure(out, ppl)
@@ -95,7 +95,7 @@ def prepare_models(a):
         pruned = a.work / f"pruned-{a.prune_layers}"
         if not (pruned / "config.json").is_file():
             with heavy(a.lock):
-                excise.excise(a.ckpt, pruned, layers=a.prune_layers)
+                excise.run(a.ckpt, pruned, layers=a.prune_layers)
         plabel = pruned_label(pruned)
     models = {"dense": (f"{a.ckpt} (dense)", dense), "pruned": (plabel, pruned)}
     if a.tuned:
@@ -226,7 +226,7 @@ def markdown(rows, ppl, a):
     lost = [f"{m}, {s} (RTN {x:.3f}, worst GPTQ seed {y:.3f})" for m, s, x, y, ok in v if not ok]
     lines += ["", f"GPTQ beats RTN on every seed in {sum(ok for *_, ok in v)} of {len(v)} comparisons "
               "(same model and setting)" + (f"; not in: {'; '.join(lost)}." if lost else ".")]
-    lines += ["", "Commands of the quantized rows (run by the script through `quantize.quantize_checkpoint`):", ""]
+    lines += ["", "Commands of the quantized rows (run by the script through `quantize.run`):", ""]
     lines += [f"- `{r['command']}`" for r in rows if r["method"] != "fp32"]
     return "\n".join(lines)
 

@@ -40,18 +40,18 @@ def load_average():
 def checkpoints(a):
     """{name: directory}: the dense source, the two pruned models and the two GPTQ 4-bit g128 models."""
     import excise
-    from quantize import quantize_checkpoint
+    import quantize
 
     out = {"dense": load_weights.resolve(a.ckpt)}
     for r, block in BLOCKS.items():
         d = a.work / f"pruned-{block}"
         if not (d / "config.json").is_file():
-            excise.excise(a.ckpt, d, layers=block)
+            excise.run(a.ckpt, d, layers=block)
         out[f"pruned{r}"] = d
     for name, src, given in (("pruned30-gptq4", out["pruned30"], None), ("dense-gptq4", out["dense"], a.dense_4bit)):
         d = given or a.work / f"{name}-g128"
         if not (d / "config.json").is_file():
-            quantize_checkpoint(src, d, method="gptq", bits=4, group_size=128, nsamples=32, seqlen=512, seed=0,
+            quantize.run(src, d, method="gptq", bits=4, group_size=128, nsamples=32, seqlen=512, seed=0,
                                 data_dir=a.data_dir)
         out[name] = d
     return out

@@ -78,7 +78,7 @@ def main(argv=None):
     pruned = a.work / f"pruned-{a.prune_layers}"
     if not (pruned / "config.json").is_file():
         with heavy(a.lock):
-            excise.excise(a.ckpt, pruned, layers=a.prune_layers)
+            excise.run(a.ckpt, pruned, layers=a.prune_layers)
     pruning = tune.read_pruning(pruned)
     dense, tok = load_weights.load(a.ckpt)
     ppl = PPL(tok, a.windows, 2048, a.data_dir)
@@ -110,7 +110,7 @@ def main(argv=None):
 def tune_run(pruned, spec, method, lr, a):
     """One tune.py run; its checkpoint stays in --work for the one that wins the held-out KL."""
     out = a.work / f"tuned-{spec.replace(',', '_')}-{method}-lr{lr:g}"
-    rep = tune.tune(pruned, out, train_layers=spec, method=method, steps=a.steps, lr=lr, batch_size=a.batch_size,
+    rep = tune.run(pruned, out, train_layers=spec, method=method, steps=a.steps, lr=lr, batch_size=a.batch_size,
                     nsamples=a.nsamples, log_every=25)
     return {"tuned_layers": rep["tuned_layers"], "source_layers": rep["tuned_source_layers"], "out": str(out),
             "trainable": rep["trainable_parameters"], "lr": lr, "heldout_kl": rep["heldout_kl"],
@@ -157,7 +157,7 @@ def write_section(rows, jobs, a, pruning, ppl):
         cells += [f"{x['ppl']:.3f}", "-" if x.get("kl") is None else f"{x['kl']:.4f}"]
         cells += [f"{x[t]:.3f}" for t in tasks]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Commands of the chosen tuned rows (run through `tune.tune`):", ""]
+    lines += ["", "Commands of the chosen tuned rows (run through `tune.run`):", ""]
     lines += [f"- `{rows[label]['command']}`" for label, spec, _ in jobs if spec is not None and label in rows]
     update_section("tune", "\n".join(lines))
 

@@ -255,7 +255,7 @@ def tune_one(b, removed, variant, lr):
         save_weights.write_pruned(b.model, load_weights.resolve(b.a.ckpt), removed, pruned, {"method": "bench_compare"})
     out = work_dir(b, removed, variant, lr)
     rank = lora_rank(b, b.L - len(removed))
-    rep = tune.tune(pruned, out, train_layers="endpoints" if variant == "endpoints" else "all",
+    rep = tune.run(pruned, out, train_layers="endpoints" if variant == "endpoints" else "all",
                     method="full" if variant == "endpoints" else "lora", rank=rank, alpha=2.0 * rank, steps=b.a.steps,
                     lr=lr, batch_size=b.a.batch_size, nsamples=b.a.tune_nsamples, seqlen=b.a.seqlen, log_every=10)
     return {"heldout_kl": rep["heldout_kl"], "trainable": rep["trainable_parameters"], "lr": lr,

@@ -28,7 +28,8 @@ import placement  # noqa: E402
 import quantize  # noqa: E402
 import search  # noqa: E402
 from benchmarks.common import command, update_section  # noqa: E402
-from latency import peak_memory, reset_peak_memory, sync  # noqa: E402
+from devices import peak_bytes, reset_peak  # noqa: E402
+from latency import sync  # noqa: E402
 from teacher import build_teacher  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,7 +67,7 @@ def fixture_rows(device):
             continue
         ref = load_file(d / "reference.safetensors")
         ids, want = ref["input_ids"], ref["logits"].to(device)
-        got = {dt: placement.load(d, device=str(device), dtype=dt)[0](ids).float() for dt in ("float32", "bfloat16")}
+        got = {dt: placement.load_placed(d, device=str(device), dtype=dt)[0](ids).float() for dt in ("float32", "bfloat16")}
         agree = (got["bfloat16"].argmax(-1) == want.argmax(-1)).float().mean()
         rows.append(f"| {name} | {(got['float32'] - want).abs().max():.2e} | {(got['bfloat16'] - want).abs().max():.2e} "
                     f"| {agree:.1%} |")
@@ -105,7 +106,7 @@ def latency_row(name, device, s):
 
 
 def random(name, device, **kw):
-    return placement.load(f"random:{name}", device=str(device), **kw)[0]
+    return placement.load_placed(f"random:{name}", device=str(device), **kw)[0]
 
 
 def free(device):
@@ -119,9 +120,9 @@ def free(device):
 
 def measured(device, fn):
     """(result, peak bytes during fn, what was measured)."""
-    reset_peak_memory(device)
+    reset_peak(device)
     out = fn()
-    return (out, *peak_memory(device))
+    return (out, *peak_bytes(device))
 
 
 def planned(task, **flags):

@@ -15,8 +15,8 @@ import search
 import tune
 
 # (CLI module, the functions its main hands the parsed flags to; earlier ones take precedence)
-ENTRIES = [(search, [search.run, search.search]), (baselines, [baselines.run]), (tune, [tune.tune]),
-           (quantize, [quantize.quantize_checkpoint]), (excise, [excise.excise]), (ev, [ev.run])]
+ENTRIES = [(search, [search.run, search.search]), (baselines, [baselines.run]), (tune, [tune.run]),
+           (quantize, [quantize.run]), (excise, [excise.run]), (ev, [ev.run])]
 # flags whose parsed value main() turns into the keyword's: {(module, dest): (keyword, how main converts)}
 CONVERTED = {("search", "excise"): ("excise_to", lambda v: v),
              ("eval", "tasks"): ("tasks", lambda v: []),  # parse_args: None (no --tasks) -> no tasks

@@ -74,10 +74,10 @@ def test_report_from_another_model_is_refused(tmp_path):
                  "--seqlen", "16", "--out", str(tmp_path / "s")])
     report = tmp_path / "s" / "report.json"
     # the same report cuts its own model
-    pruning = excise.excise(llama2, tmp_path / "ok", search_report=report)
+    pruning = excise.run(llama2, tmp_path / "ok", search_report=report)
     assert pruning["method"] == "clp-gate" and pruning["removed_layers"] == json.loads(report.read_text())["removed_layers"]
     with pytest.raises(ValueError, match="another model"):
-        excise.excise(llama3, tmp_path / "bad", search_report=report)
+        excise.run(llama3, tmp_path / "bad", search_report=report)
     assert not (tmp_path / "bad").exists()
 
 

@@ -384,8 +384,8 @@ def test_no_unsafe_deserialisation_in_the_code():
 @pytest.mark.parametrize("module,work,argv,hint", [
     ("search", "run", ["--prune-layers", "1"], "--resume continues it"),
     ("baselines", "run", ["--prune-layers", "1"], "scores.json; the same command continues"),
-    ("quantize", "quantize_checkpoint", ["--out", "q"], "OUT.partial; the same command continues"),
-    ("tune", "tune", ["--ckpt", "p", "--out", "t"], "no output was written or changed"),
+    ("quantize", "run", ["--out", "q"], "OUT.partial; the same command continues"),
+    ("tune", "run", ["--ckpt", "p", "--out", "t"], "no output was written or changed"),
 ], ids=["search.py", "baselines.py", "quantize.py", "tune.py"])
 def test_ctrl_c_is_one_line_saying_what_is_kept(module, work, argv, hint, monkeypatch, capsys):
     import importlib

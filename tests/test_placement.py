@@ -24,7 +24,7 @@ MODES = {"cpu,cpu": dict(devices="cpu,cpu"), "offload": dict(device="cpu", offlo
 
 
 def placed(mode, name=TINY, **kw):
-    return placement.load(need(FIXTURES / name), **MODES[mode], **kw)[0]
+    return placement.load_placed(need(FIXTURES / name), **MODES[mode], **kw)[0]
 
 
 def tokens(n=3, T=20, seed=0):
@@ -94,10 +94,10 @@ def test_gptq_codes_equal_the_plain_model(mode):
 
 def test_tuned_weights_equal_on_two_slices(tmp_path):
     src = need(FIXTURES / TINY)
-    excise.excise(src, tmp_path / "pruned", layers="2-3")
+    excise.run(src, tmp_path / "pruned", layers="2-3")
     kw = dict(steps=3, lr=3e-3, batch_size=2, nsamples=4, val_samples=2, seqlen=16, log_every=100)
-    one = tune.tune(tmp_path / "pruned", tmp_path / "one", device="cpu", **kw)
-    two = tune.tune(tmp_path / "pruned", tmp_path / "two", devices="cpu,cpu", **kw)
+    one = tune.run(tmp_path / "pruned", tmp_path / "one", device="cpu", **kw)
+    two = tune.run(tmp_path / "pruned", tmp_path / "two", devices="cpu,cpu", **kw)
     assert one["losses"] == two["losses"]
     a, b = load_weights.load(tmp_path / "one")[0], load_weights.load(tmp_path / "two")[0]
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
@@ -108,7 +108,7 @@ def test_bf16_search_picks_the_fp32_block():
     """On a fixture (the embedded model's bf16-vs-fp32 search is measured in docs/scale-devices.md)."""
     blocks = []
     for dtype in ("float32", "bfloat16"):
-        model = placement.load(need(FIXTURES / "tiny-qwen2"), device="cpu", dtype=dtype)[0]
+        model = placement.load_placed(need(FIXTURES / "tiny-qwen2"), device="cpu", dtype=dtype)[0]
         teacher = build_teacher(model, tokens(8, 32, seed=2))
         res = search.search(model, teacher, 2, starts=2, steps=6, log_every=100)
         blocks.append(res["removed_layers"])
@@ -117,9 +117,9 @@ def test_bf16_search_picks_the_fp32_block():
 
 def test_random_models_are_seeded_marked_and_refused_where_quality_matters(tmp_path, capsys):
     name = f"random:{need(FIXTURES / TINY)}"
-    a = placement.load(name, device="cpu", seed=3)[0]
-    b = placement.load(name, device="cpu", offload=True, seed=3)[0]
-    c = placement.load(name, device="cpu", seed=4)[0]
+    a = placement.load_placed(name, device="cpu", seed=3)[0]
+    b = placement.load_placed(name, device="cpu", offload=True, seed=3)[0]
+    c = placement.load_placed(name, device="cpu", seed=4)[0]
     ids = tokens()
     assert torch.equal(a(ids), b(ids)) and not torch.equal(a(ids), c(ids))
     assert "random weights" in capsys.readouterr().out
@@ -127,34 +127,34 @@ def test_random_models_are_seeded_marked_and_refused_where_quality_matters(tmp_p
     assert "random weights" in rep["random_weights"]
     assert "random_weights" in json.loads((tmp_path / "s" / "report.json").read_text())
     with pytest.raises(ValueError, match="random weights"):
-        excise.excise(name, tmp_path / "e", layers="1")
+        excise.run(name, tmp_path / "e", layers="1")
     with pytest.raises(ValueError, match="random weights"):
-        tune.tune(name, tmp_path / "t")
+        tune.run(name, tmp_path / "t")
     with pytest.raises(ValueError, match="random weights"):
         search.run(name, tmp_path / "s2", prune_layers=2, excise_to=tmp_path / "e")
     with pytest.raises(FileNotFoundError, match="configs/no-such-model"):
-        placement.load("random:no-such-model", device="cpu")
+        placement.load_placed("random:no-such-model", device="cpu")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_cuda_without_cuda_is_a_one_line_error(capsys):
     with pytest.raises(ValueError, match="CUDA is not available"):
-        devices.resolve("cuda")
+        devices.from_flags("cuda")
     with pytest.raises(ValueError, match="CUDA is not available"):
-        devices.resolve(devices="auto")
+        devices.from_flags(devices="auto")
     with pytest.raises(SystemExit):
         search.main(["--ckpt", str(FIXTURES / TINY), "--prune-layers", "2", "--device", "cuda"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "CUDA is not available" in err
     with pytest.raises(ValueError, match="not both"):
-        devices.resolve("cpu", devices="cpu,cpu")
+        devices.from_flags("cpu", devices="cpu,cpu")
     with pytest.raises(ValueError, match="one device"):
-        devices.resolve(devices="cpu,cpu", offload=True)
+        devices.from_flags(devices="cpu,cpu", offload=True)
 
 
 def test_defaults_follow_the_device():
-    assert devices.resolve("cpu") == ([torch.device("cpu")], torch.float32)
-    assert devices.resolve("cpu", "bfloat16")[1] == torch.bfloat16
+    assert devices.from_flags("cpu") == ([torch.device("cpu")], torch.float32)
+    assert devices.from_flags("cpu", "bfloat16")[1] == torch.bfloat16
 
 
 def test_gpu_check_runs_in_smoke_mode():

@@ -19,8 +19,8 @@ def runs(tmp_path_factory):
     small = dict(prune_layers=2, nsamples=2, seqlen=16)
     search.run(src, tmp / "search", steps=6, starts=2, log_every=100, **small)
     baselines.run(src, "exhaustive", tmp / "exhaustive", **small)
-    excise.excise(src, tmp / "pruned", search_report=tmp / "search" / "report.json")
-    tune.tune(tmp / "pruned", tmp / "tuned", steps=4, batch_size=1, nsamples=2, val_samples=1, seqlen=16, log_every=100)
+    excise.run(src, tmp / "pruned", search_report=tmp / "search" / "report.json")
+    tune.run(tmp / "pruned", tmp / "tuned", steps=4, batch_size=1, nsamples=2, val_samples=1, seqlen=16, log_every=100)
     return tmp
 
 

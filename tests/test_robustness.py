@@ -194,7 +194,7 @@ def test_flags_are_checked_before_the_model_loads(row, tmp_path, monkeypatch, ca
     def load(*_, **__):
         raise AssertionError("the model was loaded before the flags were checked")
     monkeypatch.setattr(load_weights, "load", load)
-    monkeypatch.setattr(placement, "load", load)
+    monkeypatch.setattr(placement, "load_placed", load)
     places = dict(ckpt=ckpt, out=tmp_path / "out", tmp=tmp_path, text=tmp_path / "text.txt",
                   plain=tmp_path / "plain", file=tmp_path / "file.txt")
     with pytest.raises(SystemExit):
@@ -218,14 +218,20 @@ def test_a_path_is_never_taken_for_a_repo_id(tmp_path, monkeypatch):
 def test_programming_errors_keep_their_traceback(monkeypatch):
     def bug(*_, **__):
         return [][1]
-    monkeypatch.setattr(excise, "excise", bug)
+    monkeypatch.setattr(excise, "run", bug)
     with pytest.raises(IndexError):
         excise.main(["--layers", "1", "--out", "x"])
 
     def library_value_error(*_, **__):
         torch.zeros(2).view(3)  # a ValueError or RuntimeError from inside torch is a bug, not bad input
-    monkeypatch.setattr(excise, "excise", library_value_error)
+    monkeypatch.setattr(excise, "run", library_value_error)
     with pytest.raises(RuntimeError):
+        excise.main(["--layers", "1", "--out", "x"])
+
+    def own_value_error(*_, **__):
+        raise ValueError("an internal check")  # only UserError is bad input, whichever file raises a ValueError
+    monkeypatch.setattr(excise, "run", own_value_error)
+    with pytest.raises(ValueError, match="an internal check"):
         excise.main(["--layers", "1", "--out", "x"])
 
 

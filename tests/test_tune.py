@@ -38,7 +38,7 @@ def pruned_tiny(tmp_path):
     """tiny-llama3 (6 layers) with layers 2-3 cut out: endpoints are pruned layers 1 and 2."""
     src = need(FIXTURES / "tiny-llama3")
     out = tmp_path / "pruned"
-    excise.excise(src, out, layers="2-3")
+    excise.run(src, out, layers="2-3")
     return src, out
 
 
@@ -83,7 +83,7 @@ def layer_tensors(path):
 def test_tuning_changes_only_the_endpoints_and_lowers_kl(pruned_tiny, tmp_path, method):
     src, pruned = pruned_tiny
     out = tmp_path / "tuned"
-    rep = tune.tune(pruned, out, method=method, steps=12, lr=3e-3, batch_size=2, nsamples=8, val_samples=4,
+    rep = tune.run(pruned, out, method=method, steps=12, lr=3e-3, batch_size=2, nsamples=8, val_samples=4,
                     seqlen=32, log_every=100)
     assert rep["tuned_layers"] == [1, 2] and rep["tuned_source_layers"] == [1, 4]
     assert rep["heldout_kl"]["after"] < rep["heldout_kl"]["before"]
@@ -106,7 +106,7 @@ def test_tuning_changes_only_the_endpoints_and_lowers_kl(pruned_tiny, tmp_path, 
 def test_nan_loss_writes_nothing(pruned_tiny, tmp_path):
     _, pruned = pruned_tiny
     with pytest.raises(FloatingPointError, match="nothing was written"):
-        tune.tune(pruned, tmp_path / "tuned", steps=5, lr=1e30, warmup=1, batch_size=2, nsamples=4, val_samples=2,
+        tune.run(pruned, tmp_path / "tuned", steps=5, lr=1e30, warmup=1, batch_size=2, nsamples=4, val_samples=2,
                   seqlen=16, log_every=100)
     assert not (tmp_path / "tuned").exists()
 
@@ -115,9 +115,9 @@ def test_bad_input(pruned_tiny, tmp_path):
     src, pruned = pruned_tiny
     other = need(FIXTURES / "tiny-qwen2")
     with pytest.raises(ValueError, match="not its source"):
-        tune.tune(pruned, tmp_path / "t", teacher=other, steps=1, nsamples=2, val_samples=1, seqlen=16)
+        tune.run(pruned, tmp_path / "t", teacher=other, steps=1, nsamples=2, val_samples=1, seqlen=16)
     with pytest.raises(ValueError, match="pruning.json"):
-        tune.tune(src, tmp_path / "t", steps=1, nsamples=2, val_samples=1, seqlen=16)  # an unpruned checkpoint
+        tune.run(src, tmp_path / "t", steps=1, nsamples=2, val_samples=1, seqlen=16)  # an unpruned checkpoint
     with pytest.raises(ValueError, match="at least 1"):
-        tune.tune(pruned, tmp_path / "t", steps=0)
+        tune.run(pruned, tmp_path / "t", steps=0)
     assert not (tmp_path / "t").exists()
