@@ -32,7 +32,6 @@ import atomic
 import devices
 import importance
 import load_weights
-import memory
 import placement
 import plan
 from gates import blocks_to_layers, budget, layers_to_blocks, segment_widths, span
@@ -229,11 +228,8 @@ def run(ckpt, method, out, prune_layers=None, prune_ratio=None, calib="wikitext2
 
 def memory_plan(a, cfg, path, placed):
     """baselines.py's flags -> memory.py's plan of scoring removed layers on a cached teacher (plan.py calls it)."""
-    k, note = plan.layers_to_remove(cfg.num_layers, a.get("prune_layers"), a.get("prune_ratio"))
-    p = memory.plan_search(*placed, a["nsamples"], a["seqlen"], k, gate=False, method=a["method"],
-                           cache_on_cpu=bool(a.get("cache_on_cpu")))
-    p.notes += [note] if note else []
-    return p
+    return plan.search_plan(placed, a.get("prune_layers"), a.get("prune_ratio"), a["nsamples"], a["seqlen"],
+                            gate=False, method=a["method"], cache_on_cpu=bool(a.get("cache_on_cpu")))
 
 
 def build_parser():

@@ -16,7 +16,7 @@ import sys
 
 from devices import names as devices_named
 from errors import UserError
-from memory import COLUMNS, DTYPE_BYTES, GiB
+from memory import COLUMNS, DTYPE_BYTES, GiB, plan_search
 
 
 # ---------------------------------------------------------------- devices and their memory
@@ -93,14 +93,16 @@ def plan_for(task, planner, a, **override):
     return p
 
 
-def layers_to_remove(num_layers, prune_layers, prune_ratio):
-    """(k, note): the budget of a search or baseline; memory does not depend on it, only the layer passes do, so
-    a dry-run may leave it out (then k is 30% of the layers, and the note says so)."""
+def search_plan(placed, prune_layers, prune_ratio, nsamples, seqlen, **settings):
+    """memory.plan_search for a budget of prune_layers or prune_ratio. Memory does not depend on the budget, only
+    the layer passes do, so a dry-run may leave it out: then k is 30% of the layers, and a note says so."""
     from gates import budget
 
-    if prune_layers is None and prune_ratio is None:
-        return budget(num_layers, None, 0.3), "no budget given: layer passes counted for 30% of the layers"
-    return budget(num_layers, prune_layers, prune_ratio), None
+    given = prune_layers is not None or prune_ratio is not None
+    k = budget(placed[0].num_layers, prune_layers, prune_ratio if given else 0.3)
+    p = plan_search(*placed, nsamples, seqlen, k, **settings)
+    p.notes += [] if given else ["no budget given: layer passes counted for 30% of the layers"]
+    return p
 
 
 # ---------------------------------------------------------------- the CLI hook and the table

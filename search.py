@@ -30,7 +30,6 @@ import torch
 import atomic
 import devices
 import load_weights
-import memory
 import placement
 import plan
 from devices import peak_memory
@@ -287,12 +286,9 @@ def run(ckpt, out, prune_layers=None, prune_ratio=None, calib="wikitext2", nsamp
 
 def memory_plan(a, cfg, path, placed):
     """search.py's flags -> memory.py's plan of a gate search (plan.py calls it with the placement in `placed`)."""
-    k, note = plan.layers_to_remove(cfg.num_layers, a.get("prune_layers"), a.get("prune_ratio"))
-    p = memory.plan_search(*placed, a["nsamples"], a["seqlen"], k, batch_size=a["batch_size"], chunk=a["kl_chunk"],
-                           steps=a["steps"], starts=a["starts"], halving=a["halving"], radius=a["radius"],
-                           cache_on_cpu=bool(a.get("cache_on_cpu")))
-    p.notes += [note] if note else []
-    return p
+    return plan.search_plan(placed, a.get("prune_layers"), a.get("prune_ratio"), a["nsamples"], a["seqlen"],
+                            batch_size=a["batch_size"], chunk=a["kl_chunk"], steps=a["steps"], starts=a["starts"],
+                            halving=a["halving"], radius=a["radius"], cache_on_cpu=bool(a.get("cache_on_cpu")))
 
 
 def build_parser():
