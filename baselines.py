@@ -28,17 +28,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import atomic
-import devices
 import importance
 import load_weights
-import placement
-import plan
 from gates import blocks_to_layers, budget, layers_to_blocks, segment_widths, span
-from devices import peak_memory
-from errors import UserError, at_least, cli
-from atomic import write_json
-from resume import OFF, Scores
+from machinery import atomic, devices, placement, plan
+from machinery.atomic import write_json
+from machinery.devices import peak_memory
+from machinery.errors import UserError, at_least, cli
+from machinery.resume import OFF, Scores
 from teacher import eta, log_probs, make_teacher, removed_kl, run_windows, token_kl
 
 METHODS = ["exhaustive", "block-influence", "angular", "tail", "random", "sleb", "shortened-ppl", "shortened-taylor"]

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-import fetch as fetcher
-from errors import UserError, cli
-from paths import ROOT, shown
+from machinery import fetch as fetcher
+from machinery.errors import UserError, cli
+from machinery.paths import ROOT, shown
 
 WIKITEXT_FILES = {"test": "wiki.test.raw", "valid": "wiki.valid.raw", "validation": "wiki.valid.raw"}
 

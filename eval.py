@@ -27,18 +27,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import atomic
-import devices
 import latency as lat
 import load_weights
-import memory
-import placement
-import plan
 import quant_paths
 import tasks as task_files
-from atomic import write_json
 from data import eval_windows, find_data_dir, load_text
-from errors import UserError, cli
+from machinery import atomic, devices, memory, placement, plan
+from machinery.atomic import write_json
+from machinery.errors import UserError, cli
 from zeroshot import Progress, run_task
 
 
@@ -225,7 +221,7 @@ def check_json_out(json_out, inputs):
     """Before anything loads: --json must be a file path outside every checkpoint directory it measures."""
     if json_out is None:
         return
-    import atomic
+    from machinery import atomic
     # the inputs given as directories (a name's cached copy is no place a user would write to)
     dirs = {flag: c for flag, c in inputs.items() if c and Path(c).expanduser().is_dir()}
     atomic.check_out(json_out, dirs, "--json", kind="file")

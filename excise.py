@@ -13,12 +13,11 @@ pruning.json) is save_weights.write_pruned, which search.py --excise shares; thi
 import argparse
 from pathlib import Path
 
-import atomic
 import load_weights
-import placement
-from devices import stored_dtype
-from errors import UserError, cli, old_spelling, parses, read_json
 from gates import check_layers, spec_indices
+from machinery import atomic, placement
+from machinery.devices import stored_dtype
+from machinery.errors import UserError, cli, old_spelling, parses, read_json
 from save_weights import info_from_report, write_pruned
 
 

@@ -21,7 +21,7 @@ import re
 import torch
 import torch.nn as nn
 
-from errors import UserError
+from machinery.errors import UserError
 
 
 def budget(num_layers, prune_layers=None, prune_ratio=None):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from errors import UserError, check_finite
+from machinery.errors import UserError, check_finite
 from gptq_format import n_groups
 
 @dataclass

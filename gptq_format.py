@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from errors import UserError
+from machinery.errors import UserError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 FORMATS = {"gptq": 1, "gptq_v2": 0}  # checkpoint_format -> offset added to stored zero points

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from devices import peak_bytes, reset_peak
+from machinery.devices import peak_bytes, reset_peak
 
 DECODE_PROMPT = 128  # tokens of prompt before the timed decode steps
 

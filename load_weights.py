@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from devices import stored_dtype
-from errors import UserError, check_device, check_finite, cli, read_json
+from machinery.devices import stored_dtype
+from machinery.errors import UserError, check_device, check_finite, cli, read_json
 from gptq_format import check_packable, check_quantization_config, n_groups
 from model import LINEARS, Config, Transformer, column_major, name_table, rope_frequencies
-from paths import shown
+from machinery.paths import shown
 from quant_paths import QuantLinear, prepare
 from tokenizer import load_tokenizer
 
@@ -71,7 +71,7 @@ def resolve(ckpt):
     if p.exists():
         raise UserError(f"{p} is a file, not a checkpoint directory: give the directory that holds config.json")
     if str(ckpt) == DEFAULT:
-        from embedded import ensure_default
+        from machinery.embedded import ensure_default
         return ensure_default()
     if looks_like_path(ckpt):
         raise FileNotFoundError(f"checkpoint directory {p} does not exist")

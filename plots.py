@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-import atomic
-from errors import UserError, cli, old_spelling, read_json
 from gates import ContiguousGate
+from machinery import atomic
+from machinery.errors import UserError, cli, old_spelling, read_json
 
 HOW = "plots need matplotlib: pip install -r requirements-plots.txt (make demo installs it)"
 

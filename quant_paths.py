@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from errors import UserError
+from machinery.errors import UserError
 from gptq_format import SUPPORTED_BITS, dequantize, n_groups, pack, unpack_rows
 from model import column_major
 

@@ -18,21 +18,16 @@ from pathlib import Path
 
 import torch
 
-import atomic
-import devices
-import memory
-import placement
-import plan
-import resume
-from atomic import write_json
 from data import calibration_windows
-from devices import DTYPES, peak_memory
-from errors import UserError, check_finite, cli, old_spelling
 from gptq import Quantized, gptq, proxy_error, rtn
 from gptq_format import SUPPORTED_BITS, check_packable, pack, quantization_config
 from latency import model_bytes
+from machinery import atomic, devices, memory, placement, plan, resume
+from machinery.atomic import write_json
+from machinery.devices import DTYPES, peak_memory
+from machinery.errors import UserError, check_finite, cli, old_spelling
+from machinery.paths import shown
 from model import LINEARS, Transformer
-from paths import shown
 
 # Linears that share one input, hence one H, in the order a Block computes them
 SUBLAYERS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),

@@ -11,10 +11,10 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-import atomic
-from devices import stored_dtype
-from errors import check_finite, read_json
 from gates import check_layers
+from machinery import atomic
+from machinery.devices import stored_dtype
+from machinery.errors import check_finite, read_json
 from model import hf_state_dict
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",

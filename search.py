@@ -27,18 +27,15 @@ from pathlib import Path
 
 import torch
 
-import atomic
-import devices
 import load_weights
-import placement
-import plan
-from devices import peak_memory
-from errors import UserError, at_least, cli, old_spelling
-from atomic import write_json
-from resume import OFF, GateState
-from save_weights import info_from_report, write_pruned
 from gates import (ContiguousGate, blocks_to_layers, boundary_moves, budget, halving_cuts, initial_centres, layers_to_blocks,
                    neighbours, place_segments, relocations, segment_widths, span, start_steps, strip, swaps, tau_at)
+from machinery import atomic, devices, placement, plan
+from machinery.atomic import write_json
+from machinery.devices import peak_memory
+from machinery.errors import UserError, at_least, cli, old_spelling
+from machinery.resume import OFF, GateState
+from save_weights import info_from_report, write_pruned
 from teacher import eta, kl_backward, make_teacher, removed_kl, run_layers
 
 # The reshaping walk that follows the read-off when the gate has two or more segments: rounds of (moves, beam).

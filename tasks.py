@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from errors import UserError
+from machinery.errors import UserError
 
 # task -> files under the data directory (the first existing one is used)
 FILES = {

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 import data
-import placement
+from machinery import placement
 from model import follow
 
 

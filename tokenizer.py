@@ -10,7 +10,7 @@ import re
 import unicodedata
 from pathlib import Path
 
-from errors import UserError, parses, read_json
+from machinery.errors import UserError, parses, read_json
 
 # GPT-2's byte-level split, used by a ByteLevel pre-tokenizer with use_regex=true
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""

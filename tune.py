@@ -23,18 +23,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import atomic
 import data
-import devices
 import load_weights
-import memory
-import paths
-import placement
-import plan
 import save_weights
-from devices import peak_memory, stored_dtype
-from errors import UserError, cli, old_spelling, read_json
 from gates import spec_indices
+from machinery import atomic, devices, memory, paths, placement, plan
+from machinery.devices import peak_memory, stored_dtype
+from machinery.errors import UserError, cli, old_spelling, read_json
 from model import LINEARS, hf_state_dict
 from teacher import eta, kl_backward, kl_sum, run_layers
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import tasks as task_files
-from errors import UserError
+from machinery.errors import UserError
 
 
 class Progress:

@@ -34,8 +34,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import eval as ev  # noqa: E402
-import load_weights  # noqa: E402
 import gates  # noqa: E402
+import load_weights  # noqa: E402
 from benchmarks import gate_cells  # noqa: E402
 from benchmarks.common import BENCHMARKS, ROOT, command, update_section  # noqa: E402
 from benchmarks.compare_cells import (CHEAP_FIRST, METHODS, NEW_TOKENS, TASKS, Bench, DenseLogits, choose,  # noqa: E402

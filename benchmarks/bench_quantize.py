@@ -26,7 +26,7 @@ from benchmarks.common import PPL, command, heavy, load_cells, store_cell, updat
 
 import load_weights  # noqa: E402
 from model import LINEARS  # noqa: E402
-from atomic import write_json  # noqa: E402
+from machinery.atomic import write_json  # noqa: E402
 from latency import model_bytes  # noqa: E402
 from quantize import dir_bytes, run as quantize_run  # noqa: E402
 

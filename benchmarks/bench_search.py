@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import atomic  # noqa: E402
 import baselines  # noqa: E402
 import data  # noqa: E402
 import gates  # noqa: E402
 import load_weights  # noqa: E402
 import search  # noqa: E402
 from benchmarks.common import ROOT, command, update_section  # noqa: E402
+from machinery import atomic  # noqa: E402
 from teacher import log_probs, make_teacher, run_layers  # noqa: E402
 
 

@@ -27,7 +27,7 @@ import load_weights  # noqa: E402
 import latency as lat  # noqa: E402
 from data import find_data_dir  # noqa: E402
 from eval import text_metrics, text_windows  # noqa: E402
-from atomic import write_json  # noqa: E402
+from machinery.atomic import write_json  # noqa: E402
 from quantize import dir_bytes  # noqa: E402
 
 BLOCKS = {"20": "13-18", "30": "12-20"}

@@ -15,9 +15,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import atomic  # noqa: E402
 from data import find_data_dir  # noqa: E402
 from eval import text_metrics, text_windows  # noqa: E402
+from machinery import atomic  # noqa: E402
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 HEADER = "# Benchmarks\n\nEvery figure below comes from the command printed beside it. Sections are rewritten by the scripts in `benchmarks/`.\n"
 

@@ -13,7 +13,7 @@ import baselines
 import gates
 import search
 from benchmarks.common import ROOT
-from resume import OFF, Scores
+from machinery.resume import OFF, Scores
 
 # reshaping moves by the names stored rows use: boundary moves alone (v4), search.shifts (v5), search.splits (v6)
 MOVES = {"widths": gates.boundary_moves, "anywhere": search.shifts, "swaps": search.splits}

@@ -24,12 +24,12 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import placement  # noqa: E402
 import quantize  # noqa: E402
 import search  # noqa: E402
 from benchmarks.common import command, update_section  # noqa: E402
-from devices import peak_bytes, reset_peak  # noqa: E402
 from latency import sync  # noqa: E402
+from machinery import placement  # noqa: E402
+from machinery.devices import peak_bytes, reset_peak  # noqa: E402
 from teacher import build_teacher  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,7 +128,7 @@ def measured(device, fn):
 def planned(task, **flags):
     """The --dry-run peak of the same run from plan.py, where this checkout has it; else why there is none."""
     try:
-        import plan
+        from machinery import plan
 
         return gib(max(r.peak for r in plan.plan_for(task, {"search": search.memory_plan, "quantize": quantize.memory_plan}[task], flags).rows))
     except Exception as e:  # the plan is optional here: its absence must not cost the GPU run

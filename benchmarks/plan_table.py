@@ -15,10 +15,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import memory  # noqa: E402
-import plan  # noqa: E402
 import quantize  # noqa: E402
 import search  # noqa: E402
+from machinery import memory, plan  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "scale-plan.md"

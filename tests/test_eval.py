@@ -8,14 +8,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import atomic
 import eval as ev
 import latency
-import zeroshot as zs
 import tasks
+import zeroshot as zs
 from conftest import DATA, WHOLE, need
-from errors import UserError
 from data import eval_windows
+from machinery import atomic
+from machinery.errors import UserError
 from model import Config, Transformer
 
 

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 
 import data
-import fetch
-import paths
 from conftest import DATA, WHOLE, need
+from machinery import fetch, paths
 
 SMALL = ["hellaswag/hellaswag_small.jsonl", "winogrande/dev.jsonl", "piqa/valid-labels.lst"]
 

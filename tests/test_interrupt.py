@@ -20,15 +20,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import atomic
 import badinputs
-import embedded
 import excise
-import save_weights
 import load_weights as lw
 import quantize
+import save_weights
 import tune
-from errors import UserError
+from machinery import atomic, embedded
+from machinery.errors import UserError
 from model import hf_state_dict
 
 ROOT = Path(__file__).resolve().parent.parent

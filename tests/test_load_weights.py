@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 import load_weights as lw
 import save_weights
 from conftest import FIXTURES
-from errors import UserError
+from machinery.errors import UserError
 from model import hf_state_dict
 
 

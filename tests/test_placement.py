@@ -9,14 +9,13 @@ import json
 import pytest
 import torch
 
-import devices
 import excise
 import load_weights
-import placement
 import quantize
 import search
 import tune
 from conftest import FIXTURES, need
+from machinery import devices, placement
 from teacher import build_teacher, kl_backward, removed_kl, run_layers
 
 TINY = "tiny-llama3"

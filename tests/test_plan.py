@@ -7,11 +7,10 @@ import sys
 import pytest
 
 import load_weights
-import memory
-import plan
 import search
 import tune
 from conftest import DATA, ROOT
+from machinery import memory, plan
 
 GB = 2**30
 # published parameter counts, summed by hand from the shapes: 80 x 856,162,304 per layer + 2 x 32000 x 8192 + 8192

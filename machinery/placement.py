@@ -19,9 +19,9 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import load_weights
-from devices import from_flags
+from machinery.devices import from_flags
+from machinery.errors import UserError
 from model import Block, Transformer, rope_frequencies
-from errors import UserError
 
 
 # ---------------------------------------------------------------- which layers go where
@@ -184,7 +184,7 @@ def mark_random(report, *ckpts):
 def random_config(ckpt):
     """config.json of `random:NAME` (configs/NAME/config.json in the repository) or `random:DIR`."""
     name = str(ckpt)[len(RANDOM):]
-    here = Path(__file__).resolve().parent / "configs" / name
+    here = Path(__file__).resolve().parent.parent / "configs" / name
     path = Path(name).expanduser() if Path(name).expanduser().is_dir() else here
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{ckpt}: no config.json at {path} (random:NAME reads configs/NAME/config.json, "

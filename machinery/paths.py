@@ -2,7 +2,7 @@
 import os
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent  # the checkout
+ROOT = Path(__file__).resolve().parent.parent  # the checkout
 
 
 def cache_root():

@@ -22,9 +22,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import atomic
-from errors import UserError
-from atomic import write_json
+from machinery import atomic
+from machinery.atomic import write_json
+from machinery.errors import UserError
 
 
 def check_same(saved, settings, what, path):

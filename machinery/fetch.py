@@ -18,9 +18,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import atomic
-from paths import cache_root, shown
-from errors import UserError
+from machinery import atomic
+from machinery.errors import UserError
+from machinery.paths import cache_root, shown
 
 GITHUB = "https://raw.githubusercontent.com"
 

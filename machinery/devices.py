@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from errors import UserError, check_device
+from machinery.errors import UserError, check_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -57,7 +57,7 @@ def kl_bytes(cfg, b, n, grad):
 def slices(cfg, n_devices):
     """Contiguous layer ranges, one per device of equal memory: placement.split_layers, the rule the runtime
     uses (balanced by weight bytes, the embedding on the first device, norm + head on the last)."""
-    import placement
+    from machinery import placement
     head = cfg.vocab_size * cfg.hidden_size
     where = placement.split_layers(cfg.num_layers, layer_params(cfg), head, head + cfg.hidden_size, [1] * n_devices)
     return [range(where.index(d), len(where) - where[::-1].index(d)) if d in where else range(0)

@@ -14,9 +14,9 @@ import os
 import re
 import sys
 
-from devices import names as devices_named
-from errors import UserError
-from memory import COLUMNS, DTYPE_BYTES, GiB, plan_search
+from machinery.devices import names as devices_named
+from machinery.errors import UserError
+from machinery.memory import COLUMNS, DTYPE_BYTES, GiB, plan_search
 
 
 # ---------------------------------------------------------------- devices and their memory
