@@ -215,8 +215,6 @@ def load_model(ckpt, place, decode=False):
     return model, tok, str(devs[0]), str(dt).removeprefix("torch.")
 
 
-
-
 def check_json_out(json_out, inputs):
     """Before anything loads: --json must be a file path outside every checkpoint directory it measures."""
     if json_out is None:

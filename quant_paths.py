@@ -9,7 +9,7 @@ its forward reads. The checkpoint on disk never changes; only the in-memory form
                                                           ops, then one dense matmul
     dequantized   anywhere         4 bytes (fp32)         a dense matmul with the weight dequantized at load:
                                                           the dense model's speed and memory
-    reference     anywhere         packed + temporaries   today's gptq_format.dequantize on every call (the test oracle)
+    reference     anywhere         packed + temporaries   gptq_format.dequantize on every call (the test oracle)
 
 `auto` takes a kernel where the device has one for the bits and group layout, else `unpacked`. On the 2-core
 AVX-512 CPU of BENCHMARKS.md the CPU builds of the int4 and int8 ops (the `_for_cpu` variant) were several times

@@ -294,8 +294,6 @@ def run(ckpt, out, method="gptq", bits=4, group_size=128, sym=False, act_order=F
     return rep
 
 
-
-
 def memory_plan(a, cfg, path, placed):
     """quantize.py's flags -> memory.py's plan of GPTQ (plan.py calls it)."""
     return memory.plan_gptq(*placed, a["nsamples"], min(a["seqlen"], cfg.max_position_embeddings), a["bits"])

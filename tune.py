@@ -34,7 +34,6 @@ from model import LINEARS, hf_state_dict
 from teacher import eta, kl_backward, kl_sum, run_layers
 
 
-
 # ---------------------------------------------------------------- which layers
 
 def choose_layers(spec, pruning, num_layers):

@@ -34,9 +34,6 @@ class Progress:
               f"{now - self.t0:,.0f}s elapsed, {left:,.0f}s left{extra}", flush=True)
 
 
-
-
-
 def encode_pair(tok, context, continuation, bos=False):
     """(context ids, continuation ids) split as lm-eval does: trailing spaces of the context move to the
     continuation, then continuation ids = encode(context + continuation) minus the first len(encode(context))."""

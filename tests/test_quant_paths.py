@@ -1,4 +1,4 @@
-"""Every runtime path of a quantized Linear (quant_paths.py) against today's dequantize-per-call path."""
+"""Every runtime path of a quantized Linear (quant_paths.py) against the dequantize-per-call path."""
 import pytest
 import torch
 
@@ -33,7 +33,7 @@ def random_quant_linear(bits, group_size, I=96, O=64, permuted=False, bias=False
 
 def check(q, path, x):
     with torch.no_grad():
-        want = q(x)  # before prepare(): today's dequantize-per-call path
+        want = q(x)  # before prepare(): the dequantize-per-call path
         q.prepare(path)
         got = q(x)
     assert q.path == path and got.shape == want.shape

@@ -1,5 +1,5 @@
 """docs/tour.md cannot rot: every command it shows runs (with small settings), and every output line it quotes
-still has the form the code prints today. Exercise commands must name only flags their script accepts."""
+still has the form the code prints now. Exercise commands must name only flags their script accepts."""
 import io
 import re
 import runpy
