@@ -46,7 +46,7 @@ def chunked_nll(logits, tokens, chunk=256):
     for s in range(0, T - 1, chunk):
         e = min(s + chunk, T - 1)
         logp = F.log_softmax(logits[s:e].float(), dim=-1)  # (c, V)
-        total -= logp.gather(-1, tokens[s + 1:e + 1, None]).sum().item()
+        total -= logp.gather(-1, tokens[s + 1:e + 1, None].to(logp.device)).sum().item()
     return total
 
 

@@ -30,7 +30,7 @@ def nll_sum(model, h, tokens):
     total = 0.0
     for x, t in zip(h, tokens):
         logp = log_probs(model, x[:-1])  # (T-1, V)
-        total -= float(logp.gather(-1, t[1:, None]).sum())
+        total -= float(logp.gather(-1, t[1:, None].to(logp.device)).sum())
     return total
 
 
@@ -92,7 +92,7 @@ def taylor_importance(model, teacher, batch=1):
             h = run_layers(model, teacher.hidden[0][j: j + batch], 0)
             logp = log_probs(model, h[:, :-1])  # (b, T-1, V)
             # gradients of the mean over all windows accumulate batch by batch
-            (-logp.gather(-1, tokens[:, 1:, None]).sum() / n).backward()
+            (-logp.gather(-1, tokens[:, 1:, None].to(logp.device)).sum() / n).backward()
         return [float(sum((p.grad * p.detach()).abs().sum() for p in layer.parameters())) for layer in model.layers]
     finally:
         for p in params:

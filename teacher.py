@@ -74,20 +74,22 @@ def keep_cached(h, cache_device):
 
 def log_probs(model, h):
     """Final norm, head, log-softmax in fp32: (..., C) -> (..., V)."""
+    h = h.to(model.norm.weight.device)  # states kept elsewhere (--cache-on-cpu, another GPU) meet the head here
     return model.lm_head(model.norm(h)).float().log_softmax(-1)
 
 
 def token_kl(model, h, teacher_logp):
     """KL(p_teacher || p_student) per token from the student's final hidden state h (n, C)."""
-    logq = log_probs(model, h)  # (n, V)
+    logq = log_probs(model, h)  # (n, V), on the device of the student's head
+    teacher_logp = teacher_logp.to(logq.device)
     return (teacher_logp.exp() * (teacher_logp - logq)).sum(-1)  # (n,)
 
 
 def chunk_kl(model, h, teacher_top, th):
     """Per-token KL of one chunk: the teacher's log-probs from its final states th through its own norm and head."""
     with torch.no_grad():
-        tl = log_probs(teacher_top, th.to(teacher_top.norm.weight.device))  # (chunk, V)
-    return token_kl(model, h, tl.to(h.device))
+        tl = log_probs(teacher_top, th)  # (chunk, V)
+    return token_kl(model, h, tl)
 
 
 def run_layers(model, x, first, keep=None, removed=()):

@@ -81,7 +81,14 @@ def materialize(layer, device):
     with torch.device("meta"):
         fresh = Block(layer.self_attn.cfg)
     for name, p in layer.named_parameters():
-        load_weights.set_tensor(fresh, name, layer.fetch(f"layers.{layer.index}.{name}", p, device, layer.dtype))
+        t = layer.fetch(f"layers.{layer.index}.{name}", p, device, layer.dtype)
+        if p.requires_grad:  # a gradient is wanted for the stored weight (Taylor importance): the copy stays in the graph
+            owner, _, attr = name.rpartition(".")
+            module = fresh.get_submodule(owner)
+            del module._parameters[attr]
+            setattr(module, attr, t)
+        else:
+            load_weights.set_tensor(fresh, name, t)
     fresh.device = device
     return fresh
 

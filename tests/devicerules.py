@@ -5,7 +5,8 @@ CPU memory, and every aten op is checked the way CUDA kernels check their argume
         search.main(["--ckpt", tiny, "--devices", "cuda:0,cuda:1", ...])
     assert rules.violations == []
 
-The logical device of a tensor is kept per storage (views, detach and Parameters share it) and shown by
+The logical device of a tensor is kept per storage (views, detach and Parameters share it; a storage on a logical
+GPU is kept alive while the rules are in force, so that no CPU tensor inherits its address) and shown by
 `tensor.device`, so code that asks `x.device` or moves `x.to(layer.device)` runs as it would on a GPU. Under the
 mode:
 - factories (`torch.zeros(..., device="cuda:1")`) and copies (`.to`, `.cuda`, `.cpu`, `copy_`) may cross devices;
@@ -33,6 +34,7 @@ INDEXING = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, 
 SYNCING = {aten._local_scalar_dense.default: "item", aten.nonzero.default: "nonzero",
            aten.is_nonzero.default: "item", aten.equal.default: "item"}
 INDEX_DTYPES = (torch.long, torch.int, torch.bool, torch.uint8)
+FACTORIES = ("empty", "zeros", "ones", "full", "rand", "randn", "randint", "randperm", "arange", "eye", "linspace")
 
 
 def key(t):
@@ -44,7 +46,11 @@ class CudaRules(TorchDispatchMode):
     def __init__(self, devices=2, memory=80 * 2**30):
         super().__init__()
         self.n, self.memory = devices, memory
-        self.violations, self.syncs, self.where = [], {}, {}
+        self.violations, self.syncs, self.where, self.alive = [], {}, {}, {}
+        self.backward_device = torch.device("cpu")
+        self.anywhere = set()  # storages made by a factory inside an op (device = the real one): placed by first use
+        self.from_python = 0  # > 0 while a torch factory called from Python runs: its CPU tensors are really there
+        self.first = None  # where the first violation happened (a Python stack), for the failure message
 
     def device_of(self, t):
         real = REAL_DEVICE.__get__(t)
@@ -58,14 +64,23 @@ class CudaRules(TorchDispatchMode):
             raise RuntimeError(f"CUDA error: invalid device ordinal ({d} of {self.n} devices)")
         return torch.device("cuda", d.index or 0)
 
-    def put(self, t, device):
-        """Record `device` as the logical device of a result (a CPU tensor in fact)."""
+    def put(self, t, device, anywhere=False):
+        """Record `device` as the logical device of a result (a CPU tensor in fact); returns the result."""
         if isinstance(t, torch.Tensor) and REAL_DEVICE.__get__(t).type == "cpu" and t.numel():
             self.where[key(t)] = device
+            (self.anywhere.add if anywhere else self.anywhere.discard)(key(t))
+            if device.type != "cpu":  # keep the memory: a later CPU tensor at its address would look like it
+                self.alive[key(t)] = t.untyped_storage()
         return t
 
     def sync(self, what):
         self.syncs[what] = self.syncs.get(what, 0) + 1
+
+    def violation(self, text):
+        if self.first is None:
+            import traceback
+            self.first = "".join(traceback.format_stack(limit=14)[:-2])
+        self.violations.append(text)
 
     # ------------------------------------------------------------ the rules
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -77,25 +92,41 @@ class CudaRules(TorchDispatchMode):
         if func is aten.is_pinned.default:
             return False
         flat, _ = tree_flatten((args, kwargs))
-        tensors = [a for a in flat if isinstance(a, torch.Tensor)]
+        everything = [a for a in flat if isinstance(a, torch.Tensor)]
+        # a tensor an op made with its input's real options (cpu), or an empty one (no storage to keep a device
+        # by), takes the device of what it meets
+        placed = [t for t in everything if t.numel() and key(t) not in self.anywhere]
+        tensors = placed or everything
+        wild = bool(everything) and not placed
         devices = [self.device_of(t) for t in tensors]
         target = kwargs.get("device")
+        node = torch._C._current_autograd_node()
+        if node is not None and target is not None and torch.device(target).type == "cpu":
+            # autograd passes the tensors' real options (cpu): a dtype cast stays where its input is, a device move
+            # goes back where its forward came from (moved() noted it), and a factory goes where backward runs
+            if func is aten._to_copy.default:
+                target = node.metadata.get("from_device")
+            else:
+                target = self.backward_device
+            kwargs["device"] = target
         if func in CROSSING:
             src = devices[-1] if func is aten.copy_.default else devices[0] if devices else None
             out = self.logical(target) if target is not None else devices[0] if devices else torch.device("cpu")
             if src is not None and src.type == "cuda" and out.type == "cpu" and not kwargs.get("non_blocking"):
                 self.sync("copy to cpu")
         else:
-            if func in INDEXING and tensors:
+            if func.overloadpacket.__name__.startswith("_foreach_"):
+                considered = self.foreach(func, args)
+            elif func in INDEXING and tensors:
                 main = devices[0]
-                if any(d != main and (d.type != "cpu" or t.dtype not in INDEX_DTYPES)
+                if any(d != main and (d.type != "cpu" or (t.dtype not in INDEX_DTYPES and t.dim() > 0))
                        for t, d in zip(tensors[1:], devices[1:])):
-                    self.violations.append(f"{func}: arguments on {sorted(set(map(str, devices)))}")
+                    self.violation(f"{func}: arguments on {sorted(set(map(str, devices)))}")
                 considered = {main}
             else:
                 considered = {d for t, d in zip(tensors, devices) if not (t.dim() == 0 and d.type == "cpu")}
                 if len(considered) > 1:
-                    self.violations.append(f"{func}: arguments on {sorted(map(str, considered))}")
+                    self.violation(f"{func}: arguments on {sorted(map(str, considered))}")
             if considered:
                 out = sorted(considered, key=str)[-1]
             elif target is not None:
@@ -104,14 +135,24 @@ class CudaRules(TorchDispatchMode):
                 out = devices[0] if devices else torch.device("cpu")
             gen = kwargs.get("generator")
             if gen is not None and gen.device.type != out.type:
-                self.violations.append(f"{func}: a {gen.device.type} generator for a tensor on {out}")
+                self.violation(f"{func}: a {gen.device.type} generator for a tensor on {out}")
             if func in SYNCING and any(d.type == "cuda" for d in devices):
                 self.sync(SYNCING[func])
                 out = torch.device("cpu")
-        if target is not None:
+        if node is not None and tensors:
+            self.backward_device = out
+        # a factory asked for the real device by name (what composite ops do with their input's options)
+        wild = (wild and not (func in CROSSING and target is not None)) or (
+            not everything and target is not None and torch.device(target).type == "cpu" and not self.from_python)
+        if kwargs.get("device") is not None:
             kwargs["device"] = torch.device("cpu")
+        elif "device" in kwargs:
+            del kwargs["device"]
         result = func(*args, **kwargs)
-        return tree_map(lambda t: self.put(t, out), result)
+        if func.overloadpacket.__name__.startswith("_foreach_") and isinstance(result, (list, tuple)):
+            first = next(a for a in args if isinstance(a, (list, tuple)))
+            return type(result)(self.put(r, self.device_of(t)) for r, t in zip(result, first))
+        return tree_map(lambda t: self.put(t, out, wild), result)
 
     # ------------------------------------------------------------ a machine with GPUs
     def __enter__(self):
@@ -131,12 +172,63 @@ class CudaRules(TorchDispatchMode):
         self.stack.enter_context(mock.patch.object(torch.Tensor, "device", property(self.device_of)))
         self.stack.enter_context(mock.patch.object(torch.Tensor, "is_cuda", property(lambda t: self.device_of(t).type == "cuda")))
         self.stack.enter_context(mock.patch.object(torch.Tensor, "pin_memory", lambda t, *a, **k: t))
+        for name in FACTORIES:
+            self.stack.enter_context(mock.patch.object(torch, name, self.asked(getattr(torch, name))))
+        for name in ("tensor", "as_tensor"):  # they would build on the real device before any op is dispatched
+            self.stack.enter_context(mock.patch.object(torch, name, self.built(getattr(torch, name))))
+        for name in ("to", "cuda", "cpu"):
+            self.stack.enter_context(mock.patch.object(torch.Tensor, name, self.moved(getattr(torch.Tensor, name))))
         super().__enter__()
         return self
 
     def __exit__(self, *exc):
         super().__exit__(*exc)
         self.stack.close()
+
+    def foreach(self, func, args):
+        """A _foreach_ op works on lists index by index (torch groups its lists by device): each position's tensors
+        must share a device; the devices of the first list's tensors."""
+        lists = [a for a in args if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)]
+        for row in zip(*lists):
+            here = {self.device_of(t) for t in row}
+            if len(here) > 1:
+                self.violation(f"{func}: arguments on {sorted(map(str, here))}")
+        return {self.device_of(t) for t in lists[0]} if lists else set()
+
+    def asked(self, make):
+        """A torch factory called from Python: a CPU tensor it makes is on the CPU (not an op's own temporary)."""
+        def factory(*args, **kwargs):
+            self.from_python += 1
+            try:
+                return make(*args, **kwargs)
+            finally:
+                self.from_python -= 1
+        return factory
+
+    def built(self, make):
+        """torch.tensor / torch.as_tensor: made on the CPU, then copied to the device asked for."""
+        def build(data, *args, device=None, **kwargs):
+            t = make(data, *args, **kwargs)
+            return t if device is None else t.to(device)
+        return build
+
+    def moved(self, method):
+        """Tensor.to / .cuda / .cpu that note on the result's backward node where the data came from."""
+        def move(t, *args, **kwargs):
+            out = method(t, *args, **kwargs)
+            if out is t:  # the real devices agree (both are the CPU): copy if the logical ones do not
+                asked = torch.device("cpu") if method.__name__ == "cpu" else \
+                    torch._C._nn._parse_to(*args, **kwargs)[0] if method.__name__ == "to" else None
+                if asked is not None and self.logical(asked) != self.device_of(t):
+                    out = torch.Tensor.to(t, self.logical(asked), copy=True)
+            fn = getattr(out, "grad_fn", None)
+            if out is not t and fn is not None and fn.name().startswith("ToCopyBackward"):
+                src = self.device_of(t)
+                fn.metadata.setdefault("from_device", src)
+                if src != self.device_of(out):  # a copy between devices of the same dtype is no op for autograd
+                    out.register_hook(lambda g: self.put(g.clone(), src))  # here, so its gradient goes back
+            return out
+        return move
 
     # ------------------------------------------------------------ for tests and messages
     def on(self, t, device):
@@ -145,4 +237,5 @@ class CudaRules(TorchDispatchMode):
 
     def report(self, n=5):
         seen = list(dict.fromkeys(self.violations))
-        return "\n".join(seen[:n]) + (f"\n... {len(seen) - n} more" if len(seen) > n else "")
+        more = f"\n... {len(seen) - n} more" if len(seen) > n else ""
+        return "\n".join(seen[:n]) + more + (f"\nthe first, at:\n{self.first}" if self.first else "")
