@@ -127,8 +127,14 @@ def lr_at(step, steps, lr, warmup):
 
 def train(model, params, prefix, teacher, teacher_h, first, steps, batch_size, lr, warmup=5, clip=1.0, seed=0,
           chunk=1024, log_every=10):
-    """AdamW on `params` against the cached teacher; returns the loss of every step."""
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    """AdamW on `params` against the cached teacher; returns (the loss of every step, {param: fp32 master}).
+
+    Weights held in less than fp32 (bf16 on a GPU) train through fp32 master copies, and AdamW's moments are
+    fp32 too: an update smaller than the weights' rounding step accumulates in the master instead of being lost.
+    After each step the masters are rounded into the weights the forward uses."""
+    masters = {p: p.detach().float().requires_grad_() for p in params if p.dtype != torch.float32}
+    trained = [masters.get(p, p) for p in params]
+    opt = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     losses, t0 = [], time.perf_counter()
     for step in range(steps):
@@ -139,15 +145,20 @@ def train(model, params, prefix, teacher, teacher_h, first, steps, batch_size, l
         if not math.isfinite(loss):
             raise FloatingPointError(f"the loss became {loss} at step {step + 1}: nothing was written; "
                                      f"try a smaller --lr (now {lr:g})")
-        torch.nn.utils.clip_grad_norm_(params, clip)
+        for p, m in masters.items():
+            m.grad, p.grad = None if p.grad is None else p.grad.float(), None
+        torch.nn.utils.clip_grad_norm_(trained, clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for p, m in masters.items():
+                p.copy_(m)
         losses.append(loss)
         if (step + 1) % log_every == 0 or step + 1 == steps:
             recent = sum(losses[-log_every:]) / len(losses[-log_every:])
             print(f"step {step + 1:4d}/{steps}  KL {recent:.4f}  lr {lr_at(step, steps, lr, warmup):.2e}  "
                   f"{eta(t0, step + 1, steps, 'step')}", flush=True)
-    return losses
+    return losses, masters
 
 
 # ---------------------------------------------------------------- driver
@@ -217,9 +228,11 @@ def run(ckpt, out, teacher=None, train_layers="endpoints", method="full", steps=
     torch.manual_seed(seed)
     params = tuned_parameters(model, chosen, method, rank, alpha)
     print(f"trainable parameters: {sum(p.numel() for p in params):,}")
-    losses = train(model, params, prefix, teacher_top, teacher_h, chosen[0], steps, batch_size, lr, warmup, clip, seed,
-                   kl_chunk, log_every)
+    losses, masters = train(model, params, prefix, teacher_top, teacher_h, chosen[0], steps, batch_size, lr, warmup,
+                            clip, seed, kl_chunk, log_every)
     if method == "lora":
+        for p, m in masters.items():  # the adapters merge from their fp32 masters
+            p.data = m.detach().to(p.device)
         swap_linears(model, chosen, LoRALinear.merged)
     model.requires_grad_(False)
     kl_after = mean_kl(model, val_prefix, teacher_top, val_teacher_h, chosen[0], batch_size, kl_chunk)
@@ -232,6 +245,8 @@ def run(ckpt, out, teacher=None, train_layers="endpoints", method="full", steps=
               "heldout_kl": {"before": kl_before, "after": kl_after}, "losses": losses,
               "wall_time_s": {"setup": round(t1 - t0, 2), "tuning": round(t2 - t1, 2)},
               "peak_memory_bytes": peak_memory(devs), **atomic.provenance(seed)}
+    for p, m in masters.items():  # the checkpoint holds what was trained, in the source's dtype
+        p.data = m.detach().to(p.device)
     write_tuned(model, source, out, report)
     print(f"tuned checkpoint: {out}")
     return report

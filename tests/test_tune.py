@@ -121,3 +121,19 @@ def test_bad_input(pruned_tiny, tmp_path):
     with pytest.raises(ValueError, match="at least 1"):
         tune.run(pruned, tmp_path / "t", steps=0)
     assert not (tmp_path / "t").exists()
+
+
+def test_bf16_tuning_keeps_fp32_masters_and_writes_them(pruned_tiny, tmp_path):
+    """In bf16 a small step rounds away in most weights; the fp32 masters keep all of it, and the checkpoint (fp32
+    like its source) holds them."""
+    _, pruned = pruned_tiny
+    before = layer_tensors(pruned)
+    tune.run(pruned, tmp_path / "t", dtype="bfloat16", steps=1, warmup=0, lr=1e-5, batch_size=1, nsamples=2,
+             val_samples=1, seqlen=16, device="cpu")
+    after = layer_tensors(tmp_path / "t")
+    tuned = [k for k in after if k.startswith("model.layers.1.") and k.endswith("proj.weight")]
+    start = {k: before[k].bfloat16().float() for k in tuned}  # the weights the bf16 run started from
+    moved = sum(int((after[k] != start[k]).sum()) for k in tuned) / sum(after[k].numel() for k in tuned)
+    rounded = sum(int((after[k].bfloat16().float() != start[k]).sum()) for k in tuned)
+    assert after[tuned[0]].dtype == torch.float32 and moved > 0.95  # the fp32 update, in (nearly) every weight
+    assert rounded / sum(after[k].numel() for k in tuned) < 0.5  # what a bf16 copy of it would have kept
