@@ -244,7 +244,7 @@ def run(ckpt, out, prune_layers=None, prune_ratio=None, calib="wikitext2", nsamp
     check_settings(k, nsamples=nsamples, seqlen=seqlen, **gate)
     source = None if placement.is_random(ckpt) else load_weights.resolve(ckpt)
     atomic.check_out(out, {"--ckpt": source}, "--out", kind="directory")
-    atomic.check_out(excise_to, {"--ckpt": source, "--out": out}, "--excise")
+    atomic.check_out(excise_to, {"--ckpt": source, "--out": out}, "--excise", inside_ok=("--out",))
     model, tokenizer, devs, dt = placement.load_placed(ckpt, device, dtype, devices, offload, seed)
     settings["placement"] = placement.describe_split(model)
     if source is None:

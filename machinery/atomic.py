@@ -153,12 +153,13 @@ def check_replaceable(out_dir, flag="--out"):
                         f"choose another {flag}")
 
 
-def check_out(out, inputs, flag="--out", kind="checkpoint"):
+def check_out(out, inputs, flag="--out", kind="checkpoint", inside_ok=()):
     """Refuse, before any work, an output that would destroy an input or that the write would refuse at the end.
 
     `out` may not be, lie inside or contain one of the input checkpoint directories `inputs` ({flag: directory};
-    None entries are skipped). `kind` is what is written there: a "checkpoint" (replaced whole: check_replaceable),
-    a "directory" of files (must not be a file), or a "file" (must not be a directory)."""
+    None entries are skipped); for the flags in `inside_ok` (a directory of files the run adds to, such as search's
+    --out) lying inside is fine. `kind` is what is written there: a "checkpoint" (replaced whole:
+    check_replaceable), a "directory" of files (must not be a file), or a "file" (must not be a directory)."""
     if out is None:
         return
     out = Path(out).expanduser()
@@ -167,7 +168,7 @@ def check_out(out, inputs, flag="--out", kind="checkpoint"):
         if directory is None:
             continue
         d = Path(directory).expanduser().resolve()
-        how = ("is" if where == d else "lies inside" if where.is_relative_to(d) else
+        how = ("is" if where == d else "lies inside" if where.is_relative_to(d) and name not in inside_ok else
                "contains" if d.is_relative_to(where) else None)
         if how:
             raise UserError(f"{flag} {out} {how} the directory of {name} ({directory}): writing there would destroy "

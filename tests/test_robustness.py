@@ -21,6 +21,7 @@ import quantize  # noqa: E402
 import search  # noqa: E402
 import tune  # noqa: E402
 from machinery import placement  # noqa: E402
+from machinery.errors import UserError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "robustness.md"
@@ -200,6 +201,17 @@ def test_flags_are_checked_before_the_model_loads(row, tmp_path, monkeypatch, ca
     with pytest.raises(SystemExit):
         MAINS[row.cli]([a.format(**places) for a in shlex.split(row.argv)])
     assert row.culprit in capsys.readouterr().err
+
+
+def test_an_output_may_lie_inside_a_directory_the_run_only_adds_to(tmp_path):
+    """search.py --out runs/demo --excise runs/demo/pruned (make demo): the checkpoint goes beside report.json."""
+    from machinery.atomic import check_out
+    check_out(tmp_path / "demo" / "pruned", {"--out": tmp_path / "demo"}, "--excise", inside_ok=("--out",))
+    for out, how in ((tmp_path / "demo", "is the directory"), (tmp_path, "contains the directory")):
+        with pytest.raises(UserError, match=how):
+            check_out(out, {"--out": tmp_path / "demo"}, "--excise", inside_ok=("--out",))
+    with pytest.raises(UserError, match="lies inside"):
+        check_out(tmp_path / "demo" / "pruned", {"--ckpt": tmp_path / "demo"}, "--excise", inside_ok=("--out",))
 
 
 def test_a_path_is_never_taken_for_a_repo_id(tmp_path, monkeypatch):
