@@ -210,3 +210,34 @@ def test_every_named_file_exists():
                 if not any(w.is_file() for w in where):
                     bad.append(f"{p.relative_to(ROOT)}:{n}: {target}")
     assert not bad, "files named in the docs that are not in the repository:\n" + "\n".join(bad)
+
+
+def test_the_demo_search_passes_every_check_made_before_loading(tmp_path, monkeypatch):
+    """make demo's search line (its --out and --excise, its budget, its flags) gets as far as loading the model:
+    a check added later that refuses it must fail here, not in a user's first `make demo`."""
+    import shlex
+
+    import search
+    from machinery import placement
+
+    line = next(ln for ln in (ROOT / "Makefile").read_text().splitlines() if " search.py " in ln)
+    argv = shlex.split(line.split(" search.py ", 1)[1])
+
+    class Reached(Exception):
+        pass
+
+    def load(*args, **kwargs):
+        raise Reached
+    monkeypatch.setattr(placement, "load_placed", load)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Reached):
+        search.run(**search_kwargs(search, argv))
+
+
+def search_kwargs(search, argv):
+    """search.run's keywords for a command line, as search.main hands them over."""
+    kwargs = vars(search.build_parser().parse_args(argv))
+    for key in ("dry_run", "device_memory", "plot"):
+        kwargs.pop(key)
+    kwargs["excise_to"] = kwargs.pop("excise")
+    return kwargs
