@@ -219,7 +219,6 @@ def check_json_out(json_out, inputs):
     """Before anything loads: --json must be a file path outside every checkpoint directory it measures."""
     if json_out is None:
         return
-    from machinery import atomic
     # the inputs given as directories (a name's cached copy is no place a user would write to)
     dirs = {flag: c for flag, c in inputs.items() if c and Path(c).expanduser().is_dir()}
     atomic.check_out(json_out, dirs, "--json", kind="file")

@@ -51,7 +51,7 @@ def run(ckpt, out, layers=None, search_report=None):
     atomic.check_out(out, {"--ckpt": source})
     config = load_weights.read_config_dict(source)
     if search_report is None:  # the layer spec needs no weights: check it first
-        removed, info = parse_layers(layers, load_weights.config_from_dict(config, str(source / "config.json")).num_layers), {}
+        removed, info = parse_layers(layers, placement.config(source).num_layers), {}
     # load in the stored dtype: no up-cast copy of a large bf16 checkpoint
     model, _ = load_weights.load(source, dtype=stored_dtype(config))
     if search_report is not None:

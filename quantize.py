@@ -27,7 +27,9 @@ from machinery.atomic import write_json
 from machinery.devices import DTYPES, peak_memory
 from machinery.errors import UserError, check_finite, cli, old_spelling
 from machinery.paths import shown
-from model import LINEARS, Transformer
+from load_weights import load, read_config_dict, resolve
+from model import LINEARS, Transformer, hf_state_dict
+from save_weights import save_checkpoint
 
 # Linears that share one input, hence one H, in the order a Block computes them
 SUBLAYERS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
@@ -168,12 +170,6 @@ def check_flags(raw_config, bits, group_size, blocksize, percdamp, method, nsamp
         raise UserError("GPTQ needs calibration data: --nsamples must be >= 1 (only --method rtn runs without)")
 
 
-def check_settings(model, raw_config, bits, group_size, blocksize, percdamp, method, nsamples):
-    """Clear errors for settings or checkpoints this quantizer cannot handle, before any work is done."""
-    check_flags(raw_config, bits, group_size, blocksize, percdamp, method, nsamples)
-    check_linears(model, group_size)
-
-
 def check_linears(model, group_size):
     """Clear errors for Linears this quantizer cannot pack, before any work is done."""
     ragged = {}
@@ -199,8 +195,6 @@ def check_calibration(tokens, max_in):
 
 def packed_tensors(model, results, bits, dtype):
     """HF-named tensors of the quantized checkpoint: packed Linears, everything else cast to `dtype`."""
-    from model import hf_state_dict
-
     tensors = {k: v.to(dtype) for k, v in hf_state_dict(model).items()}
     for name, res in results.items():
         del tensors[f"model.{name}.weight"]
@@ -215,8 +209,6 @@ def dir_bytes(path):
 
 def verify_reload(out, results):
     """Reload the written checkpoint with our loader; its dequantized weights must equal GPTQ's Q exactly."""
-    from load_weights import load
-
     model, _ = load(out)
     for name, res in results.items():
         got = model.get_submodule(name).weight_dequantized()
@@ -235,9 +227,6 @@ def run(ckpt, out, method="gptq", bits=4, group_size=128, sym=False, act_order=F
 
     `dtype` is the compute dtype (as in every tool), `save_dtype` the stored dtype of the unquantized tensors,
     `json_out` the report's path (None: OUT/quantize_report.json)."""
-    from load_weights import read_config_dict, resolve
-    from save_weights import save_checkpoint
-
     t_start = time.perf_counter()
     torch.manual_seed(seed)
     placement.refuse_random(ckpt, "--ckpt", "a quantized checkpoint of them would mean nothing "

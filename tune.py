@@ -177,8 +177,7 @@ def load_teacher(teacher, pruning, student, place):
     name = teacher or (pruning or {}).get("source")
     if name is None:
         raise UserError("no teacher: the checkpoint has no pruning.json naming its source; give --teacher")
-    placement.refuse_random(name, "teacher", "tuning needs a real model")
-    dense = placement.load_placed(name, **place)[0]
+    dense = placement.load_placed(name, **place)[0]  # run() refused a random: teacher before loading anything
     for key in ("vocab_size", "hidden_size", "model_type"):
         if getattr(dense.cfg, key) != getattr(student.cfg, key):
             raise UserError(f"teacher {name} has {key}={getattr(dense.cfg, key)!r}, "

@@ -231,10 +231,6 @@ class CudaRules(TorchDispatchMode):
         return move
 
     # ------------------------------------------------------------ for tests and messages
-    def on(self, t, device):
-        """A copy of CPU tensor `t` on a logical device (for planted cases)."""
-        return t.to(device)
-
     def report(self, n=5):
         seen = list(dict.fromkeys(self.violations))
         more = f"\n... {len(seen) - n} more" if len(seen) > n else ""

@@ -15,7 +15,7 @@ from gptq_format import (SUPPORTED_BITS, check_quantization_config, dequantize, 
 from model import Transformer, hf_state_dict
 from gptq import gptq, grid, proxy_error, rtn
 from latency import model_bytes
-from quantize import check_settings, input_hessian, packed_tensors, quantize_model
+from quantize import check_flags, check_linears, input_hessian, packed_tensors, quantize_model
 
 # a small Qwen2-style config whose Linear dims are multiples of 32: q/k/v biases and a tied head are covered
 RAW = {"model_type": "qwen2", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -198,13 +198,14 @@ def test_bad_settings_are_clear_errors():
     model = tiny_model()
     ok = dict(bits=4, group_size=32, blocksize=128, percdamp=0.01, method="gptq", nsamples=8)
     with pytest.raises(ValueError, match="already quantized"):
-        check_settings(model, {"quantization_config": {"quant_method": "gptq", "bits": 4}}, **ok)
+        check_flags({"quantization_config": {"quant_method": "gptq", "bits": 4}}, **ok)
     with pytest.raises(ValueError, match="--bits 5 is not supported"):
-        check_settings(model, RAW, **dict(ok, bits=5))
+        check_flags(RAW, **dict(ok, bits=5))
     with pytest.raises(ValueError, match="--group-size 0"):
-        check_settings(model, RAW, **dict(ok, group_size=0))
+        check_flags(RAW, **dict(ok, group_size=0))
     with pytest.raises(ValueError, match="needs calibration data"):
-        check_settings(model, RAW, **dict(ok, nsamples=0))
+        check_flags(RAW, **dict(ok, nsamples=0))
+    check_linears(model, ok["group_size"])  # the model itself is fine
     with pytest.raises(ValueError, match="cannot be written"):
         pack(torch.zeros(32, 32, dtype=torch.long), torch.ones(1, 32), torch.zeros(1, 32, dtype=torch.long),
              torch.zeros(32, dtype=torch.long), 4)
@@ -218,12 +219,12 @@ def test_unpackable_dimensions_are_named():
     tiny = need(FIXTURES / "tiny-llama2")  # intermediate_size 176: not a multiple of 32
     model, _ = lw.load(tiny)
     with pytest.raises(ValueError, match=r"layers\.0\.mlp\.gate_proj: out_features = 176"):
-        check_settings(model, lw.read_config_dict(tiny), 4, 32, 128, 0.01, "gptq", 8)
+        check_linears(model, 32)
 
 
 def test_ragged_groups_are_noted(capsys):
     model = tiny_model()
-    check_settings(model, RAW, 4, 48, 128, 0.01, "gptq", 8)
+    check_linears(model, 48)
     assert "does not divide" in capsys.readouterr().out
 
 
